@@ -1,0 +1,156 @@
+"""``offline-rlhf <command>``: the command-line interface.
+
+Bad input (an :class:`~offline_rlhf.errors.InputError`, a missing file) is printed as
+one line on stderr with exit status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import InputError
+
+COMMANDS_HELP = """\
+commands (offline-rlhf COMMAND --help for each):
+  inspect         schema version, rows, shards, lineage and reward statistics of a dataset
+  validate        check a data file against a schema (prompts, generations, pairs)
+  import-prompts  turn a JSONL/JSON/Parquet prompt file into a prompts dataset
+  tiny-model      build a tiny model + tokenizer from config (tests, demos; no hub)
+  demo            build the tiny demo model and prompt set, and inspect them
+"""
+
+
+def _cmd_inspect(args) -> int:
+    from .shards import open_dataset
+    from .summary import render, summarize
+    summary = summarize(open_dataset(args.dataset), verify=not args.no_verify)
+    print(json.dumps(summary, indent=1, default=str) if args.json else render(summary))
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from .schemas import validate
+    from .shards import read_table_file
+    table = validate(read_table_file(args.file), args.schema, args.file)
+    print(f"{args.file}: {table.num_rows} rows valid against schema '{args.schema}'")
+    return 0
+
+
+def _cmd_import_prompts(args) -> int:
+    from .prompts import import_prompts
+    m = import_prompts(args.file, args.out, chunk_rows=args.chunk_rows,
+                       prompt_column=args.prompt_column, messages_column=args.messages_column,
+                       id_column=args.id_column, answer_column=args.answer_column)
+    print(f"{args.out}: {m['num_rows']} prompts in {m['num_shards']} shards")
+    return 0
+
+
+def _cmd_tiny_model(args) -> int:
+    from .tiny import build_tiny_model
+    out = build_tiny_model(args.out, kind=args.kind, hidden=args.hidden, layers=args.layers,
+                           heads=args.heads, seed=args.seed)
+    print(out)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from pathlib import Path
+
+    from .shards import ShardWriter, is_dataset, open_dataset
+    from .summary import render, summarize
+    from .tiny import build_tiny_model
+    from .toy import addition_prompts
+    root = Path(args.workdir)
+    model = root / "models" / "policy"
+    if not (model / "config.json").exists():
+        build_tiny_model(model, seed=args.seed)
+    prompts = root / "data" / "prompts"
+    if not (is_dataset(str(prompts)) and open_dataset(str(prompts)).complete):
+        w = ShardWriter(str(prompts), "prompts", lineage={"source": "toy:addition"})
+        w.write(0, addition_prompts(args.prompts, seed=args.seed))
+        w.finish(total_chunks=1)
+    print(f"model   {model}\n")
+    print(render(summarize(open_dataset(str(prompts)))))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="offline-rlhf", description="Offline / batch preference optimisation over Parquet "
+        "shards.", epilog=COMMANDS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("inspect", help="summarize a dataset",
+                       description="Print schema version, row and shard counts, lineage and "
+                       "reward statistics of a dataset (local path or fsspec URL).")
+    s.add_argument("dataset")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
+    s.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of every shard (sizes are still checked)")
+    s.set_defaults(fn=_cmd_inspect)
+
+    s = sub.add_parser("validate", help="check a data file against a schema",
+                       description="Validate a Parquet/JSONL/JSON file or a dataset against a "
+                       "schema; the first bad row is named with its column.")
+    s.add_argument("file")
+    s.add_argument("--schema", required=True, choices=["prompts", "generations", "pairs"])
+    s.set_defaults(fn=_cmd_validate)
+
+    s = sub.add_parser("import-prompts", help="import a prompt file as a prompts dataset",
+                       description="Read prompts from JSONL/JSON/Parquet (text or chat "
+                       "messages), derive stable ids where missing, validate, and write a "
+                       "prompts dataset. Extra columns are kept as JSON metadata.")
+    s.add_argument("file")
+    s.add_argument("out", help="output dataset directory or URL")
+    s.add_argument("--prompt-column", default="prompt")
+    s.add_argument("--messages-column", default="messages")
+    s.add_argument("--id-column", default="prompt_id")
+    s.add_argument("--answer-column", default="reference_answer")
+    s.add_argument("--chunk-rows", type=int, default=10_000, help="rows per shard")
+    s.set_defaults(fn=_cmd_import_prompts)
+
+    s = sub.add_parser("tiny-model", help="build a tiny model from config",
+                       description="Write a randomly initialised tiny Llama-style model and a "
+                       "tokenizer trained in memory (safetensors; no hub).")
+    s.add_argument("out")
+    s.add_argument("--kind", choices=["causal", "reward"], default="causal")
+    s.add_argument("--hidden", type=int, default=64)
+    s.add_argument("--layers", type=int, default=2)
+    s.add_argument("--heads", type=int, default=4)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_cmd_tiny_model)
+
+    s = sub.add_parser("demo", help="run the demo on the embedded default",
+                       description="Build the tiny demo model and the toy addition prompt "
+                       "set under WORKDIR (reused when present) and inspect them.")
+    s.add_argument("--workdir", default="demo_run")
+    s.add_argument("--prompts", type=int, default=200)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.fn(args)
+    except (InputError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        if args.debug:
+            raise
+        msg = str(e).replace("\n", " ")
+        print(f"offline-rlhf {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

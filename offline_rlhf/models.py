@@ -1,0 +1,200 @@
+"""Model loading (policy, reward, reference), fingerprints and tiny models built from config.
+
+Loading rules, whoever calls: local directories only (no hub), weights from safetensors
+only (``use_safetensors=True``: a directory with only ``.bin`` pickles is refused),
+``trust_remote_code`` off unless the caller asks. Optional bitsandbytes 4-bit (NF4) or
+8-bit base weights and a LoRA adapter (peft) on top. bitsandbytes runs on CPU too,
+so the quantized path is exercised by the CPU test suite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+FINGERPRINT_FILES = ("config.json", "generation_config.json", "tokenizer.json",
+                     "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                     "adapter_config.json")
+DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapter settings (see peft.LoraConfig)."""
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_model_dir(path: str | os.PathLike, what: str = "model") -> Path:
+    """Refuse anything but a local directory with config.json and safetensors weights."""
+    p = Path(path)
+    if not p.is_dir():
+        raise InputError(f"{path}: {what} directory not found (only local directories are "
+                         "loaded; download models ahead of the job)")
+    if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
+        raise InputError(f"{path}: no config.json: not a transformers {what} directory")
+    if not list(p.glob("*.safetensors")):
+        if list(p.glob("*.bin")) or list(p.glob("*.pt")):
+            raise InputError(f"{path}: only pickle weights (.bin/.pt) found; convert them to "
+                             "safetensors (pickles can run code and are never loaded)")
+        raise InputError(f"{path}: no .safetensors weights found")
+    return p
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+def _cache_file() -> Path:
+    root = os.environ.get("OFFLINE_RLHF_CACHE") or Path.home() / ".cache" / "offline-rlhf"
+    return Path(root) / "file-sha256.json"
+
+
+def _file_sha256(path: Path, cache: dict) -> str:
+    st = path.stat()
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    if key not in cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(8 << 20):
+                h.update(block)
+        cache[key] = h.hexdigest()
+    return cache[key]
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """Content fingerprint of a model directory: sha256 over its weights, config and
+    tokenizer files (names and contents). Independent of path and timestamps; file
+    hashes are cached by (path, size, mtime) so large models are hashed once."""
+    p = Path(path)
+    files = sorted(p.glob("*.safetensors")) + [p / n for n in FINGERPRINT_FILES if (p / n).exists()]
+    if not files:
+        raise InputError(f"{path}: nothing to fingerprint (no safetensors or config files)")
+    cache_path = _cache_file()
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    size = len(cache)
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.name):
+        h.update(f.name.encode() + b"\0" + _file_sha256(f, cache).encode() + b"\n")
+    if len(cache) != size:
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_path)
+        except OSError:
+            pass  # the cache is an optimisation only
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False,
+                   padding_side: str = "left"):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise InputError(f"{path}: tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def quantization_config(bits: int | None, compute_dtype: torch.dtype | None = None):
+    """A transformers ``BitsAndBytesConfig`` for 4-bit NF4 or 8-bit base weights."""
+    if bits is None:
+        return None
+    from transformers import BitsAndBytesConfig
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype or torch.float32)
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise InputError(f"quantization bits must be 4 or 8, not {bits}")
+
+
+def _resolve_dtype(dtype: str, device: str):
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() \
+            else torch.float32
+    return DTYPES[dtype]
+
+
+def _load(auto_cls, path, *, dtype: str = "auto", bits: int | None = None,
+          lora: LoraSpec | None = None, trust_remote_code: bool = False,
+          device: str | None = None, train: bool = False, what: str = "model"):
+    check_model_dir(path, what)
+    device = device or default_device()
+    torch_dtype = _resolve_dtype(dtype, device)
+    kwargs = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    qc = quantization_config(bits, torch_dtype)
+    if qc is not None:
+        kwargs.update(quantization_config=qc, device_map={"": device})
+    model = auto_cls.from_pretrained(str(path), **kwargs)
+    if qc is None:
+        model.to(device)
+    if lora is not None:
+        model = apply_lora(model, lora, quantized=qc is not None, train=train)
+    model.train(train)
+    return model
+
+
+def apply_lora(model, spec: LoraSpec, quantized: bool = False, train: bool = True):
+    import peft
+    if quantized and train:
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    task = "SEQ_CLS" if getattr(model.config, "num_labels", None) == 1 and \
+        "SequenceClassification" in type(model).__name__ else "CAUSAL_LM"
+    cfg = peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                          target_modules=spec.target_modules, task_type=task,
+                          modules_to_save=spec.modules_to_save or None)
+    return peft.get_peft_model(model, cfg)
+
+
+def load_policy(path, **kw):
+    """The policy as a causal LM (optionally quantized, optionally with LoRA)."""
+    from transformers import AutoModelForCausalLM
+    return _load(AutoModelForCausalLM, path, what="policy", **kw)
+
+
+def load_reference(path, **kw):
+    """The reference model: a frozen causal LM in eval mode."""
+    model = load_policy(path, train=False, **kw)
+    model.requires_grad_(False)
+    return model
+
+
+def load_reward_model(path, **kw):
+    """A sequence-classification reward model with exactly one label."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    check_model_dir(path, "reward model")
+    cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=kw.get("trust_remote_code", False))
+    if cfg.num_labels != 1:
+        raise InputError(f"{path}: reward model has {cfg.num_labels} labels; a scalar reward "
+                         "model needs exactly one (config.json num_labels / id2label)")
+    model = _load(AutoModelForSequenceClassification, path, what="reward model", **kw)
+    if model.config.pad_token_id is None:
+        raise InputError(f"{path}: reward model config has no pad_token_id, so the last "
+                         "non-pad token cannot be found")
+    return model

@@ -1,0 +1,499 @@
+"""The shard store: the only code in the package that reads or writes Parquet.
+
+A *dataset* is a directory (local path or fsspec URL) of Parquet shards::
+
+    part-000000.parquet        one shard per input chunk, deterministic name
+    part-000001.parquet
+    _shards/part-000000.json   per-shard entry: rows, bytes, sha256, stats
+    _manifest.json             schema, lineage, config hash, every shard, completeness
+
+and, when the caller asked for quarantine, a sibling ``<dataset>.quarantine/`` with the
+refused rows and a reason column (outside the dataset: recursive ``**/*.parquet`` globs
+in duckdb and polars, and HF ``load_dataset(dir)``, would otherwise read them).
+
+Writes are atomic: a shard goes to a temporary name (``.part-000001.parquet.<id>.tmp``:
+a dot file not ending in ``.parquet``, so neither ``*.parquet`` globs nor
+``pyarrow.dataset`` see it), is fsynced and renamed; on object stores it is one PUT.
+A shard counts as committed once its entry exists, so a rerun skips it. Entries are
+one file per shard, so workers writing disjoint chunks never contend; the aggregate
+manifest is rewritten atomically after each commit and on :meth:`ShardWriter.finish`.
+
+Readers verify each shard's size and sha256 against its entry before use and name
+the file on any mismatch or decoding error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .errors import InputError, located
+from .lineage import code_version, utc_now
+from .schemas import Schema, conform, find_violations, load_schema
+
+FORMAT = "offline-rlhf-dataset"
+FORMAT_VERSION = 1
+MANIFEST = "_manifest.json"
+ENTRIES = "_shards"
+ROW_GROUP_ROWS = 4096
+HASH_BLOCK = 8 << 20
+
+
+def shard_name(chunk: int) -> str:
+    return f"part-{chunk:06d}.parquet"
+
+
+def _entry_name(chunk: int) -> str:
+    # Not "*.parquet.json": HF load_dataset(dir) would try to read that as Parquet.
+    return f"{ENTRIES}/part-{chunk:06d}.json"
+
+
+def _fsync(fd: int) -> None:
+    # A seam of its own so that crash tests can stop a writer exactly here.
+    os.fsync(fd)
+
+
+class _Store:
+    """File operations on a dataset root, local or any fsspec filesystem."""
+
+    def __init__(self, url: str):
+        self.url = str(url).rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple)
+                                else (self.fs.protocol,))
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def display(self, rel: str) -> str:
+        return f"{self.url}/{rel}"
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def size(self, rel: str) -> int:
+        return self.fs.size(self.path(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def listdir(self, rel: str = "") -> list[str]:
+        target = self.path(rel) if rel else self.root
+        if not self.fs.exists(target):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(target, detail=False))
+
+    def remove_stale_tmp(self, rel: str) -> None:
+        """Delete temporary files a killed writer left for ``rel`` (this chunk only)."""
+        folder, _, name = rel.rpartition("/")
+        for other in self.listdir(folder):
+            if other.startswith(f".{name}.") and other.endswith(".tmp"):
+                self.fs.rm_file(self.path(f"{folder}/{other}" if folder else other))
+
+    def write_atomic(self, rel: str, data: bytes | memoryview) -> None:
+        final = self.path(rel)
+        if not self.local:  # object stores: a single PUT is atomic
+            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.pipe_file(final, bytes(data))
+            return
+        folder, _, name = final.rpartition("/")
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                _fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            _fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Exclusive lock for manifest rewrites (local filesystems; a no-op elsewhere)."""
+        if not self.local:
+            yield
+            return
+        import fcntl
+        os.makedirs(self.root, exist_ok=True)
+        with open(self.path("_manifest.lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode()
+
+
+def _read_json(store: _Store, rel: str) -> dict | None:
+    try:
+        return json.loads(store.read_bytes(rel))
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{store.display(rel)}: not a valid JSON manifest ({e})") from None
+
+
+def _read_entries(store: _Store) -> dict[str, dict]:
+    names = [n for n in store.listdir(ENTRIES) if n.endswith(".json") and not n.startswith(".")]
+    paths = [store.path(f"{ENTRIES}/{n}") for n in names]
+    blobs = store.fs.cat(paths) if paths else {}
+    if isinstance(blobs, bytes):  # fsspec returns bare bytes for a single path
+        blobs = {paths[0]: blobs}
+    out = {}
+    for p in paths:
+        entry = json.loads(blobs[p])
+        out[entry["name"]] = entry
+    return out
+
+
+def _aggregate(header: dict, entries: dict[str, dict]) -> dict:
+    totals: dict[str, int] = {}
+    for e in entries.values():
+        for k, v in e.get("stats", {}).items():
+            totals[k] = totals.get(k, 0) + v
+    return {**header, "shards": [entries[k] for k in sorted(entries)],
+            "num_rows": sum(e["rows"] for e in entries.values()),
+            "num_shards": len(entries), "stats": totals}
+
+
+# --------------------------------------------------------------------------- writing
+
+@dataclass
+class ShardWriter:
+    """Writes one dataset, chunk by chunk, atomically and resumably.
+
+    ``on_invalid`` is ``"error"`` (refuse the shard, write nothing) or ``"quarantine"``
+    (write the good rows; the bad ones go to ``<url>.quarantine/`` with a reason column,
+    and the shard's ``quarantined_rows`` count says how many).
+    Reopening a dataset written under another schema or config hash is refused.
+    """
+
+    url: str
+    schema: Schema | str
+    lineage: dict = field(default_factory=dict)
+    config_hash: str | None = None
+    on_invalid: str = "error"
+    compression: str = "zstd"
+    row_group_rows: int = ROW_GROUP_ROWS
+
+    def __post_init__(self):
+        if isinstance(self.schema, str):
+            self.schema = load_schema(self.schema)
+        if self.on_invalid not in ("error", "quarantine"):
+            raise ValueError(f"on_invalid must be 'error' or 'quarantine', not {self.on_invalid!r}")
+        self.store = _Store(self.url)
+        self.quarantine_store = _Store(self.store.url + ".quarantine")
+        self.header = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                       "schema": self.schema.name, "schema_version": self.schema.version,
+                       "config_hash": self.config_hash, "lineage": self.lineage,
+                       "code_version": code_version()}
+        old = _read_json(self.store, MANIFEST)
+        if old is not None:
+            for key in ("schema", "config_hash"):
+                if old.get(key) != self.header[key]:
+                    raise InputError(
+                        f"{self.store.display(MANIFEST)}: dataset was written with {key} "
+                        f"{old.get(key)!r}, this run has {self.header[key]!r}; "
+                        "write to a new path or delete the old dataset")
+        self._file_meta = {b"offline_rlhf.schema": self.schema.name.encode(),
+                           b"offline_rlhf.schema_version": self.schema.version.encode(),
+                           b"offline_rlhf.lineage": json.dumps(self.lineage, default=str).encode(),
+                           b"offline_rlhf.config_hash": str(self.config_hash).encode()}
+
+    def committed(self, chunk: int) -> bool:
+        """Whether chunk ``chunk`` is already written (its entry and shard both exist)."""
+        name = shard_name(chunk)
+        entry = _read_json(self.store, _entry_name(chunk))
+        return entry is not None and self.store.exists(name) and \
+            self.store.size(name) == entry["bytes"]
+
+    def _serialize(self, table: pa.Table) -> pa.Buffer:
+        sink = pa.BufferOutputStream()
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self._file_meta})
+        pq.write_table(table, sink, compression=self.compression,
+                       row_group_size=self.row_group_rows)
+        return sink.getvalue()
+
+    def _split_invalid(self, table: pa.Table, source: str, row_offset: int):
+        violations = find_violations(table, self.schema)
+        if not violations:
+            return table, None
+        if self.on_invalid == "error":
+            first = min(violations, key=lambda v: v.rows[0])
+            shifted = type(first)(first.column, first.rows + row_offset, first.message)
+            raise InputError(shifted.describe(source))
+        reasons: dict[int, str] = {}
+        for v in violations:
+            for r in v.rows:
+                reasons.setdefault(int(r), f"column '{v.column}': {v.message}")
+        bad = np.array(sorted(reasons), dtype=np.int64)
+        keep = np.setdiff1d(np.arange(table.num_rows), bad)
+        quarantined = table.take(pa.array(bad)).append_column(
+            "quarantine_reason", pa.array([reasons[int(r)] for r in bad], pa.string()))
+        return table.take(pa.array(keep)), quarantined
+
+    def write(self, chunk: int, table: pa.Table, *, stats: dict | None = None,
+              source: str | None = None, row_offset: int = 0) -> dict:
+        """Validate and commit ``table`` as the shard of ``chunk``; return its entry.
+
+        ``source`` and ``row_offset`` locate bad rows in the caller's input for error
+        messages (default: the shard's own path and row).
+        """
+        name = shard_name(chunk)
+        source = source or self.store.display(name)
+        table = conform(table, self.schema, source)
+        table, quarantined = self._split_invalid(table, source, row_offset)
+        stats = dict(stats or {})
+        if quarantined is not None:
+            self.quarantine_store.remove_stale_tmp(name)
+            self.quarantine_store.write_atomic(name, self._serialize(quarantined))
+            stats["quarantined_rows"] = quarantined.num_rows
+        self.store.remove_stale_tmp(name)
+        data = self._serialize(table)
+        entry = {"name": name, "chunk": chunk, "rows": table.num_rows, "bytes": data.size,
+                 "sha256": hashlib.sha256(memoryview(data)).hexdigest(), "stats": stats,
+                 "created_at": utc_now().isoformat()}
+        self.store.write_atomic(name, memoryview(data))
+        self.store.write_atomic(_entry_name(chunk), _json_bytes(entry))
+        self._rewrite_manifest(complete=False, extra={name: entry})
+        return entry
+
+    def _rewrite_manifest(self, complete: bool, extra: dict | None = None) -> dict:
+        with self.store.lock():
+            entries = _read_entries(self.store)
+            entries.update(extra or {})
+            manifest = {**_aggregate(self.header, entries), "complete": complete,
+                        "updated_at": utc_now().isoformat()}
+            self.store.write_atomic(MANIFEST, _json_bytes(manifest))
+        return manifest
+
+    def finish(self, total_chunks: int | None = None, info: dict | None = None) -> dict:
+        """Rewrite the manifest from every entry; mark it complete when all chunks are in.
+
+        With ``total_chunks`` the dataset is complete only once chunks 0..total-1 are
+        all committed (by any worker); without it, the caller vouches for completeness.
+        """
+        entries = _read_entries(self.store)
+        done = {e["chunk"] for e in entries.values()}
+        complete = total_chunks is None or done.issuperset(range(total_chunks))
+        if info:
+            self.header = {**self.header, "info": info}
+        return self._rewrite_manifest(complete=complete)
+
+
+# --------------------------------------------------------------------------- reading
+
+class Dataset:
+    """A dataset written by :class:`ShardWriter`, opened for reading.
+
+    Every reader checks each shard's size and sha256 against the manifest first
+    (``verify=False`` skips the hash, not the size) and names the file on failure.
+    """
+
+    def __init__(self, url: str, require_complete: bool = False):
+        self.store = _Store(url)
+        self.url = self.store.url
+        header = _read_json(self.store, MANIFEST)
+        if header is None:
+            raise InputError(f"{self.url}: not an offline-rlhf dataset (no {MANIFEST})")
+        if header.get("format") != FORMAT:
+            raise InputError(f"{self.store.display(MANIFEST)}: unknown format {header.get('format')!r}")
+        self.manifest = {**header, **_aggregate(header, _read_entries(self.store))}
+        if require_complete and not self.complete:
+            raise InputError(f"{self.url}: dataset is incomplete (a stage did not finish); "
+                             "rerun the stage that writes it")
+
+    schema_name = property(lambda self: self.manifest["schema"])
+    schema_version = property(lambda self: self.manifest["schema_version"])
+    lineage = property(lambda self: self.manifest.get("lineage") or {})
+    config_hash = property(lambda self: self.manifest.get("config_hash"))
+    complete = property(lambda self: bool(self.manifest.get("complete")))
+    num_rows = property(lambda self: self.manifest["num_rows"])
+    shards = property(lambda self: self.manifest["shards"])
+    stats = property(lambda self: self.manifest["stats"])
+
+    def files(self) -> list[str]:
+        """Full paths (within the filesystem) of the committed shards, in chunk order."""
+        return [self.store.path(e["name"]) for e in self.shards]
+
+    @property
+    def filesystem(self):
+        return self.store.fs
+
+    def check_shard(self, entry: dict, verify: bool = True) -> None:
+        """Raise :class:`InputError` naming the file if a shard is missing, truncated or altered."""
+        name, where = entry["name"], self.store.display(entry["name"])
+        try:
+            size = self.store.size(name)
+        except FileNotFoundError:
+            raise InputError(f"{where}: shard listed in the manifest is missing") from None
+        if size != entry["bytes"]:
+            raise InputError(f"{where}: shard is truncated or altered "
+                             f"({size} bytes, manifest says {entry['bytes']})")
+        if verify:
+            h = hashlib.sha256()
+            with self.store.fs.open(self.store.path(name), "rb") as f:
+                while block := f.read(HASH_BLOCK):
+                    h.update(block)
+            if h.hexdigest() != entry["sha256"]:
+                raise InputError(f"{where}: sha256 mismatch (shard corrupted or altered)")
+
+    def verify(self, verify: bool = True) -> None:
+        for e in self.shards:
+            self.check_shard(e, verify)
+
+    @contextlib.contextmanager
+    def _reading(self, entry: dict):
+        try:
+            yield
+        except (pa.ArrowException, OSError, ValueError) as e:
+            if isinstance(e, InputError):
+                raise
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise InputError(f"{self.store.display(entry['name'])}: cannot read shard ({msg})") from None
+
+    def iter_batches(self, batch_size: int = 1024, columns: list[str] | None = None,
+                     verify: bool = True) -> Iterator[pa.RecordBatch]:
+        """Stream record batches shard by shard; memory stays at about one row group."""
+        for entry in self.shards:
+            self.check_shard(entry, verify)
+            with self._reading(entry), self.store.fs.open(self.store.path(entry["name"]), "rb") as f:
+                pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
+                yield from pf.iter_batches(batch_size=batch_size, columns=columns,
+                                           use_threads=False)
+
+    def read(self, columns: list[str] | None = None, verify: bool = True) -> pa.Table:
+        """The whole dataset (or some columns) as one Arrow table."""
+        tables = []
+        for entry in self.shards:
+            self.check_shard(entry, verify)
+            with self._reading(entry):
+                tables.append(pq.read_table(self.store.path(entry["name"]), columns=columns,
+                                            filesystem=self.store.fs))
+        if not tables:
+            schema = load_schema(self.schema_name).arrow
+            if columns:
+                schema = pa.schema([schema.field(c) for c in columns])
+            return schema.empty_table()
+        return pa.concat_tables(tables)
+
+    def to_arrow_dataset(self, verify: bool = True):
+        """A ``pyarrow.dataset.Dataset`` over the committed shards."""
+        import pyarrow.dataset as pads
+        self.verify(verify)
+        return pads.dataset(self.files(), format="parquet", filesystem=self.store.fs,
+                            schema=load_schema(self.schema_name).arrow)
+
+    def to_polars(self, verify: bool = True):
+        """A polars ``LazyFrame`` over the committed shards."""
+        import polars as pl
+        if self.store.local:
+            self.verify(verify)
+            if not self.shards:
+                return pl.from_arrow(self.read(verify=False)).lazy()
+            return pl.scan_parquet(self.files())
+        return pl.scan_pyarrow_dataset(self.to_arrow_dataset(verify))
+
+    def to_hf(self, verify: bool = True):
+        """A Hugging Face ``datasets.Dataset`` over the committed shards."""
+        import datasets
+        if self.store.local and self.shards:
+            self.verify(verify)
+            return datasets.Dataset.from_parquet(self.files())
+        return datasets.Dataset(self.read(verify=verify))
+
+
+def open_dataset(url: str, require_complete: bool = False) -> Dataset:
+    return Dataset(url, require_complete)
+
+
+def is_dataset(url: str) -> bool:
+    return _Store(url).exists(MANIFEST)
+
+
+# --------------------------------------------------------------------------- external files
+
+def read_table_file(path: str) -> pa.Table:
+    """Read a user's Parquet, JSONL or JSON-array file as an Arrow table.
+
+    Errors name the file (and, for JSONL, the line).
+    """
+    store_path = str(path)
+    fs, p = fsspec.core.url_to_fs(store_path)
+    if not fs.exists(p):
+        raise InputError(f"{store_path}: no such file")
+    if fs.isdir(p):
+        if fs.exists(f"{p}/{MANIFEST}"):
+            return Dataset(store_path).read()
+        raise InputError(f"{store_path}: is a directory, not a dataset or a data file")
+    lower = p.lower()
+    try:
+        if lower.endswith(".parquet"):
+            return pq.read_table(p, filesystem=fs)
+        if lower.endswith((".jsonl", ".json", ".ndjson")):
+            return _read_json_rows(fs, p, store_path)
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"{store_path}: cannot read ({str(e).splitlines()[0]})") from None
+    raise InputError(f"{store_path}: unknown file type (expected .parquet, .jsonl or .json)")
+
+
+def _read_json_rows(fs, p: str, display: str) -> pa.Table:
+    with fs.open(p, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise InputError(f"{display}: line {line}: invalid UTF-8") from None
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{display}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    else:
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{display}: line {i}: invalid JSON ({e.msg})") from None
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise InputError(located("each row must be a JSON object", display, i))
+    try:
+        # pa.array infers the type from every row (from_pylist looks at the first only)
+        return pa.Table.from_struct_array(pa.array(rows)) if rows else pa.table({})
+    except (pa.ArrowException, TypeError) as e:
+        raise InputError(f"{display}: rows do not share one shape ({str(e).splitlines()[0]})") from None
+
+
+def column_stats(values: pa.Array) -> dict:
+    """count / mean / std / min / max of a numeric column (nulls ignored)."""
+    arr = pc.drop_null(values)
+    if len(arr) == 0:
+        return {"count": 0}
+    return {"count": len(arr), "mean": pc.mean(arr).as_py(), "std": pc.stddev(arr).as_py(),
+            "min": pc.min(arr).as_py(), "max": pc.max(arr).as_py()}

@@ -1,0 +1,80 @@
+"""Summaries of a dataset for ``offline-rlhf inspect``: counts, lineage, reward statistics."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from .shards import Dataset
+
+STAT_COLUMNS = {
+    "generations": ["reward", "reward_normalized", "ref_logps_sum"],
+    "pairs": ["chosen_reward", "rejected_reward", "margin"],
+    "prompts": [],
+}
+
+
+def _stats(frame: pl.LazyFrame, expr: pl.Expr) -> dict:
+    row = frame.select(count=expr.count(), mean=expr.mean(), std=expr.std(),
+                       min=expr.min(), max=expr.max()).collect().row(0, named=True)
+    return row
+
+
+def summarize(ds: Dataset, verify: bool = True) -> dict:
+    """Everything ``inspect`` shows, as JSON-able data."""
+    out = {"dataset": ds.url, "schema": ds.schema_name, "schema_version": ds.schema_version,
+           "complete": ds.complete, "rows": ds.num_rows, "shards": len(ds.shards),
+           "config_hash": ds.config_hash, "code_version": ds.manifest.get("code_version"),
+           "lineage": ds.lineage, "counts": ds.stats, "reward_stats": {}}
+    if ds.num_rows == 0:
+        return out
+    lf = ds.to_polars(verify=verify)
+    for col in STAT_COLUMNS.get(ds.schema_name, []):
+        out["reward_stats"][col] = _stats(lf, pl.col(col))
+    if ds.schema_name == "generations":
+        comps = (lf.select(pl.col("reward_components")).explode("reward_components")
+                 .drop_nulls().unnest("reward_components"))
+        for name in sorted(comps.select(pl.col("name").unique()).collect()["name"].to_list()):
+            out["reward_stats"][f"component:{name}"] = _stats(
+                comps.filter(pl.col("name") == name), pl.col("value"))
+        out["counts"] = {**out["counts"], **lf.select(
+            prompts=pl.col("prompt_id").n_unique(),
+            mean_response_tokens=pl.col("response_token_ids").list.len().mean(),
+        ).collect().row(0, named=True)}
+    if ds.schema_name == "prompts":
+        out["counts"] = {**out["counts"], **lf.select(
+            text_prompts=pl.col("prompt").is_not_null().sum(),
+            chat_prompts=pl.col("messages").is_not_null().sum(),
+            with_reference_answer=pl.col("reference_answer").is_not_null().sum(),
+        ).collect().row(0, named=True)}
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def render(summary: dict) -> str:
+    """The summary as a small text table."""
+    lines = []
+    kv = [("dataset", summary["dataset"]),
+          ("schema", f"{summary['schema']} {summary['schema_version']}"),
+          ("status", "complete" if summary["complete"] else "INCOMPLETE (a stage did not finish)"),
+          ("rows", summary["rows"]), ("shards", summary["shards"]),
+          ("config hash", summary["config_hash"]), ("code version", summary["code_version"])]
+    kv += [(f"lineage.{k}", v) for k, v in sorted(summary["lineage"].items())]
+    kv += [(f"count.{k}", v) for k, v in sorted(summary["counts"].items())]
+    width = max(len(k) for k, _ in kv)
+    lines += [f"{k:<{width}}  {_fmt(v)}" for k, v in kv]
+    if summary["reward_stats"]:
+        cols = ["count", "mean", "std", "min", "max"]
+        names = list(summary["reward_stats"])
+        w = max(len(n) for n in names + ["column"])
+        lines += ["", f"{'column':<{w}}  " + "  ".join(f"{c:>10}" for c in cols)]
+        for n in names:
+            s = summary["reward_stats"][n]
+            lines.append(f"{n:<{w}}  " + "  ".join(f"{_fmt(s.get(c)):>10}" for c in cols))
+    return "\n".join(lines)

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 from .errors import InputError, located
 
 SCHEMA_NAMES = ("prompts", "generations", "pairs")
+README_MARKER = "<!-- The sections below are generated from the JSON files: python -m offline_rlhf.schemas -->"
 META_SCHEMA = b"offline_rlhf.schema"
 META_VERSION = b"offline_rlhf.schema_version"
 # Log-probs computed in float32 can exceed 0 by rounding; anything above this is a bug.
@@ -312,3 +313,42 @@ def validate(table: pa.Table, schema: Schema | str, source: str | None = None) -
         first = min(violations, key=lambda v: v.rows[0])
         raise InputError(first.describe(source))
     return table
+
+
+# --------------------------------------------------------------------------- docs
+
+def _check_text(check) -> str:
+    return f"in {check['in']}" if isinstance(check, dict) else str(check)
+
+
+def schema_markdown() -> str:
+    """The column tables of ``data_schemas/README.md``, generated from the JSON files."""
+    out = []
+    for name in SCHEMA_NAMES:
+        s = load_schema(name)
+        raw = json.loads(resources.files("offline_rlhf").joinpath(
+            "data_schemas", f"{name}.json").read_text())
+        out += [f"## `{name}` (version {s.version})", "", s.description, ""]
+        if s.key:
+            out.append(f"Unique key: ({', '.join(s.key)}).")
+        for a, b in s.same_length:
+            out.append(f"`{a}` and `{b}` have the same length in every row where both are set.")
+        for names in s.require_one_of:
+            out.append(f"Every row sets at least one of {', '.join(f'`{n}`' for n in names)}.")
+        out += ["", "| column | type | nullable | checks | description |",
+                "|---|---|---|---|---|"]
+        for c, rc in zip(s.columns, raw["columns"]):
+            checks = ", ".join(_check_text(x) for x in c.checks) or "-"
+            out.append(f"| `{c.name}` | `{rc['type']}` | {'yes' if c.nullable else 'no'} "
+                       f"| {checks} | {c.description} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":  # regenerate data_schemas/README.md below its marker
+    import sys
+    from pathlib import Path
+    readme = Path(__file__).resolve().parent / "data_schemas" / "README.md"
+    head = readme.read_text().split(README_MARKER)[0]
+    readme.write_text(head + README_MARKER + "\n\n" + schema_markdown())
+    sys.stdout.write(f"wrote {readme}\n")

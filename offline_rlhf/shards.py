@@ -2,10 +2,14 @@
 
 A *dataset* is a directory (local path or fsspec URL) of Parquet shards::
 
-    part-000000.parquet        one shard per input chunk, deterministic name
+    part-000000.parquet                   one shard per input chunk, deterministic name
     part-000001.parquet
-    _shards/part-000000.json   per-shard entry: rows, bytes, sha256, stats
-    _manifest.json             schema, lineage, config hash, every shard, completeness
+    .offline-rlhf/manifest.json           schema, lineage, config hash, every shard, completeness
+    .offline-rlhf/shards/part-000000.json per-shard entry: rows, bytes, sha256, stats
+
+The bookkeeping lives in one hidden folder so that readers pointed at the directory
+(``pyarrow.dataset``, HF ``load_dataset(dir)``, ``*.parquet`` globs) see only shards;
+HF would otherwise take a folder with more JSON than Parquet files for a JSON dataset.
 
 and, when the caller asked for quarantine, a sibling ``<dataset>.quarantine/`` with the
 refused rows and a reason column (outside the dataset: recursive ``**/*.parquet`` globs
@@ -44,8 +48,9 @@ from .schemas import Schema, conform, find_violations, load_schema
 
 FORMAT = "offline-rlhf-dataset"
 FORMAT_VERSION = 1
-MANIFEST = "_manifest.json"
-ENTRIES = "_shards"
+META = ".offline-rlhf"
+MANIFEST = f"{META}/manifest.json"
+ENTRIES = f"{META}/shards"
 ROW_GROUP_ROWS = 4096
 HASH_BLOCK = 8 << 20
 
@@ -55,7 +60,6 @@ def shard_name(chunk: int) -> str:
 
 
 def _entry_name(chunk: int) -> str:
-    # Not "*.parquet.json": HF load_dataset(dir) would try to read that as Parquet.
     return f"{ENTRIES}/part-{chunk:06d}.json"
 
 
@@ -133,8 +137,8 @@ class _Store:
             yield
             return
         import fcntl
-        os.makedirs(self.root, exist_ok=True)
-        with open(self.path("_manifest.lock"), "a") as f:
+        os.makedirs(self.path(META), exist_ok=True)
+        with open(self.path(f"{META}/lock"), "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -271,6 +275,7 @@ class ShardWriter:
             self.quarantine_store.write_atomic(name, self._serialize(quarantined))
             stats["quarantined_rows"] = quarantined.num_rows
         self.store.remove_stale_tmp(name)
+        self.store.remove_stale_tmp(_entry_name(chunk))
         data = self._serialize(table)
         entry = {"name": name, "chunk": chunk, "rows": table.num_rows, "bytes": data.size,
                  "sha256": hashlib.sha256(memoryview(data)).hexdigest(), "stats": stats,

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny models built from config, realistic generation rows."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("OFFLINE_RLHF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from offline_rlhf.tiny import train_tokenizer
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def policy_dir(tmp_path_factory, tokenizer):
+    from offline_rlhf.tiny import build_tiny_model
+    return build_tiny_model(tmp_path_factory.mktemp("policy"), tokenizer=tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def reward_dir(tmp_path_factory, tokenizer):
+    from offline_rlhf.tiny import build_tiny_model
+    return build_tiny_model(tmp_path_factory.mktemp("reward"), kind="reward",
+                            tokenizer=tokenizer, seed=1)
+
+
+def generation_rows(n: int, start: int = 0, k: int = 4, tokens: int = 6) -> list[dict]:
+    """``n`` valid generation rows: prompt (start + i) // k, sample (start + i) % k."""
+    import datetime as dt
+    rows = []
+    for i in range(start, start + n):
+        rows.append({
+            "prompt_id": f"p{i // k:05d}", "prompt": f"What is {i}+1? Answer:",
+            "reference_answer": str(i + 1), "sample_index": i % k,
+            "response": f" {i + 1}", "prompt_token_ids": [5, 6, 7],
+            "response_token_ids": list(range(tokens)),
+            "behaviour_logps": [-0.5 - 0.01 * j for j in range(tokens)],
+            "finish_reason": "eos", "reward": float(i % 7) - 3.0,
+            "reward_components": [{"name": "exact_match", "value": float(i % 2)},
+                                  {"name": "reward_model", "value": float(i % 7) - 3.5}],
+            "reward_normalized": 0.25 * (i % 5) - 0.5,
+            "ref_logps_sum": -0.5 * tokens, "ref_logps": [-0.5] * tokens,
+            "decoding": {"temperature": 1.0, "top_p": 0.9, "top_k": 0, "max_new_tokens": 32,
+                         "greedy": False, "seed": 7},
+            "policy_fingerprint": "a" * 64, "reward_fingerprint": "b" * 64,
+            "reference_fingerprint": "c" * 64, "config_hash": "d" * 64,
+            "code_version": "test", "created_at": dt.datetime(2026, 11, 22, tzinfo=dt.timezone.utc),
+        })
+    return rows
+
+
+def generation_table(n: int, start: int = 0, **kw) -> pa.Table:
+    from offline_rlhf.schemas import load_schema
+    return pa.Table.from_pylist(generation_rows(n, start, **kw),
+                                schema=load_schema("generations").arrow)

@@ -133,7 +133,7 @@ def _schema_from_dict(d: dict) -> Schema:
                   require_one_of=tuple(tuple(p) for p in d.get("require_one_of", ())))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_schema(name: str) -> Schema:
     """Load a schema shipped in ``data_schemas/`` by name (prompts, generations, pairs)."""
     if name not in SCHEMA_NAMES:
@@ -222,21 +222,25 @@ def _rows(mask: pa.Array) -> np.ndarray:
     return np.flatnonzero(mask.to_numpy(zero_copy_only=False))
 
 
-def _numeric_values(arr: pa.Array) -> tuple[pa.Array, np.ndarray | None]:
-    """Numbers inside a column and, for list columns, the row of each value."""
+def _numeric_values(arr: pa.Array) -> pa.Array:
+    """The numbers inside a column: list elements, or the ``value`` field of list<struct>."""
     if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-        parents = pc.list_parent_indices(arr).to_numpy()
-        values = pc.list_flatten(arr)
+        values = arr.values.slice(arr.offsets[0].as_py(), arr.offsets[-1].as_py() - arr.offsets[0].as_py())
         if pa.types.is_struct(values.type):
             values = pc.struct_field(values, "value")
-        return values, parents
-    return arr, None
+        return values
+    return arr
 
 
 def _bad_rows(arr: pa.Array, bad_values: pa.Array) -> np.ndarray:
-    values, parents = _numeric_values(arr)
+    """Rows holding a bad value; the (costly) row mapping runs only when there is one."""
+    if not pc.any(pc.fill_null(bad_values, False)).as_py():
+        return np.array([], dtype=np.int64)
     idx = _rows(bad_values)
-    return np.unique(parents[idx]) if parents is not None else idx
+    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        parents = pc.list_parent_indices(arr).to_numpy()
+        return np.unique(parents[idx])
+    return idx
 
 
 def _check(arr: pa.Array, check) -> tuple[np.ndarray, str]:
@@ -244,11 +248,11 @@ def _check(arr: pa.Array, check) -> tuple[np.ndarray, str]:
         return _rows(pc.equal(pc.utf8_length(arr), 0)), "empty string"
     if check == "non_negative":
         return _rows(pc.less(arr, 0)), "negative value"
-    values, _ = _numeric_values(arr)
     if check == "finite":
+        values = _numeric_values(arr)
         return _bad_rows(arr, pc.invert(pc.is_finite(values))), "non-finite value (NaN or inf)"
     if check == "non_positive":
-        return (_bad_rows(arr, pc.greater(values, LOGP_TOLERANCE)),
+        return (_bad_rows(arr, pc.greater(_numeric_values(arr), LOGP_TOLERANCE)),
                 "positive log-probability (log-probs must be <= 0)")
     if isinstance(check, dict) and "in" in check:
         allowed = pa.array(check["in"], type=arr.type)

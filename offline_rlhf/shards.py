@@ -34,6 +34,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import fsspec
@@ -51,7 +52,8 @@ FORMAT_VERSION = 1
 META = ".offline-rlhf"
 MANIFEST = f"{META}/manifest.json"
 ENTRIES = f"{META}/shards"
-ROW_GROUP_ROWS = 4096
+# Row groups of about this many Arrow bytes: streaming readers hold one at a time.
+ROW_GROUP_BYTES = 64 << 20
 HASH_BLOCK = 8 << 20
 
 
@@ -105,30 +107,10 @@ class _Store:
             if other.startswith(f".{name}.") and other.endswith(".tmp"):
                 self.fs.rm_file(self.path(f"{folder}/{other}" if folder else other))
 
-    def write_atomic(self, rel: str, data: bytes | memoryview) -> None:
-        final = self.path(rel)
-        if not self.local:  # object stores: a single PUT is atomic
-            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.pipe_file(final, bytes(data))
-            return
-        folder, _, name = final.rpartition("/")
-        os.makedirs(folder, exist_ok=True)
-        tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                _fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            _fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        staged = _Staged(self, rel)
+        staged.write(data)
+        staged.commit()
 
     @contextlib.contextmanager
     def lock(self):
@@ -144,6 +126,65 @@ class _Store:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class _Staged:
+    """A file written under a temporary name; :meth:`commit` hashes it and makes it
+    visible at its final name (fsync + rename locally, one PUT elsewhere).
+
+    ``sink`` is an Arrow output stream, so pyarrow encodes Parquet straight into it
+    from C++; the sha256 is taken at commit time from the page cache.
+    """
+
+    def __init__(self, store: _Store, rel: str):
+        self.store, self.final = store, store.path(rel)
+        self.size, self.sha256 = 0, None
+        if store.local:
+            folder, _, name = self.final.rpartition("/")
+            os.makedirs(folder, exist_ok=True)
+            self.tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
+            self.sink = pa.OSFile(self.tmp, "wb")
+        else:
+            self.tmp, self.sink = None, pa.BufferOutputStream()
+
+    def write(self, data) -> None:
+        self.sink.write(data)
+
+    def commit(self) -> None:
+        h = hashlib.sha256()
+        try:
+            if self.tmp is None:
+                data = self.sink.getvalue()
+                h.update(memoryview(data))
+                self.size = data.size
+                self.store.fs.makedirs(self.final.rsplit("/", 1)[0], exist_ok=True)
+                self.store.fs.pipe_file(self.final, data.to_pybytes())
+            else:
+                self.sink.close()
+                with open(self.tmp, "rb") as f:
+                    while block := f.read(HASH_BLOCK):
+                        h.update(block)
+                        self.size += len(block)
+                    _fsync(f.fileno())
+                os.replace(self.tmp, self.final)
+        except BaseException:
+            self.abort()
+            raise
+        self.sha256 = h.hexdigest()
+        if self.tmp is not None:
+            dir_fd = os.open(self.final.rpartition("/")[0], os.O_RDONLY)
+            try:
+                _fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError, pa.ArrowException):
+            if not self.sink.closed:
+                self.sink.close()
+        if self.tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
 
 
 def _json_bytes(obj) -> bytes:
@@ -192,6 +233,12 @@ class ShardWriter:
     (write the good rows; the bad ones go to ``<url>.quarantine/`` with a reason column,
     and the shard's ``quarantined_rows`` count says how many).
     Reopening a dataset written under another schema or config hash is refused.
+
+    :meth:`write` validates and encodes a chunk in the caller's thread; the commit
+    (fsync, rename, entry, manifest) runs on one background thread in submission
+    order, so encoding the next chunk overlaps the disk. :meth:`flush`, :meth:`finish`
+    and :meth:`close` wait for pending commits and raise their errors; a commit error
+    also surfaces at the next :meth:`write`. Use the writer as a context manager.
     """
 
     url: str
@@ -200,7 +247,7 @@ class ShardWriter:
     config_hash: str | None = None
     on_invalid: str = "error"
     compression: str = "zstd"
-    row_group_rows: int = ROW_GROUP_ROWS
+    row_group_bytes: int = ROW_GROUP_BYTES
 
     def __post_init__(self):
         if isinstance(self.schema, str):
@@ -221,10 +268,20 @@ class ShardWriter:
                         f"{self.store.display(MANIFEST)}: dataset was written with {key} "
                         f"{old.get(key)!r}, this run has {self.header[key]!r}; "
                         "write to a new path or delete the old dataset")
+        self._entries = _read_entries(self.store)
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-commit")
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-encode")
+        self._pending: list[Future] = []
         self._file_meta = {b"offline_rlhf.schema": self.schema.name.encode(),
                            b"offline_rlhf.schema_version": self.schema.version.encode(),
                            b"offline_rlhf.lineage": json.dumps(self.lineage, default=str).encode(),
                            b"offline_rlhf.config_hash": str(self.config_hash).encode()}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def committed(self, chunk: int) -> bool:
         """Whether chunk ``chunk`` is already written (its entry and shard both exist)."""
@@ -233,12 +290,11 @@ class ShardWriter:
         return entry is not None and self.store.exists(name) and \
             self.store.size(name) == entry["bytes"]
 
-    def _serialize(self, table: pa.Table) -> pa.Buffer:
-        sink = pa.BufferOutputStream()
+    def _encode(self, table: pa.Table, staged: _Staged) -> None:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self._file_meta})
-        pq.write_table(table, sink, compression=self.compression,
-                       row_group_size=self.row_group_rows)
-        return sink.getvalue()
+        per_row = max(1, table.nbytes // max(1, table.num_rows))
+        pq.write_table(table, staged.sink, compression=self.compression,
+                       row_group_size=max(256, self.row_group_bytes // per_row))
 
     def _split_invalid(self, table: pa.Table, source: str, row_offset: int):
         violations = find_violations(table, self.schema)
@@ -260,52 +316,95 @@ class ShardWriter:
 
     def write(self, chunk: int, table: pa.Table, *, stats: dict | None = None,
               source: str | None = None, row_offset: int = 0) -> dict:
-        """Validate and commit ``table`` as the shard of ``chunk``; return its entry.
+        """Validate and encode ``table`` as the shard of ``chunk`` and queue its commit.
 
-        ``source`` and ``row_offset`` locate bad rows in the caller's input for error
-        messages (default: the shard's own path and row).
+        Returns the shard's entry (name, chunk, rows, stats; ``bytes`` and ``sha256``
+        are added when the commit completes). ``source`` and ``row_offset`` locate bad
+        rows in the caller's input for error messages (default: the shard's own path).
+        Nothing becomes visible unless the whole chunk passes (or, with quarantine,
+        until its good rows are encoded).
         """
+        self._reap(wait=False)
         name = shard_name(chunk)
         source = source or self.store.display(name)
         table = conform(table, self.schema, source)
-        table, quarantined = self._split_invalid(table, source, row_offset)
-        stats = dict(stats or {})
-        if quarantined is not None:
-            self.quarantine_store.remove_stale_tmp(name)
-            self.quarantine_store.write_atomic(name, self._serialize(quarantined))
-            stats["quarantined_rows"] = quarantined.num_rows
         self.store.remove_stale_tmp(name)
         self.store.remove_stale_tmp(_entry_name(chunk))
-        data = self._serialize(table)
-        entry = {"name": name, "chunk": chunk, "rows": table.num_rows, "bytes": data.size,
-                 "sha256": hashlib.sha256(memoryview(data)).hexdigest(), "stats": stats,
+        staged = _Staged(self.store, name)
+        # Encode on the helper thread while the checks run here (both release the GIL);
+        # a refused chunk's temporary file is deleted, never renamed.
+        encoding = self._encoder.submit(self._encode, table, staged)
+        try:
+            good, quarantined = self._split_invalid(table, source, row_offset)
+            encoding.result()
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                encoding.result()
+            staged.abort()
+            raise
+        stats = dict(stats or {})
+        if quarantined is not None:
+            staged.abort()
+            staged = _Staged(self.store, name)
+            self._encode(good, staged)
+            self.quarantine_store.remove_stale_tmp(name)
+            q = _Staged(self.quarantine_store, name)
+            self._encode(quarantined, q)
+            q.commit()
+            stats["quarantined_rows"] = quarantined.num_rows
+        entry = {"name": name, "chunk": chunk, "rows": good.num_rows, "stats": stats,
                  "created_at": utc_now().isoformat()}
-        self.store.write_atomic(name, memoryview(data))
-        self.store.write_atomic(_entry_name(chunk), _json_bytes(entry))
-        self._rewrite_manifest(complete=False, extra={name: entry})
+        self._pending.append(self._committer.submit(self._commit, staged, entry))
         return entry
 
-    def _rewrite_manifest(self, complete: bool, extra: dict | None = None) -> dict:
+    def _commit(self, staged: _Staged, entry: dict) -> None:
+        staged.commit()
+        entry.update(bytes=staged.size, sha256=staged.sha256)
+        self.store.write_atomic(_entry_name(entry["chunk"]), _json_bytes(entry))
+        self._entries[entry["name"]] = entry
+        self._write_manifest(complete=False)
+
+    def _reap(self, wait: bool) -> None:
+        still = []
+        for fut in self._pending:
+            if wait or fut.done():
+                fut.result()  # raises the commit's error, if any
+            else:
+                still.append(fut)
+        self._pending = still
+
+    def flush(self) -> None:
+        """Wait until every written shard is committed (raises a failed commit's error)."""
+        self._reap(wait=True)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._committer.shutdown(wait=True)
+            self._encoder.shutdown(wait=True)
+
+    def _write_manifest(self, complete: bool) -> dict:
         with self.store.lock():
-            entries = _read_entries(self.store)
-            entries.update(extra or {})
-            manifest = {**_aggregate(self.header, entries), "complete": complete,
+            manifest = {**_aggregate(self.header, self._entries), "complete": complete,
                         "updated_at": utc_now().isoformat()}
             self.store.write_atomic(MANIFEST, _json_bytes(manifest))
         return manifest
 
     def finish(self, total_chunks: int | None = None, info: dict | None = None) -> dict:
-        """Rewrite the manifest from every entry; mark it complete when all chunks are in.
+        """Commit everything, rewrite the manifest from every worker's entries, and mark
+        it complete when all chunks are in.
 
         With ``total_chunks`` the dataset is complete only once chunks 0..total-1 are
         all committed (by any worker); without it, the caller vouches for completeness.
         """
-        entries = _read_entries(self.store)
-        done = {e["chunk"] for e in entries.values()}
+        self.flush()
+        self._entries = _read_entries(self.store)
+        done = {e["chunk"] for e in self._entries.values()}
         complete = total_chunks is None or done.issuperset(range(total_chunks))
         if info:
             self.header = {**self.header, "info": info}
-        return self._rewrite_manifest(complete=complete)
+        return self._write_manifest(complete=complete)
 
 
 # --------------------------------------------------------------------------- reading

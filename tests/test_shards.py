@@ -72,8 +72,8 @@ def test_quarantine_keeps_good_rows_and_explains_bad(tmp_path):
     rows = generation_rows(8)
     rows[2]["reward"] = math.nan
     rows[6]["behaviour_logps"] = [0.5] * 6
-    entry = writer(tmp_path / "ds", on_invalid="quarantine").write(
-        0, pa.Table.from_pylist(rows, schema=SCHEMA))
+    with writer(tmp_path / "ds", on_invalid="quarantine") as w:
+        entry = w.write(0, pa.Table.from_pylist(rows, schema=SCHEMA))
     assert entry["rows"] == 6 and entry["stats"]["quarantined_rows"] == 2
     good = open_dataset(str(tmp_path / "ds")).read()
     assert [r for r in range(8) if r not in (2, 6)] == \
@@ -88,6 +88,7 @@ def test_quarantine_keeps_good_rows_and_explains_bad(tmp_path):
 def test_rerun_skips_committed_and_refuses_other_config(tmp_path):
     w = writer(tmp_path / "ds")
     w.write(0, generation_table(8))
+    w.flush()
     assert w.committed(0) and not w.committed(1)
     again = writer(tmp_path / "ds")
     assert again.committed(0)
@@ -142,6 +143,7 @@ def test_corrupt_shard_named(tmp_path, how, message, reader):
 def test_undetected_by_hash_still_named_on_decode(tmp_path):
     w = writer(tmp_path / "ds")
     w.write(0, generation_table(8))
+    w.finish()
     victim = tmp_path / "ds" / "part-000000.parquet"
     data = bytearray(victim.read_bytes())
     data[-6] ^= 0xFF  # the footer length: the file no longer parses
@@ -153,6 +155,7 @@ def test_undetected_by_hash_still_named_on_decode(tmp_path):
 def test_missing_shard_named(tmp_path):
     w = writer(tmp_path / "ds")
     w.write(0, generation_table(8))
+    w.finish()
     (tmp_path / "ds" / "part-000000.parquet").unlink()
     with pytest.raises(InputError, match="part-000000.parquet: shard listed in the manifest is missing"):
         open_dataset(str(tmp_path / "ds")).read()

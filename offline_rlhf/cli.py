@@ -14,12 +14,31 @@ from .errors import InputError
 
 COMMANDS_HELP = """\
 commands (offline-rlhf COMMAND --help for each):
+  generate        sample K responses per prompt with behaviour log-probs into shards
+  score           add reward-model and rule rewards (and group-normalised reward)
+  logprobs        add reference-model log-probs (per token and summed)
   inspect         schema version, rows, shards, lineage and reward statistics of a dataset
   validate        check a data file against a schema (prompts, generations, pairs)
   import-prompts  turn a JSONL/JSON/Parquet prompt file into a prompts dataset
   tiny-model      build a tiny model + tokenizer from config (tests, demos; no hub)
   demo            build the tiny demo model and prompt set, and inspect them
 """
+
+
+def _stage(cls, run):
+    def command(args) -> int:
+        from .config import from_namespace, load_file
+        base = load_file(args.config) if args.config else None
+        manifest = run(from_namespace(cls, args, base))
+        r = manifest.get("run", {})
+        counts = "".join(f", {k} {v}" for k, v in sorted(manifest.get("stats", {}).items()) if v)
+        print(f"{args.output if hasattr(args, 'output') else ''}: {manifest['num_rows']} rows in "
+              f"{manifest['num_shards']} shards, "
+              f"{'complete' if manifest['complete'] else 'INCOMPLETE (other workers pending)'}"
+              f"{counts}; this run: {r.get('chunks_done', 0)} chunks done, "
+              f"{r.get('chunks_skipped', 0)} already committed, {r.get('seconds', 0):.1f} s")
+        return 0
+    return command
 
 
 def _cmd_inspect(args) -> int:
@@ -82,6 +101,30 @@ def build_parser() -> argparse.ArgumentParser:
         "shards.", epilog=COMMANDS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    from .config import add_arguments, add_config_file_argument
+    from .generation import GenerateConfig, generate
+    from .logprobs import LogprobsConfig, compute_logprobs
+    from .rewards.score import ScoreConfig, score
+    stages = [
+        ("generate", GenerateConfig, generate, "sample responses into a generations dataset",
+         "Sample K responses per prompt with the policy (token-budget batches, shared prefill, "
+         "per-sample seeds) and write response tokens, behaviour log-probs, finish reasons and "
+         "lineage as shards. Rerunning skips finished shards; --worker/--num-workers split the work."),
+        ("score", ScoreConfig, score, "add rewards to a generations dataset",
+         "Score every response with a reward model and/or rule rewards (exact_match, "
+         "numeric_match, format, length_penalty), store each component by name, their weighted "
+         "total and the reward normalised within each prompt's group, in a new dataset. Only "
+         "the reward columns change, so rescoring with a new reward model never regenerates."),
+        ("logprobs", LogprobsConfig, compute_logprobs, "add reference log-probs",
+         "Compute each response's per-token and summed log-probs under the reference model, "
+         "so that no optimiser needs to load it."),
+    ]
+    for name, cls, run, short, long in stages:
+        s = sub.add_parser(name, help=short, description=long)
+        add_config_file_argument(s)
+        add_arguments(s, cls)
+        s.set_defaults(fn=_stage(cls, run))
 
     s = sub.add_parser("inspect", help="summarize a dataset",
                        description="Print schema version, row and shard counts, lineage and "

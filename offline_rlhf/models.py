@@ -185,14 +185,20 @@ def load_reference(path, **kw):
     return model
 
 
-def load_reward_model(path, **kw):
-    """A sequence-classification reward model with exactly one label."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def check_reward_model(path, trust_remote_code: bool = False) -> None:
+    """Refuse a reward-model directory that cannot give one scalar per sequence."""
+    from transformers import AutoConfig
     check_model_dir(path, "reward model")
-    cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=kw.get("trust_remote_code", False))
+    cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if cfg.num_labels != 1:
         raise InputError(f"{path}: reward model has {cfg.num_labels} labels; a scalar reward "
                          "model needs exactly one (config.json num_labels / id2label)")
+
+
+def load_reward_model(path, **kw):
+    """A sequence-classification reward model with exactly one label."""
+    from transformers import AutoModelForSequenceClassification
+    check_reward_model(path, kw.get("trust_remote_code", False))
     model = _load(AutoModelForSequenceClassification, path, what="reward model", **kw)
     if model.config.pad_token_id is None:
         raise InputError(f"{path}: reward model config has no pad_token_id, so the last "

@@ -488,6 +488,29 @@ class Dataset:
                 yield from pf.iter_batches(batch_size=batch_size, columns=columns,
                                            use_threads=False)
 
+    @property
+    def fingerprint(self) -> str:
+        """Content fingerprint: sha256 over the schema and every shard's sha256."""
+        h = hashlib.sha256(f"{self.schema_name}:{self.schema_version}".encode())
+        for e in self.shards:
+            h.update(f"\n{e['name']}:{e['sha256']}".encode())
+        return h.hexdigest()
+
+    def entry(self, chunk: int) -> dict:
+        for e in self.shards:
+            if e["chunk"] == chunk:
+                return e
+        raise InputError(f"{self.url}: has no shard for chunk {chunk}")
+
+    def read_shard(self, chunk: int, columns: list[str] | None = None,
+                   verify: bool = True) -> pa.Table:
+        """One shard (by chunk number) as an Arrow table."""
+        entry = self.entry(chunk)
+        self.check_shard(entry, verify)
+        with self._reading(entry):
+            return pq.read_table(self.store.path(entry["name"]), columns=columns,
+                                 filesystem=self.store.fs)
+
     def read(self, columns: list[str] | None = None, verify: bool = True) -> pa.Table:
         """The whole dataset (or some columns) as one Arrow table."""
         tables = []

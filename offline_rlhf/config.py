@@ -1,0 +1,199 @@
+"""Configuration: dataclasses whose fields carry their help text.
+
+One dataclass per command is the schema of its options. From it come the CLI flags
+(:func:`add_arguments` / :func:`from_namespace`), loading from TOML or YAML files
+(:func:`build`: unknown keys and wrong types are refused with the key's name), and
+``key=value`` overrides. :func:`to_dict` gives the resolved config that is hashed for
+lineage and written next to every output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+
+from .errors import InputError
+
+
+def opt(default=dataclasses.MISSING, help: str = "", **kw):
+    """A dataclass field with a help string (``default`` may be a list or dict)."""
+    if isinstance(default, (list, dict)):
+        value = default
+        kw["default_factory"] = lambda: type(value)(value)
+    elif default is not dataclasses.MISSING:
+        kw["default"] = default
+    return dataclasses.field(metadata={"help": help}, **kw)
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value, tp, where: str):
+    """Check (and gently convert) ``value`` against the annotation ``tp``."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise InputError(f"{where}: must not be null")
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise InputError(f"{where}: expected a table of settings, got {type(value).__name__}")
+        return build(tp, value, where)
+    if origin is list:
+        (item,) = typing.get_args(tp) or (typing.Any,)
+        if not isinstance(value, list):
+            raise InputError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, vt = typing.get_args(tp) or (str, typing.Any)
+        if not isinstance(value, dict):
+            raise InputError(f"{where}: expected a table, got {type(value).__name__}")
+        return {str(k): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is typing.Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise InputError(f"{where}: expected true or false, got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise InputError(f"{where}: expected an integer, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise InputError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def build(cls, data: dict, where: str = "config"):
+    """Make ``cls`` from a mapping; unknown keys, wrong types and missing required
+    fields are refused with the key's dotted name."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise InputError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(fields)})")
+    hints = _hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], f"{where}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise InputError(f"{where}.{name}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"{where}: {e}") from None
+
+
+def load_file(path: str | Path) -> dict:
+    """Read a TOML or YAML config file as plain data (never executes anything)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{path}: config file not found")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+            return tomllib.loads(text)
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text)
+            return data or {}
+    except Exception as e:  # noqa: BLE001 - parsers raise many types; report one line
+        raise InputError(f"{path}: cannot parse ({str(e).splitlines()[0]})") from None
+    raise InputError(f"{path}: config files are .toml, .yaml or .yml")
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=value`` overrides (values parsed as JSON when they parse, else text)."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"override '{item}': expected key=value")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise InputError(f"override '{item}': {part} is not a table")
+        node[parts[-1]] = value
+    return data
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------- argparse
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, positional: tuple[str, ...] = ()) -> None:
+    """Add one option per field of ``cls`` (help from the field; required fields
+    named in ``positional`` become positional arguments)."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, _ = _unwrap_optional(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if not required:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if default not in (None, [], {}, ""):
+                help_text += f" (default: {default})"
+        if f.name in positional:
+            parser.add_argument(f.name, help=help_text)
+            continue
+        kw = dict(dest=f.name, help=help_text, default=argparse.SUPPRESS)
+        origin = typing.get_origin(tp)
+        if tp is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+        elif origin is list:
+            (item,) = typing.get_args(tp)
+            parser.add_argument(_flag(f.name), nargs="*", type=item, metavar="X", **kw)
+        elif origin is dict:
+            parser.add_argument(_flag(f.name), nargs="*", metavar="KEY=VALUE", **kw)
+        else:
+            if required:
+                kw["help"] = "required. " + help_text
+            parser.add_argument(_flag(f.name), type=tp, metavar=f.name.upper(), **kw)
+
+
+def from_namespace(cls, ns: argparse.Namespace, base: dict | None = None):
+    """Build ``cls`` from parsed arguments over ``base`` (e.g. a config file's values);
+    ``KEY=VALUE`` lists become dicts."""
+    hints = _hints(cls)
+    data = dict(base or {})
+    for f in dataclasses.fields(cls):
+        if not hasattr(ns, f.name):
+            continue
+        value = getattr(ns, f.name)
+        tp, _ = _unwrap_optional(hints[f.name])
+        if typing.get_origin(tp) is dict and isinstance(value, list):
+            value = apply_overrides({}, value)
+        data[f.name] = value
+    return build(cls, data, "option")
+
+
+def add_config_file_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="TOML or YAML file with these options (flags given here win)")

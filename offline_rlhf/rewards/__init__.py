@@ -1,0 +1,1 @@
+"""Rewards: rule-based components, the reward-model scorer, and the score stage."""

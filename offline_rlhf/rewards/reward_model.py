@@ -1,0 +1,67 @@
+"""Scalar reward-model scoring: one number per (prompt, response), batched by tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..batching import budget_batches, pad
+from ..models import load_reward_model, load_tokenizer
+
+
+def rm_input_ids(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], bool]:
+    """Token ids a reward model reads for a pair of texts, and whether they were cut.
+
+    Training (``train rm``) and scoring use this one function, so a trained model
+    scores exactly the inputs it learnt from. Over-long inputs keep their last
+    ``max_length`` tokens: the score is read at the last token.
+    """
+    ids = tokenizer(prompt + response, add_special_tokens=True)["input_ids"]
+    if len(ids) > max_length:
+        return ids[-max_length:], True
+    return ids, False
+
+
+def last_token_rewards(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scalar reward at each row's last real token (right padding).
+
+    Reads the base model's hidden states and applies the ``score`` head at that one
+    position, rather than trusting a pooling that looks for pad ids (which breaks when
+    the pad token is also the EOS token inside the text).
+    """
+    head = getattr(model, "score", None)
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if head is None or base is None:
+        return model(input_ids=ids, attention_mask=mask).logits[:, 0]
+    hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state
+    last = mask.sum(-1) - 1
+    return head(hidden[torch.arange(len(ids), device=ids.device), last])[:, 0]
+
+
+class RewardModelScorer:
+    def __init__(self, path: str, *, dtype: str = "auto", bits: int | None = None,
+                 device: str | None = None, token_budget: int = 16384, max_length: int = 2048,
+                 trust_remote_code: bool = False):
+        self.model = load_reward_model(path, dtype=dtype, bits=bits, device=device,
+                                       trust_remote_code=trust_remote_code)
+        self.tokenizer = load_tokenizer(path, trust_remote_code, padding_side="right")
+        self.token_budget, self.max_length = token_budget, max_length
+        self.device = next(self.model.parameters()).device
+
+    def encode(self, prompts: list[str], responses: list[str]) -> tuple[list[list[int]], int]:
+        out, cut = [], 0
+        for p, r in zip(prompts, responses):
+            ids, was_cut = rm_input_ids(self.tokenizer, p, r, self.max_length)
+            out.append(ids)
+            cut += was_cut
+        return out, cut
+
+    @torch.no_grad()
+    def score_ids(self, seqs: list[list[int]]) -> np.ndarray:
+        """The scalar reward at each sequence's last token (length-bucketed batches)."""
+        out = np.zeros(len(seqs), dtype=np.float64)
+        for batch in budget_batches([len(s) for s in seqs], self.token_budget):
+            ids, mask = pad([seqs[i] for i in batch], self.tokenizer.pad_token_id, "right",
+                            self.device)
+            out[batch] = last_token_rewards(self.model, ids, mask).float().cpu().numpy()
+        return out

@@ -1,0 +1,157 @@
+"""The score stage: reward components, their weighted total and the group-normalised
+reward, written as a new dataset. Only the reward columns change: every generation
+column is copied through untouched, so rescoring never regenerates."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+
+from ..config import opt, to_dict
+from ..errors import InputError, located
+from ..lineage import canonical_json, config_hash
+from ..models import check_reward_model, fingerprint
+from ..shards import ShardWriter, open_dataset
+from ..stage import resolve_worker, run_chunks
+from . import rules
+
+COMPONENTS = ("reward_model", "exact_match", "numeric_match", "format", "length_penalty")
+NEEDS_REFERENCE = ("exact_match", "numeric_match")
+
+
+@dataclasses.dataclass
+class ScoreConfig:
+    generations: str = opt(help="input generations dataset (never modified)")
+    output: str = opt(help="output dataset: the same rows with reward columns filled")
+    reward_model: str | None = opt(None, "reward model directory (sequence classification, one label)")
+    weights: dict[str, float] = opt({}, "component weights, e.g. reward_model=1 exact_match=0.5; "
+                                    f"components: {', '.join(COMPONENTS)} (default: reward_model=1)")
+    format_pattern: str = opt(rules.DEFAULT_FORMAT, "regex the whole response must match for 'format'")
+    length_target: int = opt(0, "'length_penalty' is -(response tokens beyond this)")
+    numeric_tolerance: float = opt(1e-6, "relative tolerance of 'numeric_match'")
+    max_length: int = opt(2048, "reward-model input tokens kept (the last ones)")
+    token_budget: int = opt(16384, "reward-model tokens per batch")
+    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")
+    bits: int | None = opt(None, "load the reward model in 4 or 8 bits (bitsandbytes)")
+    device: str | None = opt(None, "cuda | cpu (default: cuda when available)")
+    worker: int | None = opt(None, "this worker's index (default: RANK from the launcher, else 0)")
+    num_workers: int | None = opt(None, "number of workers (default: WORLD_SIZE, else 1)")
+    trust_remote_code: bool = opt(False, "allow custom model code from the model directory")
+
+    def __post_init__(self):
+        if not self.weights:
+            if not self.reward_model:
+                raise InputError("weights: nothing to score: give a reward_model or rule weights")
+            self.weights = {"reward_model": 1.0}
+        for name in self.weights:
+            if name not in COMPONENTS:
+                raise InputError(f"weights.{name}: unknown component (known: {', '.join(COMPONENTS)})")
+        if "reward_model" in self.weights and not self.reward_model:
+            raise InputError("weights.reward_model: set, but no reward_model path was given")
+        if self.reward_model and "reward_model" not in self.weights:
+            raise InputError("reward_model: given, but weights has no reward_model entry")
+
+
+def group_normalize(prompt_ids: list[str], rewards: np.ndarray) -> np.ndarray:
+    """(r - mean) / std over the samples of each prompt (population std; 0 when it is 0)."""
+    out = np.zeros_like(rewards, dtype=np.float64)
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompt_ids):
+        groups.setdefault(p, []).append(i)
+    for idx in groups.values():
+        r = rewards[idx]
+        std = r.std()
+        out[idx] = (r - r.mean()) / std if std > 1e-8 else 0.0
+    return out
+
+
+def rule_components(cfg: ScoreConfig, table: pa.Table, source: str) -> dict[str, np.ndarray]:
+    responses = table.column("response").to_pylist()
+    refs = table.column("reference_answer").to_pylist()
+    out = {}
+    for name in cfg.weights:
+        if name in NEEDS_REFERENCE:
+            missing = [i for i, r in enumerate(refs) if r is None]
+            if missing:
+                raise InputError(located(f"{name} needs a reference answer", source, missing[0],
+                                         "reference_answer"))
+        if name == "exact_match":
+            out[name] = np.array([rules.exact_match(r, a) for r, a in zip(responses, refs)])
+        elif name == "numeric_match":
+            out[name] = np.array([rules.numeric_match(r, a, cfg.numeric_tolerance)
+                                  for r, a in zip(responses, refs)])
+        elif name == "format":
+            out[name] = np.array([rules.format_match(r, cfg.format_pattern) for r in responses])
+        elif name == "length_penalty":
+            lengths = table.column("response_token_ids").to_pylist()
+            out[name] = np.array([rules.length_penalty(len(x), cfg.length_target) for x in lengths])
+    return out
+
+
+def _replace(table: pa.Table, name: str, values) -> pa.Table:
+    i = table.schema.get_field_index(name)
+    field = table.schema.field(i)
+    return table.set_column(i, field, pa.array(values, type=field.type))
+
+
+def score(cfg: ScoreConfig) -> dict:
+    """Run the score stage; return the output manifest."""
+    worker, num_workers = resolve_worker(cfg.worker, cfg.num_workers)
+    src = open_dataset(cfg.generations, require_complete=True)
+    if src.schema_name != "generations":
+        raise InputError(f"{cfg.generations}: is a {src.schema_name} dataset, not generations")
+    if cfg.reward_model:
+        check_reward_model(cfg.reward_model, cfg.trust_remote_code)
+    rm_fp = fingerprint(cfg.reward_model) if cfg.reward_model else None
+    scorer_spec = {"reward_model": rm_fp, "weights": cfg.weights,
+                   "format_pattern": cfg.format_pattern if "format" in cfg.weights else None,
+                   "length_target": cfg.length_target if "length_penalty" in cfg.weights else None,
+                   "numeric_tolerance": cfg.numeric_tolerance, "max_length": cfg.max_length}
+    reward_fp = hashlib.sha256(canonical_json(scorer_spec).encode()).hexdigest()
+    chash = config_hash({"generations": src.fingerprint, "scorer": reward_fp, "dtype": cfg.dtype,
+                         "bits": cfg.bits})
+    writer = ShardWriter(cfg.output, "generations", config_hash=chash,
+                         lineage={**src.lineage, "reward_fingerprint": reward_fp,
+                                  "reward_model_fingerprint": rm_fp, "scorer": scorer_spec,
+                                  "generations": src.fingerprint})
+    state: dict = {}
+
+    def compute(chunk: int, progress) -> tuple[pa.Table, dict]:
+        table = src.read_shard(chunk)
+        where = f"{src.url}/{src.entry(chunk)['name']}"
+        comps = rule_components(cfg, table, where)
+        stats = {}
+        if cfg.reward_model:
+            if "rm" not in state:
+                from .reward_model import RewardModelScorer
+                state["rm"] = RewardModelScorer(
+                    cfg.reward_model, dtype=cfg.dtype, bits=cfg.bits, device=cfg.device,
+                    token_budget=cfg.token_budget, max_length=cfg.max_length,
+                    trust_remote_code=cfg.trust_remote_code)
+            seqs, cut = state["rm"].encode(table.column("prompt").to_pylist(),
+                                           table.column("response").to_pylist())
+            comps["reward_model"] = state["rm"].score_ids(seqs)
+            stats["reward_model_inputs_truncated"] = cut
+        names = [n for n in COMPONENTS if n in cfg.weights]
+        total = sum(cfg.weights[n] * comps[n] for n in names) if names else np.zeros(table.num_rows)
+        total = np.asarray(total, dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(total))
+        if len(bad):
+            raise InputError(located("reward is not finite (reward model produced NaN/inf?)",
+                                     where, int(bad[0]), "reward"))
+        table = _replace(table, "reward", total)
+        table = _replace(table, "reward_components", [
+            [{"name": n, "value": float(comps[n][i])} for n in names] for i in range(table.num_rows)])
+        table = _replace(table, "reward_normalized",
+                         group_normalize(table.column("prompt_id").to_pylist(), total))
+        table = _replace(table, "reward_fingerprint", [reward_fp] * table.num_rows)
+        progress.update(units=table.num_rows, samples=table.num_rows,
+                        tokens=sum(len(x) for x in table.column("response_token_ids").to_pylist()))
+        return table, stats
+
+    return run_chunks(writer, len(src.shards), worker, num_workers, compute,
+                      units_per_chunk=lambda c: src.entry(c)["rows"], desc="score", unit="rows",
+                      info={"config": to_dict(cfg)})

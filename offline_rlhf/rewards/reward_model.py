@@ -9,17 +9,18 @@ from ..batching import budget_batches, pad
 from ..models import load_reward_model, load_tokenizer
 
 
-def rm_input_ids(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], bool]:
-    """Token ids a reward model reads for a pair of texts, and whether they were cut.
+def rm_input_ids(tokenizer, prompts: list[str], responses: list[str],
+                 max_length: int) -> tuple[list[list[int]], int]:
+    """Token ids a reward model reads for each (prompt, response), and how many were cut.
 
     Training (``train rm``) and scoring use this one function, so a trained model
     scores exactly the inputs it learnt from. Over-long inputs keep their last
     ``max_length`` tokens: the score is read at the last token.
     """
-    ids = tokenizer(prompt + response, add_special_tokens=True)["input_ids"]
-    if len(ids) > max_length:
-        return ids[-max_length:], True
-    return ids, False
+    texts = [p + r for p, r in zip(prompts, responses)]
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+    cut = sum(len(x) > max_length for x in ids)
+    return [x[-max_length:] if len(x) > max_length else x for x in ids], cut
 
 
 def last_token_rewards(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -49,12 +50,7 @@ class RewardModelScorer:
         self.device = next(self.model.parameters()).device
 
     def encode(self, prompts: list[str], responses: list[str]) -> tuple[list[list[int]], int]:
-        out, cut = [], 0
-        for p, r in zip(prompts, responses):
-            ids, was_cut = rm_input_ids(self.tokenizer, p, r, self.max_length)
-            out.append(ids)
-            cut += was_cut
-        return out, cut
+        return rm_input_ids(self.tokenizer, prompts, responses, self.max_length)
 
     @torch.no_grad()
     def score_ids(self, seqs: list[list[int]]) -> np.ndarray:

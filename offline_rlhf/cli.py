@@ -17,6 +17,9 @@ commands (offline-rlhf COMMAND --help for each):
   generate        sample K responses per prompt with behaviour log-probs into shards
   score           add reward-model and rule rewards (and group-normalised reward)
   logprobs        add reference-model log-probs (per token and summed)
+  pairs           build preference pairs from scored generations
+  import-pairs    import prompt/chosen/rejected data (text or chat) as a pairs dataset
+  train ALGO      train on stored shards: dpo
   inspect         schema version, rows, shards, lineage and reward statistics of a dataset
   validate        check a data file against a schema (prompts, generations, pairs)
   import-prompts  turn a JSONL/JSON/Parquet prompt file into a prompts dataset
@@ -39,6 +42,32 @@ def _stage(cls, run):
               f"{r.get('chunks_skipped', 0)} already committed, {r.get('seconds', 0):.1f} s")
         return 0
     return command
+
+
+def _train(cls, run):
+    def command(args) -> int:
+        from .config import from_namespace, load_file
+        base = load_file(args.config) if args.config else None
+        summary = run(from_namespace(cls, args, base))
+        if not summary.get("is_main_process", True):
+            return 0
+        last = summary.get("last") or {}
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in last.items()
+                          if isinstance(v, float) and k not in ("seconds", "epoch"))
+        print(f"{args.output}: {summary.get('steps_run', 0)} steps in "
+              f"{summary.get('train_seconds', 0):.1f} s; last step: {shown}")
+        if summary.get("warning"):
+            print(f"warning: {summary['warning']}", file=sys.stderr)
+        return 0
+    return command
+
+
+def _cmd_import_pairs(args) -> int:
+    from .pairs import import_pairs
+    m = import_pairs(args.file, args.out, args.tokenizer, args.chunk_rows)
+    print(f"{args.out}: {m['num_rows']} pairs in {m['num_shards']} shards"
+          + "".join(f", {k} {v}" for k, v in sorted(m["stats"].items()) if v))
+    return 0
 
 
 def _cmd_inspect(args) -> int:
@@ -120,11 +149,39 @@ def build_parser() -> argparse.ArgumentParser:
          "Compute each response's per-token and summed log-probs under the reference model, "
          "so that no optimiser needs to load it."),
     ]
+    from .pairs import PairsConfig, build_pairs
+    stages.append(("pairs", PairsConfig, build_pairs, "build preference pairs from scored generations",
+                   "Pair each prompt's responses by reward (best_worst, margin, top_bottom). "
+                   "Identical responses are de-duplicated, ties and single-response prompts "
+                   "dropped and counted; reference log-probs are carried when present."))
     for name, cls, run, short, long in stages:
         s = sub.add_parser(name, help=short, description=long)
         add_config_file_argument(s)
         add_arguments(s, cls)
         s.set_defaults(fn=_stage(cls, run))
+
+    s = sub.add_parser("import-pairs", help="import prompt/chosen/rejected data",
+                       description="Import preference data in the usual prompt/chosen/rejected "
+                       "layout (plain strings or chat message lists; JSONL, JSON or Parquet) as a "
+                       "pairs dataset. Chat messages are rendered with --tokenizer's chat template. "
+                       "Optional score_chosen/score_rejected/margin columns are kept.")
+    s.add_argument("file")
+    s.add_argument("out")
+    s.add_argument("--tokenizer", help="model directory whose chat template renders chat messages")
+    s.add_argument("--chunk-rows", type=int, default=10_000)
+    s.set_defaults(fn=_cmd_import_pairs)
+
+    train = sub.add_parser("train", help="train on stored shards",
+                           description="Train a model on stored shards with the shared loop "
+                           "(accelerate, checkpoints with exact resume, metrics, LoRA/QLoRA). "
+                           "Run under `accelerate launch` or `torchrun` for several processes.")
+    algos = train.add_subparsers(dest="algorithm", metavar="ALGO", required=True)
+    from .train import ALGORITHMS
+    for algo, (cls, run, short) in ALGORITHMS.items():
+        s = algos.add_parser(algo, help=short, description=short)
+        add_config_file_argument(s)
+        add_arguments(s, cls)
+        s.set_defaults(fn=_train(cls, run))
 
     s = sub.add_parser("inspect", help="summarize a dataset",
                        description="Print schema version, row and shard counts, lineage and "

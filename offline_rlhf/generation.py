@@ -27,7 +27,7 @@ from .logprobs import processed_logps
 from .models import check_model_dir, fingerprint, load_policy, load_tokenizer
 from .prompts import normalize_prompts
 from .schemas import load_schema
-from .shards import is_dataset, open_dataset, read_table_file
+from .shards import is_dataset, open_dataset, read_rows
 from .stage import resolve_worker, run_chunks
 
 OVERLONG = ("error", "truncate", "skip")
@@ -212,7 +212,7 @@ def load_prompt_table(path: str) -> tuple[pa.Table, str]:
         if ds.schema_name != "prompts":
             raise InputError(f"{path}: is a {ds.schema_name} dataset, not prompts")
         return ds.read(), ds.fingerprint
-    table = normalize_prompts(read_table_file(path), path)
+    table = normalize_prompts(read_rows(path)[0], path)
     digest = hashlib.sha256()
     for pid in table.column("prompt_id").to_pylist():
         digest.update(pid.encode() + b"\n")

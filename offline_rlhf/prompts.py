@@ -15,7 +15,7 @@ import pyarrow as pa
 from .errors import InputError, located
 from .lineage import canonical_json
 from .schemas import load_schema, validate
-from .shards import ShardWriter, read_table_file
+from .shards import ShardWriter, read_rows
 from .toy import prompt_id_for
 
 
@@ -23,16 +23,18 @@ def _canonical_prompt(text, messages) -> str:
     return text if text is not None else canonical_json(messages)
 
 
-def normalize_prompts(table: pa.Table, source: str, *, prompt_column: str = "prompt",
+def normalize_prompts(data: pa.Table | list[dict], source: str, *, prompt_column: str = "prompt",
                       messages_column: str = "messages", id_column: str = "prompt_id",
                       answer_column: str = "reference_answer") -> pa.Table:
-    """Map a user's table onto the prompts schema (ids derived where absent)."""
-    names = table.column_names
+    """Map a user's table (or rows) onto the prompts schema (ids derived where absent)."""
+    if isinstance(data, pa.Table):
+        rows, names = data.to_pylist(), data.column_names
+    else:
+        rows, names = data, list(dict.fromkeys(k for r in data for k in r))
     if prompt_column not in names and messages_column not in names:
         raise InputError(located(f"no prompt column (looked for '{prompt_column}' and "
                                  f"'{messages_column}'; choose with --prompt-column)",
                                  source, None, prompt_column))
-    rows = table.to_pylist()
     used = {prompt_column, messages_column, id_column, answer_column}
     out = []
     for i, r in enumerate(rows):
@@ -64,7 +66,7 @@ def normalize_prompts(table: pa.Table, source: str, *, prompt_column: str = "pro
 
 def import_prompts(src: str, out: str, chunk_rows: int = 10_000, **columns) -> dict:
     """Import a prompt file into a prompts dataset at ``out``; return the manifest."""
-    table = normalize_prompts(read_table_file(src), src, **columns)
+    table = normalize_prompts(read_rows(src)[0], src, **columns)
     writer = ShardWriter(out, "prompts", lineage={"source": src})
     chunks = max(1, -(-table.num_rows // chunk_rows))
     for c in range(chunks):

@@ -562,31 +562,54 @@ def is_dataset(url: str) -> bool:
 
 # --------------------------------------------------------------------------- external files
 
+def _open_input(path: str):
+    fs, p = fsspec.core.url_to_fs(str(path))
+    if not fs.exists(p):
+        raise InputError(f"{path}: no such file")
+    if fs.isdir(p) and not fs.exists(f"{p}/{MANIFEST}"):
+        raise InputError(f"{path}: is a directory, not a dataset or a data file")
+    return fs, p
+
+
+def read_rows(path: str) -> tuple[list[dict], list[str]]:
+    """A user's JSONL/JSON/Parquet file (or a dataset) as Python rows and column names.
+
+    JSON rows stay plain Python values, so a column may mix text and lists (prompts
+    given as strings in some rows and chat messages in others).
+    """
+    fs, p = _open_input(path)
+    if p.lower().endswith((".jsonl", ".json", ".ndjson")):
+        rows = _read_json_rows(fs, p, str(path))
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        return rows, columns
+    table = read_table_file(path)
+    return table.to_pylist(), table.column_names
+
+
 def read_table_file(path: str) -> pa.Table:
-    """Read a user's Parquet, JSONL or JSON-array file as an Arrow table.
+    """Read a user's Parquet, JSONL or JSON-array file (or a dataset) as an Arrow table.
 
     Errors name the file (and, for JSONL, the line).
     """
-    store_path = str(path)
-    fs, p = fsspec.core.url_to_fs(store_path)
-    if not fs.exists(p):
-        raise InputError(f"{store_path}: no such file")
+    fs, p = _open_input(path)
     if fs.isdir(p):
-        if fs.exists(f"{p}/{MANIFEST}"):
-            return Dataset(store_path).read()
-        raise InputError(f"{store_path}: is a directory, not a dataset or a data file")
+        return Dataset(str(path)).read()
     lower = p.lower()
     try:
         if lower.endswith(".parquet"):
             return pq.read_table(p, filesystem=fs)
         if lower.endswith((".jsonl", ".json", ".ndjson")):
-            return _read_json_rows(fs, p, store_path)
-    except (pa.ArrowException, OSError) as e:
-        raise InputError(f"{store_path}: cannot read ({str(e).splitlines()[0]})") from None
-    raise InputError(f"{store_path}: unknown file type (expected .parquet, .jsonl or .json)")
+            rows = _read_json_rows(fs, p, str(path))
+            # pa.array infers the type from every row (from_pylist looks at the first only)
+            return pa.Table.from_struct_array(pa.array(rows)) if rows else pa.table({})
+    except (pa.ArrowException, OSError, TypeError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"{path}: cannot read ({str(e).splitlines()[0]})") from None
+    raise InputError(f"{path}: unknown file type (expected .parquet, .jsonl or .json)")
 
 
-def _read_json_rows(fs, p: str, display: str) -> pa.Table:
+def _read_json_rows(fs, p: str, display: str) -> list[dict]:
     with fs.open(p, "rb") as f:
         raw = f.read()
     try:
@@ -610,11 +633,7 @@ def _read_json_rows(fs, p: str, display: str) -> pa.Table:
     for i, r in enumerate(rows):
         if not isinstance(r, dict):
             raise InputError(located("each row must be a JSON object", display, i))
-    try:
-        # pa.array infers the type from every row (from_pylist looks at the first only)
-        return pa.Table.from_struct_array(pa.array(rows)) if rows else pa.table({})
-    except (pa.ArrowException, TypeError) as e:
-        raise InputError(f"{display}: rows do not share one shape ({str(e).splitlines()[0]})") from None
+    return rows
 
 
 def column_stats(values: pa.Array) -> dict:

@@ -28,6 +28,17 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf"))
 
 
+@pytest.fixture(autouse=True)
+def _reset_accelerate():
+    """accelerate keeps process-wide state; tests (and TRL) create accelerators with
+    different settings, so each test starts from none."""
+    yield
+    import sys
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from offline_rlhf.tiny import train_tokenizer

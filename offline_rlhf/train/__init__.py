@@ -1,0 +1,13 @@
+"""Trainers: the one loop (loop.py) and, per algorithm, a config, a task and a run function.
+
+``ALGORITHMS`` is the explicit name -> (config class, run function, help) table that the
+CLI and pipelines use; there is no plugin registry.
+"""
+
+from __future__ import annotations
+
+from .dpo import DPOTrainConfig, train_dpo
+
+ALGORITHMS = {
+    "dpo": (DPOTrainConfig, train_dpo, "DPO family (sigmoid, cdpo, robust, ipo, hinge, simpo) on pairs"),
+}

@@ -1,0 +1,301 @@
+"""The one training loop every optimiser uses (DPO family, reward model, SFT, ReST, ILQL).
+
+An algorithm is a :class:`Task`: its prepared examples, a collate function and a loss
+that returns per-example losses and metrics. The loop owns everything else:
+accelerate (DDP on CPU/gloo or GPUs; FSDP/DeepSpeed through an accelerate config),
+gradient accumulation, clipping, mixed precision, gradient checkpointing, schedules
+with warm-up, length-grouped token-budget micro-batches, checkpoints with exact resume,
+metrics (JSONL, TensorBoard), a progress bar and the final save.
+
+Batches are planned independently of the process count: each optimiser step takes
+``batch_size`` examples (a seeded permutation per epoch), split by length into
+micro-batches that are dealt round-robin to the processes. Every per-example loss is
+scaled by ``world_size / examples_in_step`` before DDP averages the gradients, so a
+step's gradient is the mean over its examples whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from ..config import opt, to_dict
+from ..errors import InputError
+from ..lineage import code_version, config_hash
+from . import checkpoint as ckpt
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Options shared by every ``train`` command."""
+    data: str = opt(help="input dataset (pairs or generations, per algorithm)")
+    output: str = opt(help="output directory: checkpoints, metrics, final model")
+    policy: str = opt(help="model to train: a transformers directory (safetensors)")
+    lr: float = opt(1e-5, "peak learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    schedule: str = opt("cosine", "cosine | linear | constant (all after linear warm-up)")
+    warmup_steps: int = opt(0, "linear warm-up steps")
+    max_steps: int = opt(0, "optimizer steps (0: run `epochs` epochs)")
+    epochs: float = opt(1.0, "passes over the data when max_steps is 0")
+    batch_size: int = opt(16, "examples per optimizer step, over all processes")
+    micro_batch_size: int = opt(8, "most examples per forward pass on one process")
+    max_tokens_per_micro_batch: int = opt(16384, "most padded tokens per forward pass")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
+    seed: int = opt(0, "seed of data order and initialisation")
+    save_steps: int = opt(0, "checkpoint every N steps (0: only at the end)")
+    save_total_limit: int = opt(2, "checkpoints kept")
+    log_steps: int = opt(1, "log metrics every N steps")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    mixed_precision: str = opt("auto", "auto (bf16 on CUDA, none on CPU) | no | bf16 | fp16")
+    dtype: str = opt("float32", "dtype of the loaded weights: float32 | bfloat16 | float16 | auto")
+    bits: int | None = opt(None, "4 or 8: bitsandbytes base weights (with lora: QLoRA)")
+    lora_r: int = opt(0, "LoRA rank (0: full fine-tuning)")
+    lora_alpha: int = opt(32, "LoRA alpha")
+    lora_dropout: float = opt(0.0, "LoRA dropout")
+    lora_target_modules: list[str] = opt([], "LoRA target modules (default: all linear layers)")
+    save_merged: bool = opt(True, "with LoRA, also save the adapter merged into the base model")
+    tensorboard: bool = opt(True, "write TensorBoard event files under OUTPUT/tensorboard")
+    resume: str = opt("auto", "auto (latest checkpoint in OUTPUT if any) | never | PATH")
+    trust_remote_code: bool = opt(False, "allow custom model code from the model directory")
+
+    def __post_init__(self):
+        positive = ("lr", "batch_size", "micro_batch_size", "max_tokens_per_micro_batch", "log_steps")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise InputError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise InputError(f"schedule: must be cosine, linear or constant, got {self.schedule!r}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise InputError(f"mixed_precision: must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.bits not in (None, 4, 8):
+            raise InputError(f"bits: must be 4 or 8, got {self.bits}")
+        if self.bits and not self.lora_r:
+            raise InputError("bits: quantized base weights cannot be trained; set lora_r (QLoRA)")
+        if self.max_steps < 0 or self.epochs <= 0:
+            raise InputError("max_steps must be >= 0 and epochs > 0")
+
+
+class Task(Protocol):
+    """What an algorithm gives the loop."""
+
+    name: str
+
+    def lengths(self) -> np.ndarray:
+        """Tokens each example costs in a forward pass (for micro-batching)."""
+
+    def collate(self, indices: list[int], device) -> dict:
+        """A padded batch of the examples ``indices`` on ``device``."""
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-example losses ``[n]`` and per-example metrics."""
+
+
+# --------------------------------------------------------------------------- planning
+
+def micro_batches(indices: list[int], lengths: np.ndarray, max_rows: int, max_tokens: int,
+                  world: int) -> list[list[int]]:
+    """Split one step's examples into length-grouped micro-batches; the count is a
+    multiple of ``world`` so that every process does the same number of passes."""
+    order = sorted(indices, key=lambda i: (-int(lengths[i]), i))
+    out: list[list[int]] = []
+    for i in order:
+        if out and len(out[-1]) < max_rows and \
+                (len(out[-1]) + 1) * max(int(lengths[out[-1][0]]), int(lengths[i])) <= max_tokens:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    while len(out) % world:
+        big = max(range(len(out)), key=lambda j: len(out[j]))
+        if len(out[big]) < 2:
+            raise InputError(f"batch_size: a step of {len(indices)} examples cannot feed "
+                             f"{world} processes; raise batch_size")
+        half = len(out[big]) // 2
+        out[big:big + 1] = [out[big][:half], out[big][half:]]
+    return out
+
+
+def plan_epoch(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Examples of each step of an epoch: a seeded permutation cut into full batches."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n).tolist()
+    return [perm[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def total_steps(cfg: TrainConfig, n: int) -> int:
+    per_epoch = n // cfg.batch_size
+    if per_epoch == 0:
+        raise InputError(f"batch_size: {cfg.batch_size} is more than the {n} training examples")
+    return cfg.max_steps or max(1, math.floor(per_epoch * cfg.epochs))
+
+
+# --------------------------------------------------------------------------- set-up
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    # cpu=True is what makes accelerate start gloo for several CPU processes (torchrun etc.)
+    return Accelerator(mixed_precision=mp, gradient_accumulation_steps=1,
+                       cpu=not torch.cuda.is_available())
+
+
+def load_model_for_training(cfg: TrainConfig, device, model_loader=None):
+    from ..models import LoraSpec, load_policy
+    lora = None
+    if cfg.lora_r:
+        lora = LoraSpec(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                        target_modules=cfg.lora_target_modules or "all-linear")
+    torch.manual_seed(cfg.seed)
+    loader = model_loader or load_policy
+    model = loader(cfg.policy, dtype=cfg.dtype, bits=cfg.bits, lora=lora, device=str(device),
+                   train=True, trust_remote_code=cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora_r and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        model.config.use_cache = False
+    return model
+
+
+def make_optimizer(cfg: TrainConfig, params, steps: int):
+    from transformers import get_scheduler
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise InputError("no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    name = {"constant": "constant_with_warmup"}.get(cfg.schedule, cfg.schedule)
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=steps)
+    return optimizer, scheduler
+
+
+# --------------------------------------------------------------------------- the loop
+
+def _step(acc, model, task: Task, mine: list[list[int]], n_step: int):
+    """Forward/backward this process's micro-batches of one step; summed metrics."""
+    sums: dict[str, torch.Tensor] = {}
+    scale = acc.num_processes / n_step
+    for j, mb in enumerate(mine):
+        batch = task.collate(mb, acc.device)
+        sync = j == len(mine) - 1
+        ctx = acc.no_sync(model) if not sync and acc.num_processes > 1 else _nullcontext()
+        with ctx, acc.autocast():
+            losses, metrics = task.loss(model, batch)
+            acc.backward(losses.sum() * scale)
+        for k, v in {"loss": losses, **metrics}.items():
+            v = v.detach().float().sum()
+            sums[k] = sums[k] + v if k in sums else v
+    return sums
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=None) -> dict:
+    """Train ``task_factory(model, tokenizer, accelerator)`` under ``cfg``; return a summary.
+
+    ``extra_modules(model)`` may return modules trained beside the model (ILQL heads).
+    """
+    from ..models import load_tokenizer
+    out = Path(cfg.output)
+    acc = make_accelerator(cfg)
+    try:
+        tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code, padding_side="right")
+        model = load_model_for_training(cfg, acc.device, model_loader)
+        task = task_factory(model, tokenizer, acc)
+        extras = extra_modules(model) if extra_modules else None
+        lengths = task.lengths()
+        steps = total_steps(cfg, len(lengths))
+        params = list(model.parameters()) + (list(extras.parameters()) if extras else [])
+        optimizer, scheduler = make_optimizer(cfg, params, steps)
+        if extras is not None:
+            model, extras, optimizer = acc.prepare(model, extras, optimizer)
+        else:
+            model, optimizer = acc.prepare(model, optimizer)
+        state = {"step": 0}
+        resume_from = ckpt.find_resume(out, cfg.resume)
+        if resume_from is not None:
+            state = ckpt.load(resume_from, acc, model, optimizer, scheduler, extras)
+        if acc.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(
+                {"algorithm": task.name, "config": to_dict(cfg), "code_version": code_version(),
+                 "config_hash": config_hash(to_dict(cfg))}, indent=1, default=str))
+        logger = ckpt.MetricsLogger(out, acc.is_main_process, cfg.tensorboard, state["step"])
+        summary = _train(cfg, acc, model, task, optimizer, scheduler, extras, lengths, steps,
+                         state["step"], out, logger)
+        logger.close()
+        ckpt.save_final(cfg, acc, model, tokenizer, out, extras)
+        summary.update(resumed_from=str(resume_from) if resume_from else None, steps=steps,
+                       is_main_process=acc.is_main_process)
+        if acc.is_main_process:
+            (out / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        acc.wait_for_everyone()
+        return summary
+    finally:
+        acc.end_training()
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:  # gloo can hang at interpreter exit otherwise
+            torch.distributed.destroy_process_group()
+        else:  # let a later fit() in this process choose other settings
+            from accelerate.state import AcceleratorState
+            AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _train(cfg, acc, model, task, optimizer, scheduler, extras, lengths, steps, start, out, logger):
+    from tqdm.auto import tqdm
+    per_epoch = len(lengths) // cfg.batch_size
+    bar = tqdm(total=steps, initial=start, desc=f"train {task.name}", unit="step",
+               disable=not acc.is_main_process, dynamic_ncols=True)
+    history: list[dict] = []
+    t0 = time.perf_counter()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if extras is not None:
+        trainable += [p for p in extras.parameters() if p.requires_grad]
+    for step in range(start, steps):
+        epoch, k = divmod(step, per_epoch)
+        examples = plan_epoch(len(lengths), cfg.batch_size, cfg.seed, epoch)[k]
+        mbs = micro_batches(examples, lengths, cfg.micro_batch_size,
+                            cfg.max_tokens_per_micro_batch, acc.num_processes)
+        mine = mbs[acc.process_index::acc.num_processes]
+        model.train()
+        sums = _step(acc, model, task, mine, len(examples))
+        grad_norm = acc.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0 \
+            else None
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if hasattr(task, "after_step"):
+            task.after_step(step + 1)
+        keys = sorted(sums)
+        totals = acc.reduce(torch.stack([sums[k] for k in keys]), reduction="sum")
+        record = {k: float(v) / len(examples) for k, v in zip(keys, totals.tolist())}
+        record.update(step=step + 1, epoch=epoch, lr=lr,
+                      examples=len(examples), seconds=time.perf_counter() - t0)
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        history.append(record)
+        if (step + 1) % cfg.log_steps == 0 or step + 1 == steps:
+            logger.log(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+        bar.update(1)
+        if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < steps:
+            ckpt.save(out, step + 1, acc, model, optimizer, scheduler, extras, cfg)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    return {"history_tail": history[-5:], "train_seconds": seconds,
+            "steps_run": steps - start, "first": history[0] if history else None,
+            "last": history[-1] if history else None}

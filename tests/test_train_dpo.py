@@ -187,3 +187,20 @@ def test_truncation_is_counted(tmp_path, pairs_ds, policy_dir):
         task = DPOTask(cfg(str(tmp_path / "withref"), tmp_path / "x", policy_dir, reference=None,
                            max_completion_tokens=2), load_tokenizer(policy_dir), "cpu")
     assert task.stats["pairs_dropped_truncated"] > 0 and len(task.prompts) == len(task.ref_chosen)
+
+
+def test_shared_prompt_packing_equals_separate_rows(tmp_path, pairs_ds, policy_dir):
+    """Prefix sharing gives the same completion log-probs as two separate rows."""
+    from offline_rlhf.models import load_policy, load_tokenizer
+    from offline_rlhf.train.dpo import DPOTask
+    tok = load_tokenizer(policy_dir, padding_side="right")
+    model = load_policy(policy_dir)
+    idx = [3, 0, 7, 12, 5]
+    out = []
+    for share in (True, False):
+        task = DPOTask(cfg(pairs_ds, tmp_path / "o", policy_dir, share_prompt=share), tok, "cpu")
+        with torch.no_grad():
+            out.append(task.completion_logps(model, task.collate(idx, "cpu")))
+    for a, b in zip(*out):
+        assert torch.allclose(a, b, atol=1e-4), (a, b)
+    assert out[0][2].tolist() == [float(len(task.chosen[i])) for i in idx]

@@ -37,6 +37,9 @@ class DPOTrainConfig(TrainConfig):
                                 "log-probs before training")
     max_prompt_tokens: int = opt(1024, "prompts longer than this keep their last tokens")
     max_completion_tokens: int = opt(1024, "completions longer than this keep their first tokens")
+    share_prompt: bool = opt(True, "run each prompt once: pack prompt + chosen + rejected in one "
+                             "row with an attention mask that hides chosen from rejected (needs an "
+                             "attention implementation that takes 4D masks: eager or sdpa)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -120,10 +123,56 @@ class DPOTask:
             setattr(self, name, [x for i, x in enumerate(getattr(self, name)) if i not in gone])
 
     def lengths(self) -> np.ndarray:
+        if self.cfg.share_prompt:
+            return np.array([len(p) + len(c) + len(r)
+                             for p, c, r in zip(self.prompts, self.chosen, self.rejected)])
         return np.array([2 * (len(p) + max(len(c), len(r)))
                          for p, c, r in zip(self.prompts, self.chosen, self.rejected)])
 
     def collate(self, indices: list[int], device) -> dict:
+        refs = {"ref_chosen": torch.tensor(self.ref_chosen[indices], device=device),
+                "ref_rejected": torch.tensor(self.ref_rejected[indices], device=device)}
+        if self.cfg.share_prompt:
+            return {**self._collate_shared(indices, device), **refs}
+        return {**self._collate_pairs(indices, device), **refs}
+
+    def _collate_shared(self, indices: list[int], device) -> dict:
+        """One row per pair: prompt + chosen + rejected (prefix sharing; Wang et al. 2024,
+        "Accelerating Direct Preference Optimization with Prefix Sharing").
+
+        Rejected tokens attend to the prompt and to themselves, never to the chosen
+        tokens, and take the positions that follow the prompt, so every log-prob equals
+        the one of a separate prompt + rejected row. The first rejected token is
+        predicted from the prompt's last position, like the first chosen token."""
+        seqs, pos, where = [], [], {"row": [], "pred": [], "target": [], "pair": [], "side": []}
+        for row, i in enumerate(indices):
+            p, c, r = self.prompts[i], self.chosen[i], self.rejected[i]
+            n_p, n_c = len(p), len(c)
+            seqs.append(p + c + r)
+            pos.append(list(range(n_p + n_c)) + list(range(n_p, n_p + len(r))))
+            preds = [n_p - 1 + j for j in range(n_c)] + \
+                [n_p - 1] + [n_p + n_c + j - 1 for j in range(1, len(r))]
+            for side, toks in ((0, c), (1, r)):
+                where["target"] += toks
+                where["side"] += [side] * len(toks)
+            where["pred"] += preds
+            where["row"] += [row] * (n_c + len(r))
+            where["pair"] += [row] * (n_c + len(r))
+        ids, attn = pad(seqs, self.tokenizer.pad_token_id, "right", device)
+        width = ids.shape[1]
+        allow = torch.tril(torch.ones(width, width, dtype=torch.bool, device=device)).repeat(len(seqs), 1, 1)
+        for row, i in enumerate(indices):
+            n_p, n_c, n_r = len(self.prompts[i]), len(self.chosen[i]), len(self.rejected[i])
+            allow[row, n_p + n_c:, n_p:n_p + n_c] = False   # rejected never sees chosen
+            end = n_p + n_c + n_r
+            allow[row, end:, :] = False                      # padding sees only itself
+            allow[row, end:, end:] = torch.eye(width - end, dtype=torch.bool, device=device)
+        positions, _ = pad(pos, 0, "right", device)
+        index = {k: torch.tensor(v, device=device) for k, v in where.items()}
+        return {"input_ids": ids, "attention_mask": allow[:, None], "position_ids": positions,
+                "index": index, "n": len(indices)}
+
+    def _collate_pairs(self, indices: list[int], device) -> dict:
         seqs, comp = [], []
         for side in (self.chosen, self.rejected):
             for i in indices:
@@ -131,15 +180,28 @@ class DPOTask:
                 comp.append([0] * len(self.prompts[i]) + [1] * len(side[i]))
         ids, mask = pad(seqs, self.tokenizer.pad_token_id, "right", device)
         cmask, _ = pad(comp, 0, "right", device)
-        return {"input_ids": ids, "attention_mask": mask, "completion_mask": cmask,
-                "ref_chosen": torch.tensor(self.ref_chosen[indices], device=device),
-                "ref_rejected": torch.tensor(self.ref_rejected[indices], device=device)}
+        return {"input_ids": ids, "attention_mask": mask, "completion_mask": cmask}
+
+    def completion_logps(self, model, batch: dict):
+        """Summed log-probs and token counts of the chosen and rejected completions."""
+        if "index" not in batch:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            sums, counts = masked_sums(token_logps(logits, batch["input_ids"]), batch["completion_mask"])
+            n = len(sums) // 2
+            return sums[:n], sums[n:], counts[:n], counts[n:]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits
+        ix = batch["index"]
+        picked = logits[ix["row"], ix["pred"]].float()
+        lp = picked.gather(-1, ix["target"][:, None])[:, 0] - torch.logsumexp(picked, -1)
+        n = batch["n"]
+        slot = ix["pair"] + n * ix["side"]          # chosen sums in [0, n), rejected in [n, 2n)
+        sums = torch.zeros(2 * n, dtype=lp.dtype, device=lp.device).index_add(0, slot, lp)
+        counts = torch.zeros(2 * n, dtype=lp.dtype, device=lp.device).index_add(0, slot, torch.ones_like(lp))
+        return sums[:n], sums[n:], counts[:n], counts[n:]
 
     def loss(self, model, batch: dict):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        sums, counts = masked_sums(token_logps(logits, batch["input_ids"]), batch["completion_mask"])
-        n = len(batch["ref_chosen"])
-        pc, pr, lc, lr = sums[:n], sums[n:], counts[:n], counts[n:]
+        pc, pr, lc, lr = self.completion_logps(model, batch)
         cfg = self.cfg
         losses, metrics = dpo_loss(pc.double(), pr.double(), batch["ref_chosen"], batch["ref_rejected"],
                                    beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,

@@ -23,20 +23,28 @@ def rm_input_ids(tokenizer, prompts: list[str], responses: list[str],
     return [x[-max_length:] if len(x) > max_length else x for x in ids], cut
 
 
+def _score_head(model):
+    """The scalar head under any DDP / peft wrapping (None when there is no ``score``)."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return getattr(inner, "score", None)
+
+
 def last_token_rewards(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Scalar reward at each row's last real token (right padding).
 
-    Reads the base model's hidden states and applies the ``score`` head at that one
-    position, rather than trusting a pooling that looks for pad ids (which breaks when
-    the pad token is also the EOS token inside the text).
+    Runs the model's own forward (so DDP and peft wrappers work as usual) and applies
+    the ``score`` head to the final hidden state at that position, rather than trusting
+    a pooling that looks for pad ids (which breaks when the pad token is also the EOS
+    token inside the text). Models without a ``score`` head use their pooled logits.
     """
-    head = getattr(model, "score", None)
-    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    if head is None or base is None:
-        return model(input_ids=ids, attention_mask=mask).logits[:, 0]
-    hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state
+    head = _score_head(model)
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=head is not None)
+    if head is None:
+        return out.logits[:, 0]
     last = mask.sum(-1) - 1
-    return head(hidden[torch.arange(len(ids), device=ids.device), last])[:, 0]
+    return head(out.hidden_states[-1][torch.arange(len(ids), device=ids.device), last])[:, 0]
 
 
 class RewardModelScorer:

@@ -174,8 +174,11 @@ def merge_adapter(base_path, adapter_dir: Path, out: Path, trust_remote_code: bo
     import peft
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     task = getattr(getattr(trained, "peft_config", {}).get("default", None), "task_type", None)
-    cls = AutoModelForSequenceClassification if str(task).endswith("SEQ_CLS") else AutoModelForCausalLM
-    base = cls.from_pretrained(str(base_path), dtype=torch.float32, use_safetensors=True,
-                               trust_remote_code=trust_remote_code)
+    kw = dict(dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code)
+    if str(task).endswith("SEQ_CLS"):  # a reward model: the same one-label head as in training
+        kw["config"] = trained.base_model.model.config
+        base = AutoModelForSequenceClassification.from_pretrained(str(base_path), **kw)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(str(base_path), **kw)
     merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)

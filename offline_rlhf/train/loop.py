@@ -47,6 +47,8 @@ class TrainConfig:
     batch_size: int = opt(16, "examples per optimizer step, over all processes")
     micro_batch_size: int = opt(8, "most examples per forward pass on one process")
     max_tokens_per_micro_batch: int = opt(16384, "most padded tokens per forward pass")
+    group_by_length: bool = opt(True, "sort each step's examples by length before cutting "
+                                "micro-batches (off: fixed-size micro-batches in data order)")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
     seed: int = opt(0, "seed of data order and initialisation")
     save_steps: int = opt(0, "checkpoint every N steps (0: only at the end)")
@@ -100,21 +102,29 @@ class Task(Protocol):
 # --------------------------------------------------------------------------- planning
 
 def micro_batches(indices: list[int], lengths: np.ndarray, max_rows: int, max_tokens: int,
-                  world: int) -> list[list[int]]:
-    """Split one step's examples into length-grouped micro-batches; the count is a
-    multiple of ``world`` so that every process does the same number of passes."""
-    order = sorted(indices, key=lambda i: (-int(lengths[i]), i))
+                  world: int, group_by_length: bool = True) -> list[list[int]]:
+    """Split one step's examples into micro-batches of at most ``max_rows`` examples and
+    (when grouped by length) ``max_tokens`` padded tokens; the count is a multiple of
+    ``world`` so that every process does the same number of passes."""
+    if not group_by_length:
+        return _even_out([indices[i:i + max_rows] for i in range(0, len(indices), max_rows)],
+                         world, len(indices))
     out: list[list[int]] = []
-    for i in order:
+    for i in sorted(indices, key=lambda i: (-int(lengths[i]), i)):
         if out and len(out[-1]) < max_rows and \
                 (len(out[-1]) + 1) * max(int(lengths[out[-1][0]]), int(lengths[i])) <= max_tokens:
             out[-1].append(i)
         else:
             out.append([i])
+    return _even_out(out, world, len(indices))
+
+
+def _even_out(out: list[list[int]], world: int, n: int) -> list[list[int]]:
+    """Halve the largest micro-batches until their count is a multiple of ``world``."""
     while len(out) % world:
         big = max(range(len(out)), key=lambda j: len(out[j]))
         if len(out[big]) < 2:
-            raise InputError(f"batch_size: a step of {len(indices)} examples cannot feed "
+            raise InputError(f"batch_size: a step of {n} examples cannot feed "
                              f"{world} processes; raise batch_size")
         half = len(out[big]) // 2
         out[big:big + 1] = [out[big][:half], out[big][half:]]
@@ -203,10 +213,12 @@ class _nullcontext:
         return False
 
 
-def fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=None) -> dict:
+def fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=None,
+        evaluate=None) -> dict:
     """Train ``task_factory(model, tokenizer, accelerator)`` under ``cfg``; return a summary.
 
-    ``extra_modules(model)`` may return modules trained beside the model (ILQL heads).
+    ``extra_modules(model)`` may return modules trained beside the model (ILQL heads);
+    ``evaluate(model, accelerator)`` runs after training and its figures are logged.
     """
     from ..models import load_tokenizer
     out = Path(cfg.output)
@@ -236,6 +248,9 @@ def fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=None
         logger = ckpt.MetricsLogger(out, acc.is_main_process, cfg.tensorboard, state["step"])
         summary = _train(cfg, acc, model, task, optimizer, scheduler, extras, lengths, steps,
                          state["step"], out, logger)
+        if evaluate is not None:
+            summary["eval"] = evaluate(acc.unwrap_model(model), acc)
+            logger.log({"step": steps, **summary["eval"]})
         logger.close()
         ckpt.save_final(cfg, acc, model, tokenizer, out, extras)
         summary.update(resumed_from=str(resume_from) if resume_from else None, steps=steps,
@@ -268,7 +283,7 @@ def _train(cfg, acc, model, task, optimizer, scheduler, extras, lengths, steps, 
         epoch, k = divmod(step, per_epoch)
         examples = plan_epoch(len(lengths), cfg.batch_size, cfg.seed, epoch)[k]
         mbs = micro_batches(examples, lengths, cfg.micro_batch_size,
-                            cfg.max_tokens_per_micro_batch, acc.num_processes)
+                            cfg.max_tokens_per_micro_batch, acc.num_processes, cfg.group_by_length)
         mine = mbs[acc.process_index::acc.num_processes]
         model.train()
         sums = _step(acc, model, task, mine, len(examples))

@@ -19,7 +19,8 @@ commands (offline-rlhf COMMAND --help for each):
   logprobs        add reference-model log-probs (per token and summed)
   pairs           build preference pairs from scored generations
   import-pairs    import prompt/chosen/rejected data (text or chat) as a pairs dataset
-  train ALGO      train on stored shards: dpo
+  train ALGO      train on stored shards: dpo, rm, sft
+  rest            ReST / ReST-EM grow-improve loop from a config file
   inspect         schema version, rows, shards, lineage and reward statistics of a dataset
   validate        check a data file against a schema (prompts, generations, pairs)
   import-prompts  turn a JSONL/JSON/Parquet prompt file into a prompts dataset
@@ -60,6 +61,19 @@ def _train(cls, run):
             print(f"warning: {summary['warning']}", file=sys.stderr)
         return 0
     return command
+
+
+def _cmd_rest(args) -> int:
+    from .rest import load_rest_config, run_rest
+    report = run_rest(load_rest_config(args.config, args.overrides))
+    out = load_rest_config(args.config, args.overrides).output
+    print(f"{out}/report.md: final model {report['final_model']}")
+    for e in report["grows"]:
+        for i, s in enumerate(e["improves"]):
+            ev = "-" if s["eval_reward"] is None else f"{s['eval_reward']:.3f}"
+            print(f"grow {e['grow']} improve {i + 1}: kept {s['kept']} ({s['kept_fraction']:.1%}), "
+                  f"held-out reward {ev}")
+    return 0
 
 
 def _cmd_import_pairs(args) -> int:
@@ -170,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", help="model directory whose chat template renders chat messages")
     s.add_argument("--chunk-rows", type=int, default=10_000)
     s.set_defaults(fn=_cmd_import_pairs)
+
+    s = sub.add_parser("rest", help="ReST grow / improve loop",
+                       description="Run (or resume) a ReST job: grow (sample K per prompt and "
+                       "score) then improve steps (SFT on samples over a rising threshold, with a "
+                       "falling learning rate); writes report.md/json and reward histograms.")
+    s.add_argument("--config", required=True, help="TOML or YAML job file (keys: see docs/rest.md)")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys")
+    s.set_defaults(fn=_cmd_rest)
 
     train = sub.add_parser("train", help="train on stored shards",
                            description="Train a model on stored shards with the shared loop "

@@ -40,3 +40,21 @@ def addition_prompts(n: int, seed: int = 0, max_operand: int = 20, split: str = 
             "metadata": json.dumps({"task": "addition", "split": split}),
         })
     return pa.Table.from_pylist(rows)
+
+
+def copy_prompts(n: int, seed: int = 0, split: str = "train", length: int = 4) -> pa.Table:
+    """``n`` distinct copy prompts (``Copy: 3 8 1 9 =>`` -> ``3 8 1 9``); the train and
+    test splits never share a digit string."""
+    rng = random.Random(f"copy:{seed}")
+    seen: set[str] = set()
+    every = []
+    while len(every) < 2 * n + 50:
+        digits = " ".join(str(rng.randrange(10)) for _ in range(length))
+        if digits not in seen:
+            seen.add(digits)
+            every.append(digits)
+    mine = every[:n] if split == "train" else every[n:2 * n]
+    rows = [{"prompt_id": prompt_id_for(f"Copy: {d} =>"), "prompt": f"Copy: {d} =>",
+             "messages": None, "reference_answer": d,
+             "metadata": json.dumps({"task": "copy", "split": split})} for d in mine]
+    return pa.Table.from_pylist(rows)

@@ -1,0 +1,217 @@
+"""ReST: grow / improve loops over stored shards.
+
+ReST (Gulcehre et al. 2023, "Reinforced Self-Training (ReST) for Language Modeling")
+alternates a **grow** step (sample K responses per prompt from the current policy and
+score them) with several **improve** steps (fine-tune with NLL on the samples whose
+reward passes a threshold that rises from step to step, with a learning rate that
+falls). ReST-EM (Singh et al. 2023, "Beyond Human Data") restarts each iteration's
+fine-tuning from the base model (``restart_from_base``).
+
+Everything is composed from the stage and trainer pieces, and every piece is kept
+with lineage under OUTPUT:
+
+    grow-0-<key>/generations, grow-0-<key>/scored     (key: policy, prompts, settings)
+    grow-0-<key>/improve-1-<key>/final                 (key: data, filter, lr, start model)
+    grow-0-<key>/improve-1-<key>/eval                  (greedy on eval_prompts, scored)
+    report.md, report.json, grow-0-rewards.png
+
+A stopped run resumes where it stopped (finished datasets and models are reused);
+changing the filter reuses the grows and redoes only the improve steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .config import build, load_file, opt, to_dict
+from .errors import InputError
+from .filters import SampleFilter, select
+from .generation import GenerateConfig, generate
+from .lineage import config_hash
+from .models import fingerprint
+from .rewards.score import ScoreConfig, score
+from .shards import is_dataset, open_dataset
+from .train.sft import SFTTrainConfig, train_sft
+
+
+@dataclasses.dataclass
+class RestConfig:
+    policy: str = opt(help="starting (base) policy directory")
+    prompts: str = opt(help="training prompts (dataset or file)")
+    output: str = opt(help="run directory")
+    eval_prompts: str | None = opt(None, "held-out prompts: greedy mean reward after every step")
+    grows: int = opt(1, "grow steps (iterations)")
+    improve_steps: int = opt(3, "improve steps per grow")
+    threshold_mode: str = opt("absolute", "absolute | percentile (per prompt, as in the paper)")
+    thresholds: list[float] = opt([0.7, 0.8, 0.9], "threshold of each improve step (rising)")
+    lrs: list[float] = opt([1e-5, 5e-6, 2.5e-6], "learning rate of each improve step (falling)")
+    max_per_prompt: int = opt(0, "samples kept per prompt at most (0: no cap)")
+    restart_from_base: bool = opt(False, "ReST-EM: fine-tune each iteration from the base model")
+    num_samples: int = opt(8, "K: samples per prompt in a grow")
+    temperature: float = opt(1.0, "grow sampling temperature")
+    top_p: float = opt(1.0, "grow nucleus sampling")
+    max_new_tokens: int = opt(128, "longest response")
+    stop: list[str] = opt([], "stop strings")
+    seed: int = opt(0, "run seed")
+    reward_model: str | None = opt(None, "reward model directory (optional)")
+    weights: dict[str, float] = opt({}, "reward components and weights (see `score`)")
+    format_pattern: str | None = opt(None, "regex for the 'format' component")
+    steps_per_improve: int = opt(0, "optimizer steps per improve step (0: one epoch)")
+    epochs_per_improve: float = opt(1.0, "epochs per improve step when steps_per_improve is 0")
+    batch_size: int = opt(16, "examples per optimizer step")
+    micro_batch_size: int = opt(16, "examples per forward pass")
+    lora_r: int = opt(0, "LoRA rank (0: full fine-tuning)")
+    bits: int | None = opt(None, "4 or 8 with lora_r: QLoRA")
+
+    def __post_init__(self):
+        if self.threshold_mode not in ("absolute", "percentile"):
+            raise InputError(f"threshold_mode: must be absolute or percentile, got {self.threshold_mode!r}")
+        if len(self.thresholds) < self.improve_steps:
+            raise InputError(f"thresholds: {len(self.thresholds)} given, improve_steps is {self.improve_steps}")
+        if len(self.lrs) < self.improve_steps:
+            raise InputError(f"lrs: {len(self.lrs)} given, improve_steps is {self.improve_steps}")
+        if self.grows < 1 or self.improve_steps < 1:
+            raise InputError("grows and improve_steps must be >= 1")
+
+
+def load_rest_config(path: str, overrides: list[str] | None = None) -> RestConfig:
+    from .config import apply_overrides
+    return build(RestConfig, apply_overrides(load_file(path), overrides or []), "rest")
+
+
+def _key(obj) -> str:
+    return config_hash(obj)[:10]
+
+
+def _complete(path: Path) -> bool:
+    return is_dataset(str(path)) and open_dataset(str(path)).complete
+
+
+def _score_cfg(cfg: RestConfig, gens: Path, out: Path) -> ScoreConfig:
+    kw = {"format_pattern": cfg.format_pattern} if cfg.format_pattern else {}
+    return ScoreConfig(generations=str(gens), output=str(out), reward_model=cfg.reward_model,
+                       weights=dict(cfg.weights), **kw)
+
+
+def _grow(cfg: RestConfig, g: int, policy: str, out: Path) -> Path:
+    settings = {"policy": fingerprint(policy), "prompts": cfg.prompts, "k": cfg.num_samples,
+                "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
+                "stop": cfg.stop, "seed": cfg.seed + g, "reward_model": cfg.reward_model,
+                "weights": cfg.weights, "format": cfg.format_pattern}
+    d = out / f"grow-{g}-{_key(settings)}"
+    if not _complete(d / "scored"):
+        generate(GenerateConfig(prompts=cfg.prompts, output=str(d / "generations"), policy=policy,
+                                num_samples=cfg.num_samples, temperature=cfg.temperature,
+                                top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, stop=list(cfg.stop),
+                                seed=cfg.seed + g, overlong="truncate"))
+        score(_score_cfg(cfg, d / "generations", d / "scored"))
+    (d / "lineage.json").write_text(json.dumps({"grow": g, "policy": policy, **settings}, indent=1))
+    return d
+
+
+def _evaluate(cfg: RestConfig, model: str, out: Path) -> float | None:
+    if not cfg.eval_prompts:
+        return None
+    if not _complete(out / "scored"):
+        generate(GenerateConfig(prompts=cfg.eval_prompts, output=str(out / "generations"), policy=model,
+                                num_samples=1, greedy=True, max_new_tokens=cfg.max_new_tokens,
+                                stop=list(cfg.stop), overlong="truncate"))
+        score(_score_cfg(cfg, out / "generations", out / "scored"))
+    return float(np.mean(open_dataset(str(out / "scored")).read(columns=["reward"])
+                         .column("reward").to_pylist()))
+
+
+def improve_filter(cfg: RestConfig, i: int) -> dict:
+    """The filter of improve step ``i``: threshold tau_i, absolute or a per-prompt
+    percentile (thresholds given as fractions: 0.7 is the 70th percentile)."""
+    return {"threshold": cfg.thresholds[i] if cfg.threshold_mode == "absolute" else None,
+            "percentile": 100 * cfg.thresholds[i] if cfg.threshold_mode == "percentile" else None,
+            "max_per_prompt": cfg.max_per_prompt}
+
+
+def _improve(cfg: RestConfig, g: int, i: int, grow_dir: Path, start: str) -> dict:
+    scored = open_dataset(str(grow_dir / "scored"), require_complete=True)
+    flt = improve_filter(cfg, i)
+    key = _key({"data": scored.fingerprint, **flt, "lr": cfg.lrs[i],
+                "start": fingerprint(start), "steps": cfg.steps_per_improve,
+                "epochs": cfg.epochs_per_improve, "batch": cfg.batch_size, "lora": cfg.lora_r,
+                "bits": cfg.bits, "seed": cfg.seed})
+    d = grow_dir / f"improve-{i + 1}-{key}"
+    rows = scored.read(columns=["prompt_id", "sample_index", "response", "reward"]).to_pylist()
+    kept, stats = select(rows, SampleFilter(**flt))
+    if not kept:
+        raise InputError(f"improve step {i + 1} of grow {g}: no sample passes threshold "
+                         f"{cfg.thresholds[i]} ({cfg.threshold_mode}); lower it")
+    if not (d / "train_summary.json").exists():
+        steps = cfg.steps_per_improve or max(1, int(len(kept) * cfg.epochs_per_improve) // cfg.batch_size)
+        train_sft(SFTTrainConfig(data=str(grow_dir / "scored"), output=str(d), policy=start,
+                                 lr=cfg.lrs[i], max_steps=steps, batch_size=min(cfg.batch_size, len(kept)),
+                                 micro_batch_size=cfg.micro_batch_size, schedule="constant",
+                                 seed=cfg.seed, lora_r=cfg.lora_r, bits=cfg.bits, tensorboard=False,
+                                 **flt))
+    return {"dir": str(d), "model": str(d / "final"), "kept": len(kept),
+            "kept_fraction": len(kept) / max(1, len(rows)), "threshold": cfg.thresholds[i],
+            "lr": cfg.lrs[i], "filter": stats}
+
+
+def run_rest(cfg: RestConfig) -> dict:
+    """Run (or resume) a ReST job; return the report data (also written to OUTPUT)."""
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    report = {"base": {"model": cfg.policy,
+                       "eval_reward": _evaluate(cfg, cfg.policy, out / "eval-base")}, "grows": []}
+    policy = cfg.policy
+    for g in range(cfg.grows):
+        grow_dir = _grow(cfg, g, policy, out)
+        rewards = open_dataset(str(grow_dir / "scored")).read(columns=["reward"]).column("reward").to_pylist()
+        entry = {"grow": g, "dir": str(grow_dir), "policy": policy, "samples": len(rewards),
+                 "reward_mean": float(np.mean(rewards)), "improves": []}
+        start = cfg.policy if cfg.restart_from_base else policy
+        for i in range(cfg.improve_steps):
+            step = _improve(cfg, g, i, grow_dir, start)
+            step["eval_reward"] = _evaluate(cfg, step["model"], Path(step["dir"]) / "eval")
+            entry["improves"].append(step)
+            start = step["model"]
+        entry["rewards"] = rewards
+        report["grows"].append(entry)
+        policy = start
+    report["final_model"] = policy
+    write_report(report, out)
+    return report
+
+
+def write_report(report: dict, out: Path) -> None:
+    from .plots import histograms, lines
+    pngs = []
+    for entry in report["grows"]:
+        pngs.append(histograms({f"grow {entry['grow']}": entry["rewards"]},
+                               out / f"grow-{entry['grow']}-rewards.png",
+                               f"Rewards of grow {entry['grow']} ({entry['samples']} samples)"))
+    evals = [report["base"]["eval_reward"]] + [s["eval_reward"] for e in report["grows"] for s in e["improves"]]
+    labels = ["base"] + [f"g{e['grow']}/i{s_i + 1}" for e in report["grows"] for s_i in range(len(e["improves"]))]
+    if all(v is not None for v in evals):
+        pngs.append(lines(labels, {"held-out greedy mean reward": evals}, out / "eval-reward.png",
+                          "Held-out mean reward per step", "step", "mean reward"))
+    md = ["# ReST report", "", f"Final model: `{report['final_model']}`", "",
+          "| step | threshold | lr | kept | kept fraction | held-out mean reward |",
+          "|---|---|---|---|---|---|",
+          f"| base | - | - | - | - | {_f(report['base']['eval_reward'])} |"]
+    for e in report["grows"]:
+        md.append(f"| grow {e['grow']} ({e['samples']} samples, mean reward {e['reward_mean']:.3f}) "
+                  "| | | | | |")
+        for i, s in enumerate(e["improves"]):
+            md.append(f"| improve {i + 1} | {s['threshold']} | {s['lr']:g} | {s['kept']} | "
+                      f"{s['kept_fraction']:.3f} | {_f(s['eval_reward'])} |")
+    md += [""] + [f"![{p.stem}]({p.name})" for p in pngs]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    slim = {**report, "grows": [{k: v for k, v in e.items() if k != "rewards"} for e in report["grows"]]}
+    (out / "report.json").write_text(json.dumps(slim, indent=1, default=str))
+
+
+def _f(v) -> str:
+    return "-" if v is None else f"{v:.3f}"

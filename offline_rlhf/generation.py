@@ -72,6 +72,10 @@ class GenerateConfig:
     worker: int | None = opt(None, "this worker's index (default: RANK from the launcher, else 0)")
     num_workers: int | None = opt(None, "number of workers (default: WORLD_SIZE, else 1)")
     trust_remote_code: bool = opt(False, "allow custom model code from the model directory")
+    ilql_heads: str | None = opt(None, "directory with ILQL heads (heads.safetensors): sample "
+                                 "from logits + ilql_beta * (min target Q - V)")
+    ilql_beta: float = opt(1.0, "ILQL value-guidance strength (0: the policy alone)")
+    ilql_top_k: int = opt(0, "ILQL: perturb only the policy's top-k tokens (0: all)")
 
     def __post_init__(self):
         checks = [("num_samples", self.num_samples >= 1, "must be >= 1"),
@@ -271,6 +275,14 @@ def generate(cfg: GenerateConfig, logits_hook_factory=None) -> dict:
     policy_fp = fingerprint(cfg.policy)
     hashed = {k: v for k, v in to_dict(cfg).items() if k not in NOT_HASHED}
     hashed.update(prompts=prompts_fp, policy=policy_fp)
+    if cfg.ilql_heads:
+        from .ilql import load_heads, value_guided_hook
+        load_heads(cfg.ilql_heads)  # refuse a bad directory before any work
+        hashed["ilql_heads"] = _heads_fingerprint(cfg.ilql_heads)
+
+        def logits_hook_factory(model, _path=cfg.ilql_heads):  # noqa: F811
+            heads = load_heads(_path, next(model.parameters()).device)
+            return value_guided_hook(heads, cfg.ilql_beta, cfg.ilql_top_k)
     chash = config_hash(hashed)
     decoding = {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
                 "max_new_tokens": cfg.max_new_tokens, "greedy": cfg.greedy, "seed": cfg.seed}
@@ -303,6 +315,13 @@ def generate(cfg: GenerateConfig, logits_hook_factory=None) -> dict:
                                                               cfg.chunk_prompts).num_rows,
                       desc="generate", unit="prompts",
                       info={"config": to_dict(cfg), "prompts_source": str(Path(cfg.prompts))})
+
+
+def _heads_fingerprint(path: str) -> str:
+    h = hashlib.sha256()
+    for name in ("heads.json", "heads.safetensors"):
+        h.update((Path(path) / name).read_bytes())
+    return h.hexdigest()
 
 
 def _generate_rows(model, tokenizer, part: pa.Table, texts, ids, cfg: GenerateConfig,

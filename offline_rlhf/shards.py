@@ -485,8 +485,18 @@ class Dataset:
             self.check_shard(entry, verify)
             with self._reading(entry), self.store.fs.open(self.store.path(entry["name"]), "rb") as f:
                 pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
-                yield from pf.iter_batches(batch_size=batch_size, columns=columns,
-                                           use_threads=False)
+                have = set(pf.schema_arrow.names)
+                missing = [c for c in (columns or []) if c not in have]
+                for batch in pf.iter_batches(batch_size=batch_size, use_threads=False,
+                                             columns=[c for c in columns if c in have] if columns else None):
+                    yield self._fill(batch, columns, missing) if missing else batch
+
+    def _fill(self, batch: pa.RecordBatch, columns: list[str], missing: list[str]) -> pa.RecordBatch:
+        schema = load_schema(self.schema_name).arrow
+        arrays = {n: batch.column(n) for n in batch.schema.names}
+        for c in missing:
+            arrays[c] = pa.nulls(batch.num_rows, schema.field(c).type)
+        return pa.RecordBatch.from_arrays([arrays[c] for c in columns], names=columns)
 
     @property
     def fingerprint(self) -> str:
@@ -502,23 +512,36 @@ class Dataset:
                 return e
         raise InputError(f"{self.url}: has no shard for chunk {chunk}")
 
+    def _read_file(self, entry: dict, columns: list[str] | None) -> pa.Table:
+        """One shard's table with the current schema's columns: a nullable column that
+        the file predates (written under an older minor version) reads as nulls."""
+        schema = load_schema(self.schema_name).arrow
+        path = self.store.path(entry["name"])
+        with self._reading(entry):
+            names = set(pq.read_schema(path, filesystem=self.store.fs).names)
+            want = columns or [n for n in schema.names if n in names or schema.field(n).nullable]
+            table = pq.read_table(path, columns=[c for c in want if c in names],
+                                  filesystem=self.store.fs)
+        for c in want:
+            if c not in names:
+                if c not in schema.names:
+                    raise InputError(f"{self.store.display(entry['name'])}: no column '{c}'")
+                table = table.append_column(schema.field(c), pa.nulls(table.num_rows, schema.field(c).type))
+        return table.select(want)
+
     def read_shard(self, chunk: int, columns: list[str] | None = None,
                    verify: bool = True) -> pa.Table:
         """One shard (by chunk number) as an Arrow table."""
         entry = self.entry(chunk)
         self.check_shard(entry, verify)
-        with self._reading(entry):
-            return pq.read_table(self.store.path(entry["name"]), columns=columns,
-                                 filesystem=self.store.fs)
+        return self._read_file(entry, columns)
 
     def read(self, columns: list[str] | None = None, verify: bool = True) -> pa.Table:
         """The whole dataset (or some columns) as one Arrow table."""
         tables = []
         for entry in self.shards:
             self.check_shard(entry, verify)
-            with self._reading(entry):
-                tables.append(pq.read_table(self.store.path(entry["name"]), columns=columns,
-                                            filesystem=self.store.fs))
+            tables.append(self._read_file(entry, columns))
         if not tables:
             schema = load_schema(self.schema_name).arrow
             if columns:
@@ -540,7 +563,8 @@ class Dataset:
             self.verify(verify)
             if not self.shards:
                 return pl.from_arrow(self.read(verify=False)).lazy()
-            return pl.scan_parquet(self.files())
+            schema = pl.from_arrow(load_schema(self.schema_name).arrow.empty_table()).schema
+            return pl.scan_parquet(self.files(), schema=schema, missing_columns="insert")
         return pl.scan_pyarrow_dataset(self.to_arrow_dataset(verify))
 
     def to_hf(self, verify: bool = True):

@@ -198,3 +198,26 @@ def test_read_table_file_errors(tmp_path):
     (tmp_path / "y.csv").write_text("a\n")
     with pytest.raises(InputError, match="unknown file type"):
         read_table_file(str(tmp_path / "y.csv"))
+
+
+def test_columns_added_later_read_as_null(tmp_path):
+    """A file written before a nullable column existed reads it as nulls (minor version)."""
+    import pyarrow.parquet as pq
+    w = writer(tmp_path / "ds")
+    w.write(0, generation_table(4))
+    w.finish(total_chunks=1)
+    shard = tmp_path / "ds" / "part-000000.parquet"
+    old = pq.read_table(shard).drop_columns(["token_rewards"])
+    pq.write_table(old, shard)          # as an older writer would have left it
+    import hashlib
+    import json
+    entry = tmp_path / "ds" / ".offline-rlhf" / "shards" / "part-000000.json"
+    e = json.loads(entry.read_text())
+    e.update(bytes=shard.stat().st_size, sha256=hashlib.sha256(shard.read_bytes()).hexdigest())
+    entry.write_text(json.dumps(e))
+    ds = open_dataset(str(tmp_path / "ds"))
+    assert ds.read(columns=["reward", "token_rewards"]).column("token_rewards").null_count == 4
+    assert "token_rewards" in ds.read().column_names
+    batch = next(ds.iter_batches(columns=["token_rewards", "reward"]))
+    assert batch.column(0).null_count == 4 and batch.schema.names == ["token_rewards", "reward"]
+    assert ds.to_polars().select("token_rewards").collect()["token_rewards"].null_count() == 4

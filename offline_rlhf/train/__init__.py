@@ -7,12 +7,15 @@ CLI and pipelines use; there is no plugin registry.
 from __future__ import annotations
 
 from .dpo import DPOTrainConfig, train_dpo
+from .ilql import ILQLTrainConfig, train_ilql
 from .rm import RMTrainConfig, train_rm
 from .sft import SFTTrainConfig, train_sft
 
 ALGORITHMS = {
     "dpo": (DPOTrainConfig, train_dpo, "DPO family (sigmoid, cdpo, robust, ipo, hinge, simpo) on pairs"),
     "rm": (RMTrainConfig, train_rm, "Bradley-Terry reward model on pairs (what `score` loads)"),
+    "ilql": (ILQLTrainConfig, train_ilql, "ILQL (implicit language Q-learning) on scored generations; "
+             "saves V/Q heads for value-guided decoding"),
     "sft": (SFTTrainConfig, train_sft, "NLL on responses: filtered generations (rejection "
             "sampling) or prompt/completion data"),
 }

@@ -162,10 +162,8 @@ def save_final(cfg, acc, model, tokenizer, out: Path, extras=None) -> None:
         unwrapped.save_pretrained(final, safe_serialization=True)
         tokenizer.save_pretrained(final)
     if extras is not None:
-        final.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous()
-                   for k, v in acc.unwrap_model(extras).state_dict().items()},
-                  final / "heads.safetensors")
+        from ..ilql import save_heads
+        save_heads(acc.unwrap_model(extras), final)
 
 
 def merge_adapter(base_path, adapter_dir: Path, out: Path, trust_remote_code: bool = False,

@@ -234,6 +234,7 @@ def fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=None
         optimizer, scheduler = make_optimizer(cfg, params, steps)
         if extras is not None:
             model, extras, optimizer = acc.prepare(model, extras, optimizer)
+            task.attach(extras)
         else:
             model, optimizer = acc.prepare(model, optimizer)
         state = {"step": 0}

@@ -25,19 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def exact_match(model: Path, test_prompts: Path, work: Path) -> float:
-    from offline_rlhf.generation import GenerateConfig, generate
-    from offline_rlhf.rewards.score import ScoreConfig, score
-    from offline_rlhf.shards import open_dataset
-    generate(GenerateConfig(prompts=str(test_prompts), output=str(work / "g"), policy=str(model),
-                            num_samples=1, greedy=True, max_new_tokens=10))
-    score(ScoreConfig(generations=str(work / "g"), output=str(work / "s"), weights={"exact_match": 1.0}))
-    return float(np.mean(open_dataset(str(work / "s")).read(columns=["reward"]).column("reward").to_pylist()))
 
 
 def main() -> None:
@@ -48,30 +36,13 @@ def main() -> None:
     import torch
     torch.set_num_threads(2)
     from offline_rlhf.rest import RestConfig, run_rest
-    from offline_rlhf.shards import ShardWriter
-    from offline_rlhf.tiny import build_tiny_model
-    from offline_rlhf.toy import copy_prompts
-    from offline_rlhf.train.sft import SFTTrainConfig, train_sft
+    from offline_rlhf.toy import pretrain_to, setup_copy_task
     tmp = Path(tempfile.mkdtemp(prefix="bench-rest-"))
     results_dir = Path(args.out).parent / "rest"
     try:
-        train, test = copy_prompts(300, split="train"), copy_prompts(300, split="test").slice(0, 100)
-        for name, t in (("train_prompts", train), ("test_prompts", test)):
-            with ShardWriter(str(tmp / name), "prompts") as w:
-                w.write(0, t)
-                w.finish(total_chunks=1)
-        rows = [{"prompt": p, "completion": " " + a} for p, a in
-                zip(train.column("prompt").to_pylist(), train.column("reference_answer").to_pylist())]
-        (tmp / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        model = build_tiny_model(tmp / "scratch", hidden=64, layers=2, heads=4, seed=0)
+        setup_copy_task(tmp)
         t0 = time.perf_counter()
-        start_em, steps, k = 0.0, 0, 0
-        while start_em < args.start_below and k < 40:
-            train_sft(SFTTrainConfig(data=str(tmp / "sft.jsonl"), output=str(tmp / f"pre{k}"),
-                                     policy=str(model), lr=3e-3, max_steps=10, batch_size=32,
-                                     micro_batch_size=32, tensorboard=False, schedule="constant", seed=k))
-            model, steps, k = tmp / f"pre{k}" / "final", steps + 10, k + 1
-            start_em = exact_match(model, tmp / "test_prompts", tmp / f"pre-eval{k}")
+        model, steps, _ = pretrain_to(tmp, args.start_below)
         pretrain_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         report = run_rest(RestConfig(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import InputError
 
@@ -21,11 +22,13 @@ commands (offline-rlhf COMMAND --help for each):
   import-pairs    import prompt/chosen/rejected data (text or chat) as a pairs dataset
   train ALGO      train on stored shards: dpo, rm, sft
   rest            ReST / ReST-EM grow-improve loop from a config file
+  eval            held-out reward, win rate, KL and a report with plots
+  pipeline run    run a job file (nightly, rescore, train_from_shards, demo)
   inspect         schema version, rows, shards, lineage and reward statistics of a dataset
   validate        check a data file against a schema (prompts, generations, pairs)
   import-prompts  turn a JSONL/JSON/Parquet prompt file into a prompts dataset
   tiny-model      build a tiny model + tokenizer from config (tests, demos; no hub)
-  demo            build the tiny demo model and prompt set, and inspect them
+  demo            the main job on the embedded default (the README's first command)
 """
 
 
@@ -118,23 +121,74 @@ def _cmd_tiny_model(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    """Prepare the embedded default (cached) and run pipelines/demo.toml end to end."""
+    import time
     from pathlib import Path
 
-    from .shards import ShardWriter, is_dataset, open_dataset
-    from .summary import render, summarize
-    from .tiny import build_tiny_model
-    from .toy import addition_prompts
+    from .pipeline import load_pipeline, render_plan, run_pipeline
+    from .toy import pretrain_to, setup_copy_task
     root = Path(args.workdir)
-    model = root / "models" / "policy"
-    if not (model / "config.json").exists():
-        build_tiny_model(model, seed=args.seed)
-    prompts = root / "data" / "prompts"
-    if not (is_dataset(str(prompts)) and open_dataset(str(prompts)).complete):
-        w = ShardWriter(str(prompts), "prompts", lineage={"source": "toy:addition"})
-        w.write(0, addition_prompts(args.prompts, seed=args.seed))
-        w.finish(total_chunks=1)
-    print(f"model   {model}\n")
-    print(render(summarize(open_dataset(str(prompts)))))
+    start = root / "models" / "start"
+    t0 = time.perf_counter()
+    if not (start / "model.safetensors").exists():
+        print("preparing the demo model: a tiny model trained here on a copy task "
+              "(4 digits) until it is mediocre (~20% held-out exact match)...")
+        setup_copy_task(root / "prep")
+        model, steps, em = pretrain_to(root / "prep", 0.15)
+        import shutil
+        shutil.copytree(model, start)
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        for src, dst in (("train_prompts", "train_prompts"), ("test_prompts", "heldout_prompts")):
+            if not (root / "data" / dst).exists():
+                shutil.copytree(root / "prep" / src, root / "data" / dst)
+        shutil.rmtree(root / "prep")
+        print(f"  {steps} SFT steps, held-out exact match {em:.0%} ({time.perf_counter() - t0:.0f} s)")
+    overrides = [f"workdir={root / 'pipeline'}", f"inputs.policy={start}",
+                 f"inputs.prompts={root / 'data' / 'train_prompts'}",
+                 f"inputs.heldout={root / 'data' / 'heldout_prompts'}"] + list(args.overrides)
+    p = load_pipeline(args.pipeline, overrides)
+    print("\n" + render_plan(run_pipeline(p, dry_run=True)) + "\n")
+    run_pipeline(p)
+    import json
+    ev = next(s for s in p.stages if s.kind == "eval").output
+    results = json.loads((ev / "results.json").read_text())
+    b, pol = results["baseline"], results["policy"]
+    print(f"\nheld-out ({pol['samples']} prompts, greedy)   before (start)   after (DPO)")
+    print(f"mean reward (exact match)          {b['reward_mean']:>14.3f}   {pol['reward_mean']:>11.3f}")
+    kl_b, kl_p = (0.0 if abs(x) < 5e-4 else x for x in (b["kl_to_reference"], pol["kl_to_reference"]))
+    print(f"KL to the start model (nats)       {kl_b:>14.3f}   {kl_p:>11.3f}")
+    print(f"response tokens                    {b['response_tokens_mean']:>14.2f}   {pol['response_tokens_mean']:>11.2f}")
+    print(f"win rate of after over before      {results['win_rate']:>29.1%}")
+    print(f"\nreport: {ev / 'report.md'}   ({time.perf_counter() - t0:.0f} s in all)")
+    return 0
+
+
+def _eval_command(cls, run):
+    def command(args) -> int:
+        from .config import from_namespace, load_file
+        base = load_file(args.config) if args.config else None
+        results = run(from_namespace(cls, args, base))
+        p = results["policy"]
+        line = f"{args.output}/report.md: policy mean reward {p['reward_mean']:.4g}"
+        if "baseline" in results:
+            line += f", baseline {results['baseline']['reward_mean']:.4g}, win rate {results['win_rate']:.1%}"
+        print(line)
+        return 0
+    return command
+
+
+def _cmd_pipeline(args) -> int:
+    from .pipeline import load_pipeline, render_plan, run_pipeline
+    p = load_pipeline(args.file, args.overrides)
+    if args.only:
+        unknown = set(args.only) - {s.name for s in p.stages}
+        if unknown:
+            raise InputError(f"{args.file}: --only: no stage named {sorted(unknown)[0]}")
+        p.stages = [s for s in p.stages if s.name in args.only or s.done()]
+    rows = run_pipeline(p, dry_run=args.dry_run)
+    print(render_plan(rows))
+    if not args.dry_run:
+        print(f"\nresolved config: {p.workdir / 'pipeline.resolved.json'}; log: {p.workdir / 'run.log'}")
     return 0
 
 
@@ -245,13 +299,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_cmd_tiny_model)
 
-    s = sub.add_parser("demo", help="run the demo on the embedded default",
-                       description="Build the tiny demo model and the toy addition prompt "
-                       "set under WORKDIR (reused when present) and inspect them.")
-    s.add_argument("--workdir", default="demo_run")
-    s.add_argument("--prompts", type=int, default=200)
-    s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("demo", help="run the main job on the embedded default",
+                       description="The nightly loop on the embedded default, on CPU: a tiny "
+                       "model trained here to a mediocre start on a copy task (cached under "
+                       "WORKDIR), then generate -> score -> logprobs -> pairs -> DPO -> eval -> "
+                       "report (pipelines/demo.toml). Prints held-out reward before and after.")
+    s.add_argument("--workdir", default="demo_run", help="where the demo keeps everything")
+    s.add_argument("--pipeline", default=str(Path(__file__).resolve().parent.parent / "pipelines" / "demo.toml"),
+                   help="job file to run")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override job keys")
     s.set_defaults(fn=_cmd_demo)
+
+    s = sub.add_parser("pipeline", help="run a job file (stages keyed by fingerprints)",
+                       description="Run a pipeline job file stage by stage. A stage whose inputs "
+                       "and options are unchanged is reused; the rest run (and resume).")
+    psub = s.add_subparsers(dest="pipeline_command", metavar="run", required=True)
+    r = psub.add_parser("run", help="run (or --dry-run: plan) a job file")
+    r.add_argument("file")
+    r.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="override keys, e.g. stages.generate.num_samples=8")
+    r.add_argument("--dry-run", action="store_true", help="print the plan: what is reused, what runs")
+    r.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages")
+    r.set_defaults(fn=_cmd_pipeline)
+
+    from .evaluate import EvalConfig, run_eval
+    s = sub.add_parser("eval", help="evaluate a policy on held-out prompts",
+                       description="Generate on held-out prompts, score, and compare with a "
+                       "baseline: mean reward and components, win rate, KL to the reference, "
+                       "response length; results.json and report.md with plots.")
+    add_config_file_argument(s)
+    add_arguments(s, EvalConfig)
+    s.set_defaults(fn=_eval_command(EvalConfig, run_eval))
     return p
 
 

@@ -106,7 +106,10 @@ def load_file(path: str | Path) -> dict:
     text = p.read_text()
     try:
         if p.suffix == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
             return tomllib.loads(text)
         if p.suffix in (".yaml", ".yml"):
             import yaml

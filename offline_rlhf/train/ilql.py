@@ -34,6 +34,9 @@ class ILQLTrainConfig(TrainConfig):
     target_sync_steps: int = opt(1, "update the target heads every N optimizer steps")
     two_qs: bool = opt(True, "two Q heads (the minimum of their targets is used)")
     max_tokens: int = opt(2048, "prompt + response tokens kept (prompt cut from the left)")
+    detach_heads: bool = opt(True, "train the V/Q heads on detached hidden states: the language "
+                             "model then learns only from the AWAC term (the TD/CQL gradients "
+                             "through a shared trunk degraded the policy on the toy task)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -107,6 +110,8 @@ class ILQLTask:
                     output_hidden_states=True)
         rows = torch.arange(len(batch["pred"]), device=batch["pred"].device)[:, None]
         hidden = out.hidden_states[-1][rows, batch["pred"]]          # [B, T, H]
+        if cfg.detach_heads:
+            hidden = hidden.detach()
         logits = out.logits[rows, batch["pred"]].float()             # [B, T, V]
         h = self.heads(hidden)
         a = batch["actions"][..., None]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import statistics
 import subprocess
@@ -38,22 +37,15 @@ def _hwm_mib() -> float:
 
 
 def make_data(tmp: Path, n: int, hidden: int, layers: int) -> None:
-    from offline_rlhf.pairs import import_pairs
-    from offline_rlhf.tiny import build_tiny_model, default_corpus
-    model = build_tiny_model(tmp / "model", hidden=hidden, layers=layers, heads=max(1, hidden // 64))
     from offline_rlhf.models import load_tokenizer
+    from offline_rlhf.pairs import import_pairs
+    from offline_rlhf.tiny import build_tiny_model, random_texts
+    model = build_tiny_model(tmp / "model", hidden=hidden, layers=layers, heads=max(1, hidden // 64))
     tok = load_tokenizer(model)
-    rng = random.Random(0)
-    corpus = default_corpus(300, seed=7)
-
-    def text(lo, hi):
-        ids: list[int] = []
-        target = rng.randint(lo, hi)
-        while len(ids) < target:
-            ids += tok(rng.choice(corpus) + " ")["input_ids"]
-        return tok.decode(ids[:target])
-    rows = [{"prompt": text(20, 200), "chosen": " " + text(10, 120), "rejected": " " + text(10, 120)}
-            for _ in range(n)]
+    prompts, chosen, rejected = (random_texts(tok, n, lo, hi, seed) for lo, hi, seed in
+                                 ((20, 200, 6), (10, 120, 7), (10, 120, 8)))
+    rows = [{"prompt": p, "chosen": " " + c, "rejected": " " + r}
+            for p, c, r in zip(prompts, chosen, rejected)]
     (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     import_pairs(str(tmp / "pairs.jsonl"), str(tmp / "pairs_text"))
 

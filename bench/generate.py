@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import sys
 import tempfile
@@ -27,24 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from offline_rlhf.generation import GenerateConfig, generate  # noqa: E402
 from offline_rlhf.models import load_policy, load_tokenizer  # noqa: E402
 from offline_rlhf.shards import ShardWriter  # noqa: E402
-from offline_rlhf.tiny import build_tiny_model, default_corpus  # noqa: E402
+from offline_rlhf.tiny import build_tiny_model, random_texts  # noqa: E402
 from offline_rlhf.toy import prompt_id_for  # noqa: E402
 
 K = 4
-
-
-def make_prompts(tokenizer, n: int, seed: int = 0) -> list[str]:
-    """Prompts of 10-200 tokens drawn from the tiny tokenizer's corpus."""
-    rng = random.Random(seed)
-    corpus = default_corpus(400, seed=seed + 1)
-    out = []
-    for _ in range(n):
-        target = rng.randint(10, 200)
-        ids: list[int] = []
-        while len(ids) < target:
-            ids += tokenizer(rng.choice(corpus) + " ")["input_ids"]
-        out.append(tokenizer.decode(ids[:target]))
-    return out
 
 
 def baseline(model_dir: Path, prompts: list[str], batch: int, max_new: int) -> dict:
@@ -92,7 +77,7 @@ def main() -> None:
         model_dir = build_tiny_model(tmp / "model", hidden=args.hidden, layers=args.layers,
                                      heads=max(1, args.hidden // 64))
         tok = load_tokenizer(model_dir)
-        prompts = make_prompts(tok, args.prompts)
+        prompts = random_texts(tok, args.prompts, 10, 200, seed=0)
         lengths = [len(tok(p)["input_ids"]) for p in prompts]
         import pyarrow as pa
         with ShardWriter(str(tmp / "prompts"), "prompts") as w:

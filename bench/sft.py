@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import statistics
 import sys
@@ -34,23 +33,15 @@ def main() -> None:
     import torch
     torch.set_num_threads(2)
     from offline_rlhf.models import load_tokenizer
-    from offline_rlhf.tiny import build_tiny_model, default_corpus
+    from offline_rlhf.tiny import build_tiny_model, random_texts
     from offline_rlhf.train.sft import SFTTask, SFTTrainConfig, train_sft
     tmp = Path(tempfile.mkdtemp(prefix="bench-sft-"))
     try:
         model = build_tiny_model(tmp / "m", hidden=args.hidden, layers=args.layers,
                                  heads=max(1, args.hidden // 64))
         tok = load_tokenizer(model)
-        rng = random.Random(0)
-        corpus = default_corpus(300, seed=5)
-
-        def text(lo, hi):
-            ids: list[int] = []
-            target = rng.randint(lo, hi)
-            while len(ids) < target:
-                ids += tok(rng.choice(corpus) + " ")["input_ids"]
-            return tok.decode(ids[:target])
-        rows = [{"prompt": text(10, 60), "completion": " " + text(10, 400)} for _ in range(args.examples)]
+        rows = [{"prompt": p, "completion": " " + c} for p, c in
+                zip(random_texts(tok, args.examples, 10, 60, 4), random_texts(tok, args.examples, 10, 400, 5))]
         (tmp / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         res = {}
         for name, grouped in (("fixed_padded", False), ("grouped_budget", True)):

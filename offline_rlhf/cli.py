@@ -32,11 +32,15 @@ commands (offline-rlhf COMMAND --help for each):
 """
 
 
+def _config_from_args(cls, args):
+    """The command's config: the --config file's values, overridden by the flags given."""
+    from .config import from_namespace, load_file
+    return from_namespace(cls, args, load_file(args.config) if args.config else None)
+
+
 def _stage(cls, run):
     def command(args) -> int:
-        from .config import from_namespace, load_file
-        base = load_file(args.config) if args.config else None
-        manifest = run(from_namespace(cls, args, base))
+        manifest = run(_config_from_args(cls, args))
         r = manifest.get("run", {})
         counts = "".join(f", {k} {v}" for k, v in sorted(manifest.get("stats", {}).items()) if v)
         print(f"{args.output if hasattr(args, 'output') else ''}: {manifest['num_rows']} rows in "
@@ -50,9 +54,7 @@ def _stage(cls, run):
 
 def _train(cls, run):
     def command(args) -> int:
-        from .config import from_namespace, load_file
-        base = load_file(args.config) if args.config else None
-        summary = run(from_namespace(cls, args, base))
+        summary = run(_config_from_args(cls, args))
         if not summary.get("is_main_process", True):
             return 0
         last = summary.get("last") or {}
@@ -165,9 +167,7 @@ def _cmd_demo(args) -> int:
 
 def _eval_command(cls, run):
     def command(args) -> int:
-        from .config import from_namespace, load_file
-        base = load_file(args.config) if args.config else None
-        results = run(from_namespace(cls, args, base))
+        results = run(_config_from_args(cls, args))
         p = results["policy"]
         line = f"{args.output}/report.md: policy mean reward {p['reward_mean']:.4g}"
         if "baseline" in results:

@@ -88,3 +88,19 @@ def build_tiny_model(out_dir: str | os.PathLike, kind: str = "causal", hidden: i
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def random_texts(tokenizer, n: int, lo: int, hi: int, seed: int = 0) -> list[str]:
+    """``n`` texts of ``lo``-``hi`` tokens (uniform), cut from the tiny corpus: mixed-length
+    inputs for benchmarks."""
+    import random
+    rng = random.Random(seed)
+    corpus = default_corpus(300, seed=seed + 1)
+    out = []
+    for _ in range(n):
+        ids: list[int] = []
+        target = rng.randint(lo, hi)
+        while len(ids) < target:
+            ids += tokenizer(rng.choice(corpus) + " ")["input_ids"]
+        out.append(tokenizer.decode(ids[:target]))
+    return out

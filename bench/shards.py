@@ -87,7 +87,7 @@ def make_chunk(chunk: int, rows: int = CHUNK) -> pa.Table:
         "finish_reason": pa.array(np.where(rng.random(n) < 0.9, "eos", "length")),
         "reward": pa.array(reward),
         "reward_components": pa.ListArray.from_arrays(comp_offsets, comps),
-        "reward_normalized": pa.array(rng.normal(size=n)),
+        "reward_normalized": pa.array(rng.normal(size=n)), "token_rewards": pa.nulls(n),
         "ref_logps_sum": pa.array(np.asarray(pa.compute.list_value_length(ref)) * -1.0),
         "ref_logps": ref, "decoding": decoding,
         "policy_fingerprint": const("a" * 64), "reward_fingerprint": const("b" * 64),

@@ -243,6 +243,9 @@ def _bad_rows(arr: pa.Array, bad_values: pa.Array) -> np.ndarray:
     return idx
 
 
+_NO_ROWS = np.array([], dtype=np.int64)
+
+
 def _check(arr: pa.Array, check) -> tuple[np.ndarray, str]:
     if check == "non_empty":
         return _rows(pc.equal(pc.utf8_length(arr), 0)), "empty string"
@@ -250,10 +253,15 @@ def _check(arr: pa.Array, check) -> tuple[np.ndarray, str]:
         return _rows(pc.less(arr, 0)), "negative value"
     if check == "finite":
         values = _numeric_values(arr)
-        return _bad_rows(arr, pc.invert(pc.is_finite(values))), "non-finite value (NaN or inf)"
+        finite = pc.is_finite(values)
+        if pc.all(finite).as_py() in (True, None):   # the common case: one pass, no row mapping
+            return _NO_ROWS, ""
+        return _bad_rows(arr, pc.invert(finite)), "non-finite value (NaN or inf)"
     if check == "non_positive":
-        return (_bad_rows(arr, pc.greater(_numeric_values(arr), LOGP_TOLERANCE)),
-                "positive log-probability (log-probs must be <= 0)")
+        positive = pc.greater(_numeric_values(arr), LOGP_TOLERANCE)
+        if not pc.any(positive).as_py():                  # the common case: no row mapping
+            return _NO_ROWS, ""
+        return _bad_rows(arr, positive), "positive log-probability (log-probs must be <= 0)"
     if isinstance(check, dict) and "in" in check:
         allowed = pa.array(check["in"], type=arr.type)
         return (_rows(pc.invert(pc.is_in(arr, value_set=allowed))),

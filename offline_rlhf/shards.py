@@ -100,12 +100,22 @@ class _Store:
             return []
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(target, detail=False))
 
-    def remove_stale_tmp(self, rel: str) -> None:
-        """Delete temporary files a killed writer left for ``rel`` (this chunk only)."""
+    def stale_tmp(self, folders: tuple[str, ...] = ("", ENTRIES)) -> set[str]:
+        """Temporary files present now (left by killed writers), as relative paths.
+
+        Listed once when a writer opens: a stale temporary file of a chunk can only come
+        from a run that died before, while files that appear later belong to live
+        workers writing other chunks."""
+        return {f"{folder}/{n}" if folder else n for folder in folders
+                for n in self.listdir(folder) if n.startswith(".") and n.endswith(".tmp")}
+
+    def remove_stale_tmp(self, rel: str, stale: set[str]) -> None:
+        """Delete the stale temporary files of ``rel`` (this chunk only)."""
         folder, _, name = rel.rpartition("/")
-        for other in self.listdir(folder):
-            if other.startswith(f".{name}.") and other.endswith(".tmp"):
-                self.fs.rm_file(self.path(f"{folder}/{other}" if folder else other))
+        prefix = f"{folder}/.{name}." if folder else f".{name}."
+        for other in [t for t in stale if t.startswith(prefix)]:
+            self.fs.rm_file(self.path(other))
+            stale.discard(other)
 
     def write_atomic(self, rel: str, data: bytes) -> None:
         staged = _Staged(self, rel)
@@ -269,6 +279,8 @@ class ShardWriter:
                         f"{old.get(key)!r}, this run has {self.header[key]!r}; "
                         "write to a new path or delete the old dataset")
         self._entries = _read_entries(self.store)
+        self._stale = self.store.stale_tmp()
+        self._stale_quarantine = self.quarantine_store.stale_tmp(("",))
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-commit")
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-encode")
         self._pending: list[Future] = []
@@ -328,8 +340,8 @@ class ShardWriter:
         name = shard_name(chunk)
         source = source or self.store.display(name)
         table = conform(table, self.schema, source)
-        self.store.remove_stale_tmp(name)
-        self.store.remove_stale_tmp(_entry_name(chunk))
+        self.store.remove_stale_tmp(name, self._stale)
+        self.store.remove_stale_tmp(_entry_name(chunk), self._stale)
         staged = _Staged(self.store, name)
         # Encode on the helper thread while the checks run here (both release the GIL);
         # a refused chunk's temporary file is deleted, never renamed.
@@ -347,7 +359,7 @@ class ShardWriter:
             staged.abort()
             staged = _Staged(self.store, name)
             self._encode(good, staged)
-            self.quarantine_store.remove_stale_tmp(name)
+            self.quarantine_store.remove_stale_tmp(name, self._stale_quarantine)
             q = _Staged(self.quarantine_store, name)
             self._encode(quarantined, q)
             q.commit()

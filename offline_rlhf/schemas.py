@@ -282,11 +282,16 @@ def _duplicate_rows(table: pa.Table, key: tuple[str, ...]) -> np.ndarray:
     return np.array(sorted(later), dtype=np.int64)
 
 
+def _array(column: pa.ChunkedArray) -> pa.Array:
+    """One contiguous array (no copy when there is a single chunk, the usual case)."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
 def find_violations(table: pa.Table, schema: Schema) -> list[Violation]:
     """Every check of ``schema`` that some row of a conformed ``table`` breaks."""
     out = []
     for col in schema.columns:
-        arr = table.column(col.name).combine_chunks()
+        arr = _array(table.column(col.name))
         if not col.nullable and arr.null_count:
             out.append(Violation(col.name, _rows(pc.is_null(arr)), "null in a required column"))
         for check in col.checks:
@@ -294,15 +299,15 @@ def find_violations(table: pa.Table, schema: Schema) -> list[Violation]:
             if len(rows):
                 out.append(Violation(col.name, rows, message))
     for a, b in schema.same_length:
-        la = pc.list_value_length(table.column(a).combine_chunks())
-        lb = pc.list_value_length(table.column(b).combine_chunks())
+        la = pc.list_value_length(_array(table.column(a)))
+        lb = pc.list_value_length(_array(table.column(b)))
         rows = _rows(pc.not_equal(la, lb))
         if len(rows):
             out.append(Violation(b, rows, f"length differs from '{a}'"))
     for names in schema.require_one_of:
         mask = None
         for n in names:
-            m = pc.is_null(table.column(n).combine_chunks())
+            m = pc.is_null(_array(table.column(n)))
             mask = m if mask is None else pc.and_(mask, m)
         rows = _rows(mask)
         if len(rows):

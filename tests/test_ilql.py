@@ -109,3 +109,36 @@ def test_ilql_task_masks_padding_and_terminal(tmp_path, policy_dir):
         batch["rewards"][0, 3] = 1e6   # a padded position
         again, _ = task.loss(model, batch)
     assert torch.equal(base, again)
+
+
+def test_train_ilql_with_lora_and_value_guided_generation(tmp_path, policy_dir):
+    """ILQL trains on the shared loop (LoRA here), saves its heads beside the merged model,
+    and generate samples from them with beta > 0."""
+    import json
+
+    import pyarrow as pa
+    from conftest import generation_rows
+
+    from offline_rlhf.generation import GenerateConfig, generate
+    from offline_rlhf.schemas import load_schema
+    from offline_rlhf.shards import ShardWriter, open_dataset
+    from offline_rlhf.toy import addition_prompts
+    from offline_rlhf.train.ilql import ILQLTrainConfig, train_ilql
+    with ShardWriter(str(tmp_path / "g"), "generations") as w:
+        w.write(0, pa.Table.from_pylist(generation_rows(32), schema=load_schema("generations").arrow))
+        w.finish(total_chunks=1)
+    train_ilql(ILQLTrainConfig(data=str(tmp_path / "g"), output=str(tmp_path / "o"), policy=str(policy_dir),
+                               lora_r=4, max_steps=3, batch_size=8, lr=1e-3, tensorboard=False))
+    hist = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss/q", "loss/v", "loss/cql", "loss/awac", "q/mean", "v/mean", "advantage/mean"} <= set(hist[-1])
+    final = tmp_path / "o" / "final"
+    assert (final / "heads.safetensors").exists() and (tmp_path / "o" / "adapter").is_dir()
+    heads = load_heads(final)
+    assert not torch.equal(heads.q1[0].weight, heads.target_q1[0].weight)  # Polyak targets lag
+    with ShardWriter(str(tmp_path / "p"), "prompts") as w:
+        w.write(0, addition_prompts(4))
+        w.finish(total_chunks=1)
+    generate(GenerateConfig(prompts=str(tmp_path / "p"), output=str(tmp_path / "vg"), policy=str(final),
+                            ilql_heads=str(final), ilql_beta=4.0, ilql_top_k=5, max_new_tokens=4,
+                            num_samples=2))
+    assert open_dataset(str(tmp_path / "vg"), require_complete=True).num_rows == 8

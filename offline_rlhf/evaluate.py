@@ -22,7 +22,7 @@ from .errors import InputError
 from .generation import GenerateConfig, generate
 from .logprobs import LogprobsConfig, compute_logprobs
 from .rewards.score import ScoreConfig, score
-from .shards import is_dataset, open_dataset
+from .shards import is_complete, open_dataset
 
 
 @dataclasses.dataclass
@@ -47,7 +47,7 @@ class EvalConfig:
 
 def _scored(cfg: EvalConfig, model: str, out: Path, reference: str | None) -> dict:
     """Generate, score (and reference log-probs) for one model; summary figures."""
-    if not (is_dataset(str(out / "scored")) and open_dataset(str(out / "scored")).complete):
+    if not is_complete(str(out / "scored")):
         generate(GenerateConfig(prompts=cfg.prompts, output=str(out / "generations"), policy=model,
                                 num_samples=cfg.num_samples, greedy=cfg.greedy,
                                 temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
@@ -57,7 +57,7 @@ def _scored(cfg: EvalConfig, model: str, out: Path, reference: str | None) -> di
                           reward_model=cfg.reward_model, weights=dict(cfg.weights), **kw))
     final = out / "scored"
     if reference:
-        if not (is_dataset(str(out / "ref")) and open_dataset(str(out / "ref")).complete):
+        if not is_complete(str(out / "ref")):
             compute_logprobs(LogprobsConfig(generations=str(out / "scored"), output=str(out / "ref"),
                                             reference=reference))
         final = out / "ref"

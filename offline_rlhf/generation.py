@@ -141,7 +141,7 @@ def sample_batch(model, tokenizer, prompt_ids: list[list[int]], seeds: list[list
     eos = torch.tensor(sorted(_eos_ids(model, tokenizer)), device=device)
     tokens = torch.full((n_rows, steps), tokenizer.pad_token_id, dtype=torch.long)
     logps = torch.zeros((n_rows, steps), dtype=torch.float32)
-    length = [0] * n_rows
+    length = torch.zeros(n_rows, dtype=torch.long)
     reason = ["length"] * n_rows
     rows = torch.arange(n_rows, device=device)   # global row of each batch row
     alive = torch.ones(n_rows, dtype=torch.bool, device=device)
@@ -156,18 +156,19 @@ def sample_batch(model, tokenizer, prompt_ids: list[list[int]], seeds: list[list
         cpu_rows = rows.cpu()
         tokens[cpu_rows, t] = tok.cpu()
         logps[cpu_rows, t] = tok_lp.cpu()
-        ended = alive & torch.isin(tok, eos)
-        for b in torch.nonzero(alive, as_tuple=False)[:, 0].tolist():
-            g = int(cpu_rows[b])
-            length[g] = t + 1
-            if ended[b]:
-                reason[g] = "eos"
-            elif s.stop:
+        live = alive.cpu()
+        ended = (alive & torch.isin(tok, eos)).cpu()
+        length[cpu_rows[live]] = t + 1
+        for g in cpu_rows[ended].tolist():
+            reason[g] = "eos"
+        if s.stop:  # stop strings need the text: per row, only for rows still going
+            for b in torch.nonzero(live & ~ended, as_tuple=False)[:, 0].tolist():
+                g = int(cpu_rows[b])
                 tail = tokenizer.decode(tokens[g, max(0, t + 1 - window):t + 1],
                                         skip_special_tokens=True)
                 if any(x in tail for x in s.stop):
                     reason[g], ended[b] = "stop", True
-        alive &= ~ended
+        alive &= ~ended.to(device)
         if not alive.any() or t == steps - 1:
             break
         if alive.sum() <= 0.75 * len(rows):   # drop finished rows from the batch
@@ -182,8 +183,8 @@ def sample_batch(model, tokenizer, prompt_ids: list[list[int]], seeds: list[list
         next_pos = next_pos + 1
     results = []
     for p in range(len(prompt_ids)):
-        results.append([{"tokens": tokens[g, :length[g]].tolist(),
-                         "logps": logps[g, :length[g]].clamp(max=0.0).tolist(),
+        results.append([{"tokens": tokens[g, :int(length[g])].tolist(),
+                         "logps": logps[g, :int(length[g])].clamp(max=0.0).tolist(),
                          "finish_reason": reason[g]} for g in range(p * k, (p + 1) * k)])
     return results
 
@@ -263,7 +264,7 @@ def encode_prompts(tokenizer, texts: list[str], cfg: GenerateConfig, source: str
 
 # --------------------------------------------------------------------------- the stage
 
-def generate(cfg: GenerateConfig, logits_hook_factory=None) -> dict:
+def generate(cfg: GenerateConfig) -> dict:
     """Run the generate stage; return the output manifest (plus this process's timings)."""
     worker, num_workers = resolve_worker(cfg.worker, cfg.num_workers)
     check_model_dir(cfg.policy, "policy")
@@ -275,12 +276,13 @@ def generate(cfg: GenerateConfig, logits_hook_factory=None) -> dict:
     policy_fp = fingerprint(cfg.policy)
     hashed = {k: v for k, v in to_dict(cfg).items() if k not in NOT_HASHED}
     hashed.update(prompts=prompts_fp, policy=policy_fp)
+    logits_hook_factory = None
     if cfg.ilql_heads:
         from .ilql import load_heads, value_guided_hook
         load_heads(cfg.ilql_heads)  # refuse a bad directory before any work
         hashed["ilql_heads"] = _heads_fingerprint(cfg.ilql_heads)
 
-        def logits_hook_factory(model, _path=cfg.ilql_heads):  # noqa: F811
+        def logits_hook_factory(model, _path=cfg.ilql_heads):
             heads = load_heads(_path, next(model.parameters()).device)
             return value_guided_hook(heads, cfg.ilql_beta, cfg.ilql_top_k)
     chash = config_hash(hashed)

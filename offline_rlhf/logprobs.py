@@ -21,6 +21,7 @@ from .config import opt, to_dict
 from .errors import InputError
 from .lineage import config_hash
 from .models import check_model_dir, fingerprint, load_reference, load_tokenizer
+from .schemas import replace_column
 from .shards import ShardWriter, open_dataset
 from .stage import resolve_worker, run_chunks
 
@@ -131,9 +132,9 @@ def compute_logprobs(cfg: LogprobsConfig) -> dict:
                                token_budget=cfg.token_budget)
         n_tok = sum(len(r) for r in responses)
         progress.update(units=table.num_rows, samples=table.num_rows, tokens=n_tok)
-        table = _set(table, "ref_logps", pa.array([x.tolist() for x in logps], pa.list_(pa.float32())))
-        table = _set(table, "ref_logps_sum", pa.array([float(x.astype(np.float64).sum()) for x in logps]))
-        table = _set(table, "reference_fingerprint", pa.array([ref_fp] * table.num_rows))
+        table = replace_column(table, "ref_logps", pa.array([x.tolist() for x in logps], pa.list_(pa.float32())))
+        table = replace_column(table, "ref_logps_sum", pa.array([float(x.astype(np.float64).sum()) for x in logps]))
+        table = replace_column(table, "reference_fingerprint", pa.array([ref_fp] * table.num_rows))
         return table, {}
 
     return run_chunks(writer, len(src.shards), worker, num_workers, compute,
@@ -146,8 +147,3 @@ def _check_vocab(tok, prompts, responses, where) -> None:
     if top >= len(tok):
         raise InputError(f"{where}: token id {top} is outside the reference tokenizer "
                          f"(vocabulary {len(tok)}): the reference must share the policy's tokenizer")
-
-
-def _set(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
-    i = table.schema.get_field_index(name)
-    return table.set_column(i, table.schema.field(i), values.cast(table.schema.field(i).type))

@@ -23,10 +23,10 @@ import pyarrow as pa
 from .config import opt, to_dict
 from .errors import InputError, located
 from .lineage import code_version, config_hash, utc_now
+from .prompts import prompt_id_for
 from .schemas import load_schema
 from .shards import ShardWriter, open_dataset, read_rows
 from .stage import run_chunks
-from .toy import prompt_id_for
 
 STRATEGIES = ("best_worst", "margin", "top_bottom")
 GEN_COLUMNS = ["prompt_id", "prompt", "prompt_token_ids", "sample_index", "response",

@@ -106,13 +106,13 @@ class Stage:
         return self.output
 
     def done(self) -> bool:
-        from .shards import is_dataset, open_dataset
+        from .shards import is_complete
         o = self.output
         if self.kind == "train":
             return (o / "train_summary.json").exists() and (o / "final").is_dir()
         if self.kind in ("rest", "eval"):
             return (o / ("report.json" if self.kind == "rest" else "results.json")).exists()
-        return is_dataset(str(o)) and open_dataset(str(o)).complete
+        return is_complete(str(o))
 
 
 @dataclasses.dataclass

@@ -8,6 +8,7 @@ derived from the content, so importing the same prompts twice gives the same ids
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pyarrow as pa
@@ -16,7 +17,11 @@ from .errors import InputError, located
 from .lineage import canonical_json
 from .schemas import load_schema, validate
 from .shards import ShardWriter, read_rows
-from .toy import prompt_id_for
+
+
+def prompt_id_for(text: str) -> str:
+    """Content-derived prompt id: sha256 of the canonical prompt, first 16 hex digits."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _canonical_prompt(text, messages) -> str:

@@ -34,7 +34,7 @@ from .generation import GenerateConfig, generate
 from .lineage import config_hash
 from .models import fingerprint
 from .rewards.score import ScoreConfig, score
-from .shards import is_dataset, open_dataset
+from .shards import is_complete, open_dataset
 from .train.sft import SFTTrainConfig, train_sft
 
 
@@ -87,10 +87,6 @@ def _key(obj) -> str:
     return config_hash(obj)[:10]
 
 
-def _complete(path: Path) -> bool:
-    return is_dataset(str(path)) and open_dataset(str(path)).complete
-
-
 def _score_cfg(cfg: RestConfig, gens: Path, out: Path) -> ScoreConfig:
     kw = {"format_pattern": cfg.format_pattern} if cfg.format_pattern else {}
     return ScoreConfig(generations=str(gens), output=str(out), reward_model=cfg.reward_model,
@@ -103,7 +99,7 @@ def _grow(cfg: RestConfig, g: int, policy: str, out: Path) -> Path:
                 "stop": cfg.stop, "seed": cfg.seed + g, "reward_model": cfg.reward_model,
                 "weights": cfg.weights, "format": cfg.format_pattern}
     d = out / f"grow-{g}-{_key(settings)}"
-    if not _complete(d / "scored"):
+    if not is_complete(str(d / "scored")):
         generate(GenerateConfig(prompts=cfg.prompts, output=str(d / "generations"), policy=policy,
                                 num_samples=cfg.num_samples, temperature=cfg.temperature,
                                 top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, stop=list(cfg.stop),
@@ -116,7 +112,7 @@ def _grow(cfg: RestConfig, g: int, policy: str, out: Path) -> Path:
 def _evaluate(cfg: RestConfig, model: str, out: Path) -> float | None:
     if not cfg.eval_prompts:
         return None
-    if not _complete(out / "scored"):
+    if not is_complete(str(out / "scored")):
         generate(GenerateConfig(prompts=cfg.eval_prompts, output=str(out / "generations"), policy=model,
                                 num_samples=1, greedy=True, max_new_tokens=cfg.max_new_tokens,
                                 stop=list(cfg.stop), overlong="truncate"))

@@ -320,6 +320,15 @@ def find_violations(table: pa.Table, schema: Schema) -> list[Violation]:
     return out
 
 
+def replace_column(table: pa.Table, name: str, values) -> pa.Table:
+    """``table`` with column ``name`` replaced by ``values`` (an Arrow array or Python /
+    NumPy values), keeping the field and its type."""
+    i = table.schema.get_field_index(name)
+    field = table.schema.field(i)
+    array = values.cast(field.type) if isinstance(values, pa.Array) else pa.array(values, type=field.type)
+    return table.set_column(i, field, array)
+
+
 def validate(table: pa.Table, schema: Schema | str, source: str | None = None) -> pa.Table:
     """Conform ``table`` to ``schema`` and raise :class:`InputError` on the first bad row."""
     if isinstance(schema, str):

@@ -596,6 +596,11 @@ def is_dataset(url: str) -> bool:
     return _Store(url).exists(MANIFEST)
 
 
+def is_complete(url: str) -> bool:
+    """Whether ``url`` holds a dataset whose writing stage finished."""
+    return is_dataset(url) and Dataset(url).complete
+
+
 # --------------------------------------------------------------------------- external files
 
 def _open_input(path: str):

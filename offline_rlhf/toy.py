@@ -6,16 +6,12 @@ exact-match rewards need no reward model, and a tiny model learns the task in mi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 
 import pyarrow as pa
 
-
-def prompt_id_for(text: str) -> str:
-    """Content-derived prompt id: sha256 of the canonical prompt, first 16 hex digits."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+from .prompts import prompt_id_for
 
 
 def addition_prompts(n: int, seed: int = 0, max_operand: int = 20, split: str = "train",

@@ -14,6 +14,7 @@ from ..config import opt, to_dict
 from ..errors import InputError, located
 from ..lineage import canonical_json, config_hash
 from ..models import check_reward_model, fingerprint
+from ..schemas import replace_column
 from ..shards import ShardWriter, open_dataset
 from ..stage import resolve_worker, run_chunks
 from . import rules
@@ -91,12 +92,6 @@ def rule_components(cfg: ScoreConfig, table: pa.Table, source: str) -> dict[str,
     return out
 
 
-def _replace(table: pa.Table, name: str, values) -> pa.Table:
-    i = table.schema.get_field_index(name)
-    field = table.schema.field(i)
-    return table.set_column(i, field, pa.array(values, type=field.type))
-
-
 def score(cfg: ScoreConfig) -> dict:
     """Run the score stage; return the output manifest."""
     worker, num_workers = resolve_worker(cfg.worker, cfg.num_workers)
@@ -142,12 +137,12 @@ def score(cfg: ScoreConfig) -> dict:
         if len(bad):
             raise InputError(located("reward is not finite (reward model produced NaN/inf?)",
                                      where, int(bad[0]), "reward"))
-        table = _replace(table, "reward", total)
-        table = _replace(table, "reward_components", [
+        table = replace_column(table, "reward", total)
+        table = replace_column(table, "reward_components", [
             [{"name": n, "value": float(comps[n][i])} for n in names] for i in range(table.num_rows)])
-        table = _replace(table, "reward_normalized",
+        table = replace_column(table, "reward_normalized",
                          group_normalize(table.column("prompt_id").to_pylist(), total))
-        table = _replace(table, "reward_fingerprint", [reward_fp] * table.num_rows)
+        table = replace_column(table, "reward_fingerprint", [reward_fp] * table.num_rows)
         progress.update(units=table.num_rows, samples=table.num_rows,
                         tokens=sum(len(x) for x in table.column("response_token_ids").to_pylist()))
         return table, stats

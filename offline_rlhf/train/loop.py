@@ -16,6 +16,7 @@ step's gradient is the mean over its examples whatever the number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -195,7 +196,7 @@ def _step(acc, model, task: Task, mine: list[list[int]], n_step: int):
     for j, mb in enumerate(mine):
         batch = task.collate(mb, acc.device)
         sync = j == len(mine) - 1
-        ctx = acc.no_sync(model) if not sync and acc.num_processes > 1 else _nullcontext()
+        ctx = acc.no_sync(model) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
         with ctx, acc.autocast():
             losses, metrics = task.loss(model, batch)
             acc.backward(losses.sum() * scale)
@@ -203,14 +204,6 @@ def _step(acc, model, task: Task, mine: list[list[int]], n_step: int):
             v = v.detach().float().sum()
             sums[k] = sums[k] + v if k in sums else v
     return sums
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=None,

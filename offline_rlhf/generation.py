@@ -1,12 +1,11 @@
-"""Batch generation: K sampled responses per prompt, with behaviour log-probs, into shards.
+"""The generate stage: K sampled responses per prompt, with behaviour log-probs, into shards.
 
-Throughput: prompts are bucketed by length and batched by a token budget, left padded;
-each prompt is prefilled once and its KV cache repeated for its K samples; rows that
-finish leave the batch.
-
-Determinism: sample ``k`` of prompt ``p`` draws its uniforms from a generator seeded
-by ``(run seed, p, k)`` and is sampled by inverse CDF, so its tokens do not depend on
-which rows share its batch, on the token budget, on the worker count, or on restarts.
+The stage owns prompts (rendering, tokenizing, over-long handling), per-sample seeds
+(sample ``k`` of prompt ``p`` is seeded by ``(run seed, p, k)``), rows, lineage and
+shards; a *backend* (``offline_rlhf/backends/``: ``--backend hf``, the built-in decode
+loop, ...) turns token ids and seeds into tokens and log-probs, and an *executor*
+(``offline_rlhf/executors/``) decides where chunks run. Whichever runs, the dataset is
+the same.
 """
 
 from __future__ import annotations
@@ -17,33 +16,21 @@ import math
 from pathlib import Path
 
 import pyarrow as pa
-import torch
 
-from .batching import budget_batches, pad, positions
+from .backends import GENERATORS, Sampling, backend_module
 from .config import opt, to_dict
 from .errors import InputError, located
 from .lineage import code_version, config_hash, utc_now
-from .logprobs import processed_logps
-from .models import check_model_dir, fingerprint, load_policy, load_tokenizer
+from .models import check_model_dir, fingerprint, load_tokenizer
 from .prompts import normalize_prompts
 from .schemas import load_schema
 from .shards import is_dataset, open_dataset, read_rows
-from .stage import resolve_worker, run_chunks
+from .stage import LazyWorker, StagePlan, resolve_worker, run_stage
 
 OVERLONG = ("error", "truncate", "skip")
 # Settings that change how fast rows are made, not which rows: left out of the config hash.
+# (the backend is hashed: engines may differ in the last bits of their arithmetic)
 NOT_HASHED = ("output", "worker", "num_workers", "token_budget", "device")
-
-
-@dataclasses.dataclass
-class Sampling:
-    """Decoding settings of one run."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 128
-    greedy: bool = False
-    stop: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -64,6 +51,8 @@ class GenerateConfig:
     max_prompt_tokens: int = opt(1024, "longest prompt accepted, in policy tokens")
     overlong: str = opt("error", "prompts over max_prompt_tokens: error | truncate (keep the "
                         "last tokens) | skip; truncated and skipped prompts are counted in the manifest")
+    backend: str = opt("hf", f"generation engine: {' | '.join(GENERATORS)} (hf: the built-in "
+                       "transformers decode loop)")
     token_budget: int = opt(32768, "tokens per batch: prompts x K x (longest prompt + max_new_tokens)")
     chunk_prompts: int = opt(256, "prompts per output shard: the unit of resume and of work sharing")
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")
@@ -100,103 +89,6 @@ class GenerateConfig:
 def sample_seed(run_seed: int, prompt_id: str, sample_index: int) -> int:
     digest = hashlib.sha256(f"{run_seed}\0{prompt_id}\0{sample_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _inverse_cdf(logps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    probs = logps.exp()
-    cdf = probs.cumsum(-1)
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-    idx = idx.clamp(max=probs.shape[-1] - 1)
-    # float round-off at the very top of the CDF can land on a filtered token
-    bad = probs.gather(1, idx[:, None])[:, 0] <= 0
-    return torch.where(bad, probs.argmax(-1), idx)
-
-
-@torch.no_grad()
-def sample_batch(model, tokenizer, prompt_ids: list[list[int]], seeds: list[list[int]],
-                 s: Sampling, logits_hook=None) -> list[list[dict]]:
-    """Sample ``len(seeds[p])`` responses for each prompt; return, per prompt and sample,
-    ``tokens``, ``logps`` (behaviour log-probs) and ``finish_reason``.
-
-    ``logits_hook(logits, hidden, rows)``, when given, may change the next-token logits
-    (value-guided decoding) before the sampling distribution is formed.
-    """
-    device = next(model.parameters()).device
-    k = len(seeds[0])
-    n_rows, steps = len(prompt_ids) * k, s.max_new_tokens
-    ids, mask = pad(prompt_ids, tokenizer.pad_token_id, "left", device)
-    pos = positions(mask)
-    want_hidden = logits_hook is not None
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                logits_to_keep=1, output_hidden_states=want_hidden)
-    cache = out.past_key_values
-    if k > 1:
-        cache.batch_repeat_interleave(k)
-    logits = out.logits[:, -1].float().repeat_interleave(k, 0)
-    hidden = out.hidden_states[-1][:, -1].repeat_interleave(k, 0) if want_hidden else None
-    mask = mask.repeat_interleave(k, 0)
-    next_pos = pos[:, -1].repeat_interleave(k, 0) + 1
-    uniforms = torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(seed))
-                            for row in seeds for seed in row]).to(device)
-    eos = torch.tensor(sorted(_eos_ids(model, tokenizer)), device=device)
-    tokens = torch.full((n_rows, steps), tokenizer.pad_token_id, dtype=torch.long)
-    logps = torch.zeros((n_rows, steps), dtype=torch.float32)
-    length = torch.zeros(n_rows, dtype=torch.long)
-    reason = ["length"] * n_rows
-    rows = torch.arange(n_rows, device=device)   # global row of each batch row
-    alive = torch.ones(n_rows, dtype=torch.bool, device=device)
-    window = max((len(x) for x in s.stop), default=0) + 2
-    for t in range(steps):
-        if logits_hook is not None:
-            logits = logits_hook(logits, hidden, rows)
-        lp = processed_logps(logits) if s.greedy else \
-            processed_logps(logits, s.temperature, s.top_k, s.top_p)
-        tok = lp.argmax(-1) if s.greedy else _inverse_cdf(lp, uniforms[rows, t])
-        tok_lp = lp.gather(1, tok[:, None])[:, 0]
-        cpu_rows = rows.cpu()
-        tokens[cpu_rows, t] = tok.cpu()
-        logps[cpu_rows, t] = tok_lp.cpu()
-        live = alive.cpu()
-        ended = (alive & torch.isin(tok, eos)).cpu()
-        length[cpu_rows[live]] = t + 1
-        for g in cpu_rows[ended].tolist():
-            reason[g] = "eos"
-        if s.stop:  # stop strings need the text: per row, only for rows still going
-            for b in torch.nonzero(live & ~ended, as_tuple=False)[:, 0].tolist():
-                g = int(cpu_rows[b])
-                tail = tokenizer.decode(tokens[g, max(0, t + 1 - window):t + 1],
-                                        skip_special_tokens=True)
-                if any(x in tail for x in s.stop):
-                    reason[g], ended[b] = "stop", True
-        alive &= ~ended.to(device)
-        if not alive.any() or t == steps - 1:
-            break
-        if alive.sum() <= 0.75 * len(rows):   # drop finished rows from the batch
-            keep = torch.nonzero(alive, as_tuple=False)[:, 0]
-            cache.batch_select_indices(keep)
-            rows, alive, tok, mask, next_pos = rows[keep], alive[keep], tok[keep], mask[keep], next_pos[keep]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                    past_key_values=cache, use_cache=True, output_hidden_states=want_hidden)
-        logits = out.logits[:, -1].float()
-        hidden = out.hidden_states[-1][:, -1] if want_hidden else None
-        next_pos = next_pos + 1
-    results = []
-    for p in range(len(prompt_ids)):
-        results.append([{"tokens": tokens[g, :int(length[g])].tolist(),
-                         "logps": logps[g, :int(length[g])].clamp(max=0.0).tolist(),
-                         "finish_reason": reason[g]} for g in range(p * k, (p + 1) * k)])
-    return results
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids = set()
-    for src in (getattr(model, "generation_config", None), model.config):
-        e = getattr(src, "eos_token_id", None) if src is not None else None
-        ids.update([e] if isinstance(e, int) else (e or []))
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
 
 
 def response_text(tokenizer, tokens: list[int], finish_reason: str, stop: list[str]) -> str:
@@ -267,6 +159,12 @@ def encode_prompts(tokenizer, texts: list[str], cfg: GenerateConfig, source: str
 def generate(cfg: GenerateConfig) -> dict:
     """Run the generate stage; return the output manifest (plus this process's timings)."""
     worker, num_workers = resolve_worker(cfg.worker, cfg.num_workers)
+    return run_stage(plan_generate(cfg), worker, num_workers)
+
+
+def plan_generate(cfg: GenerateConfig) -> StagePlan:
+    """Check everything that can be checked before a model loads; describe the stage."""
+    backend_module(cfg.backend)
     check_model_dir(cfg.policy, "policy")
     tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code)
     prompts, prompts_fp = load_prompt_table(cfg.prompts)
@@ -276,47 +174,24 @@ def generate(cfg: GenerateConfig) -> dict:
     policy_fp = fingerprint(cfg.policy)
     hashed = {k: v for k, v in to_dict(cfg).items() if k not in NOT_HASHED}
     hashed.update(prompts=prompts_fp, policy=policy_fp)
-    logits_hook_factory = None
     if cfg.ilql_heads:
-        from .ilql import load_heads, value_guided_hook
+        from .ilql import load_heads
         load_heads(cfg.ilql_heads)  # refuse a bad directory before any work
         hashed["ilql_heads"] = _heads_fingerprint(cfg.ilql_heads)
-
-        def logits_hook_factory(model, _path=cfg.ilql_heads):
-            heads = load_heads(_path, next(model.parameters()).device)
-            return value_guided_hook(heads, cfg.ilql_beta, cfg.ilql_top_k)
     chash = config_hash(hashed)
     decoding = {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
                 "max_new_tokens": cfg.max_new_tokens, "greedy": cfg.greedy, "seed": cfg.seed}
-    from .shards import ShardWriter
-    writer = ShardWriter(cfg.output, "generations", config_hash=chash, lineage={
-        "policy_fingerprint": policy_fp, "prompts": prompts_fp, "decoding": decoding,
-        "stop": cfg.stop, "code_version": code_version()})
-    state: dict = {}
+    meta = {"decoding": decoding, "policy_fingerprint": policy_fp, "config_hash": chash,
+            "code_version": code_version()}
     total = max(1, math.ceil(prompts.num_rows / cfg.chunk_prompts))
-
-    def compute(chunk: int, progress) -> tuple[pa.Table, dict]:
-        if "model" not in state:
-            state["model"] = load_policy(cfg.policy, dtype=cfg.dtype, bits=cfg.bits,
-                                         device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-            state["hook"] = logits_hook_factory(state["model"]) if logits_hook_factory else None
-        lo = chunk * cfg.chunk_prompts
-        part = prompts.slice(lo, cfg.chunk_prompts)
-        ids, counts = encode_prompts(tokenizer, texts[lo:lo + part.num_rows], cfg, cfg.prompts, lo)
-        rows = _generate_rows(state["model"], tokenizer, part, texts[lo:lo + part.num_rows], ids,
-                              cfg, progress, state["hook"])
-        meta = {"decoding": decoding, "policy_fingerprint": policy_fp, "config_hash": chash,
-                "code_version": code_version(), "created_at": utc_now()}
-        for r in rows:
-            r.update(meta)
-        table = pa.Table.from_pylist(rows, schema=load_schema("generations").arrow)
-        return table, counts
-
-    return run_chunks(writer, total, worker, num_workers, compute,
-                      units_per_chunk=lambda c: prompts.slice(c * cfg.chunk_prompts,
-                                                              cfg.chunk_prompts).num_rows,
-                      desc="generate", unit="prompts",
-                      info={"config": to_dict(cfg), "prompts_source": str(Path(cfg.prompts))})
+    units = [prompts.slice(c * cfg.chunk_prompts, cfg.chunk_prompts).num_rows for c in range(total)]
+    return StagePlan(
+        name="generate", unit="prompts", units=units,
+        writer={"url": cfg.output, "schema": "generations", "config_hash": chash, "lineage": {
+            "policy_fingerprint": policy_fp, "prompts": prompts_fp, "decoding": decoding,
+            "stop": cfg.stop, "code_version": code_version()}},
+        worker=GenerateWorker(cfg, prompts, texts, meta),
+        info={"config": to_dict(cfg), "prompts_source": str(Path(cfg.prompts))})
 
 
 def _heads_fingerprint(path: str) -> str:
@@ -326,27 +201,43 @@ def _heads_fingerprint(path: str) -> str:
     return h.hexdigest()
 
 
-def _generate_rows(model, tokenizer, part: pa.Table, texts, ids, cfg: GenerateConfig,
-                   progress, hook) -> list[dict]:
+class GenerateWorker(LazyWorker):
+    """Generates chunks of prompts: the tokenizer and the backend load on first use."""
+
+    def __init__(self, cfg: GenerateConfig, prompts: pa.Table, texts: list[str], meta: dict):
+        self.cfg, self.prompts, self.texts, self.meta = cfg, prompts, texts, meta
+
+    def load(self):
+        tokenizer = load_tokenizer(self.cfg.policy, self.cfg.trust_remote_code)
+        return tokenizer, backend_module(self.cfg.backend).Generator(self.cfg, tokenizer)
+
+    def compute(self, chunk: int, progress) -> tuple[pa.Table, dict]:
+        cfg = self.cfg
+        tokenizer, backend = self.loaded
+        lo = chunk * cfg.chunk_prompts
+        part = self.prompts.slice(lo, cfg.chunk_prompts)
+        texts = self.texts[lo:lo + part.num_rows]
+        ids, counts = encode_prompts(tokenizer, texts, cfg, cfg.prompts, lo)
+        pids = part.column("prompt_id").to_pylist()
+        live = [i for i, x in enumerate(ids) if x is not None]
+        seeds = [[sample_seed(cfg.seed, pids[i], k) for k in range(cfg.num_samples)] for i in live]
+        samples = backend.generate([ids[i] for i in live], seeds, cfg.sampling, progress) \
+            if live else []
+        rows = _rows(tokenizer, part, texts, ids, dict(zip(live, samples)), cfg)
+        meta = {**self.meta, "created_at": utc_now()}
+        for r in rows:
+            r.update(meta)
+        return pa.Table.from_pylist(rows, schema=load_schema("generations").arrow), counts
+
+
+def _rows(tokenizer, part: pa.Table, texts, ids, by_prompt: dict[int, list[dict]],
+          cfg: GenerateConfig) -> list[dict]:
+    """Output rows in prompt order, then sample index."""
     pids = part.column("prompt_id").to_pylist()
     messages = part.column("messages").to_pylist()
     answers = part.column("reference_answer").to_pylist()
-    live = [i for i, x in enumerate(ids) if x is not None]
-    by_prompt: dict[int, list[dict]] = {}
-    lengths = [len(ids[i]) for i in live]
-    for batch in budget_batches(lengths, cfg.token_budget, extra=cfg.max_new_tokens,
-                                row_multiplier=cfg.num_samples):
-        members = [live[b] for b in batch]
-        seeds = [[sample_seed(cfg.seed, pids[i], k) for k in range(cfg.num_samples)]
-                 for i in members]
-        results = sample_batch(model, tokenizer, [ids[i] for i in members], seeds,
-                               cfg.sampling, hook)
-        for i, samples in zip(members, results):
-            by_prompt[i] = samples
-        progress.update(units=len(members), samples=len(members) * cfg.num_samples,
-                        tokens=sum(len(x["tokens"]) for r in results for x in r))
     rows = []
-    for i in sorted(by_prompt):   # output order: prompt order, then sample index
+    for i in sorted(by_prompt):
         for k, smp in enumerate(by_prompt[i]):
             rows.append({"prompt_id": pids[i], "prompt": texts[i], "messages": messages[i],
                          "reference_answer": answers[i], "sample_index": k,

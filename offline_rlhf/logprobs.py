@@ -22,8 +22,8 @@ from .errors import InputError
 from .lineage import config_hash
 from .models import check_model_dir, fingerprint, load_reference, load_tokenizer
 from .schemas import replace_column
-from .shards import ShardWriter, open_dataset
-from .stage import resolve_worker, run_chunks
+from .shards import open_dataset
+from .stage import LazyWorker, StagePlan, resolve_worker, run_stage
 
 
 def processed_logps(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
@@ -104,42 +104,58 @@ class LogprobsConfig:
 def compute_logprobs(cfg: LogprobsConfig) -> dict:
     """Run the logprobs stage: reference log-probs of every response into a new dataset."""
     worker, num_workers = resolve_worker(cfg.worker, cfg.num_workers)
+    return run_stage(plan_logprobs(cfg), worker, num_workers)
+
+
+def plan_logprobs(cfg: LogprobsConfig) -> StagePlan:
     src = open_dataset(cfg.generations, require_complete=True)
     if src.schema_name != "generations":
         raise InputError(f"{cfg.generations}: is a {src.schema_name} dataset, not generations")
     check_model_dir(cfg.reference, "reference model")
     ref_fp = fingerprint(cfg.reference)
-    tok = load_tokenizer(cfg.reference, cfg.trust_remote_code)
     hashed = {k: v for k, v in to_dict(cfg).items()
               if k not in ("output", "worker", "num_workers", "token_budget", "device")}
     hashed.update(generations=src.fingerprint, reference=ref_fp)
     lineage = {**src.lineage, "reference_fingerprint": ref_fp, "generations": src.fingerprint}
-    writer = ShardWriter(cfg.output, "generations", lineage=lineage, config_hash=config_hash(hashed))
-    model = []
+    return StagePlan(name="logprobs", unit="rows", units=[e["rows"] for e in src.shards],
+                     writer={"url": cfg.output, "schema": "generations", "lineage": lineage,
+                             "config_hash": config_hash(hashed)},
+                     worker=LogprobsWorker(cfg, ref_fp), info={"config": to_dict(cfg)})
 
-    def compute(chunk: int, progress) -> tuple[pa.Table, dict]:
-        if not model:
-            model.append(load_reference(cfg.reference, dtype=cfg.dtype, bits=cfg.bits,
-                                        device=cfg.device, trust_remote_code=cfg.trust_remote_code))
+
+class LogprobsWorker(LazyWorker):
+    """Reference log-probs of chunks of generations; the reference loads on first use."""
+
+    def __init__(self, cfg: LogprobsConfig, ref_fp: str):
+        self.cfg, self.ref_fp = cfg, ref_fp
+
+    def load(self):
+        cfg = self.cfg
+        model = load_reference(cfg.reference, dtype=cfg.dtype, bits=cfg.bits, device=cfg.device,
+                               trust_remote_code=cfg.trust_remote_code)
+        return (open_dataset(cfg.generations, require_complete=True),
+                load_tokenizer(cfg.reference, cfg.trust_remote_code), model)
+
+    def compute(self, chunk: int, progress) -> tuple[pa.Table, dict]:
+        src, tok, model = self.loaded
         table = src.read_shard(chunk)
         prompts = table.column("prompt_token_ids").to_pylist()
         responses = table.column("response_token_ids").to_pylist()
         if any(p is None for p in prompts):
             raise InputError(f"{src.url}: chunk {chunk} has rows without prompt_token_ids; "
                              "the logprobs stage needs the generator's token ids")
-        _check_vocab(tok, prompts, responses, cfg.reference)
-        logps = sequence_logps(model[0], prompts, responses, pad_id=tok.pad_token_id,
-                               token_budget=cfg.token_budget)
-        n_tok = sum(len(r) for r in responses)
-        progress.update(units=table.num_rows, samples=table.num_rows, tokens=n_tok)
-        table = replace_column(table, "ref_logps", pa.array([x.tolist() for x in logps], pa.list_(pa.float32())))
-        table = replace_column(table, "ref_logps_sum", pa.array([float(x.astype(np.float64).sum()) for x in logps]))
-        table = replace_column(table, "reference_fingerprint", pa.array([ref_fp] * table.num_rows))
+        _check_vocab(tok, prompts, responses, self.cfg.reference)
+        logps = sequence_logps(model, prompts, responses, pad_id=tok.pad_token_id,
+                               token_budget=self.cfg.token_budget)
+        progress.update(units=table.num_rows, samples=table.num_rows,
+                        tokens=sum(len(r) for r in responses))
+        table = replace_column(table, "ref_logps", pa.array([x.tolist() for x in logps],
+                                                            pa.list_(pa.float32())))
+        table = replace_column(table, "ref_logps_sum",
+                               pa.array([float(x.astype(np.float64).sum()) for x in logps]))
+        table = replace_column(table, "reference_fingerprint",
+                               pa.array([self.ref_fp] * table.num_rows))
         return table, {}
-
-    return run_chunks(writer, len(src.shards), worker, num_workers, compute,
-                      units_per_chunk=lambda c: src.entry(c)["rows"], desc="logprobs",
-                      unit="rows", info={"config": to_dict(cfg)})
 
 
 def _check_vocab(tok, prompts, responses, where) -> None:

@@ -26,7 +26,7 @@ from .lineage import code_version, config_hash, utc_now
 from .prompts import prompt_id_for
 from .schemas import load_schema
 from .shards import ShardWriter, open_dataset, read_rows
-from .stage import run_chunks
+from .stage import LazyWorker, StagePlan, run_stage
 
 STRATEGIES = ("best_worst", "margin", "top_bottom")
 GEN_COLUMNS = ["prompt_id", "prompt", "prompt_token_ids", "sample_index", "response",
@@ -123,26 +123,34 @@ def build_pairs(cfg: PairsConfig) -> dict:
         raise InputError(f"{cfg.generations}: is a {src.schema_name} dataset, not generations")
     _check_prompts_within_shards(src)
     chash = config_hash({**to_dict(cfg), "generations": src.fingerprint, "output": None})
-    writer = ShardWriter(cfg.output, "pairs", config_hash=chash,
-                         lineage={**src.lineage, "generations": src.fingerprint,
-                                  "strategy": cfg.strategy})
-    source = f"{cfg.generations}#{cfg.strategy}"
-    meta = {"config_hash": chash, "code_version": code_version()}
+    plan = StagePlan(name="pairs", unit="rows", units=[e["rows"] for e in src.shards],
+                     writer={"url": cfg.output, "schema": "pairs", "config_hash": chash,
+                             "lineage": {**src.lineage, "generations": src.fingerprint,
+                                         "strategy": cfg.strategy}},
+                     worker=PairsWorker(cfg, {"config_hash": chash, "code_version": code_version()}),
+                     info={"config": to_dict(cfg)})
+    return run_stage(plan, 0, 1)
 
-    def compute(chunk: int, progress):
+
+class PairsWorker(LazyWorker):
+    def __init__(self, cfg: PairsConfig, meta: dict):
+        self.cfg, self.meta = cfg, meta
+
+    def load(self):
+        return open_dataset(self.cfg.generations, require_complete=True)
+
+    def compute(self, chunk: int, progress):
+        src = self.loaded
         rows = src.read_shard(chunk, columns=GEN_COLUMNS).to_pylist()
         where = f"{src.url}/{src.entry(chunk)['name']}"
-        pairs, stats = pairs_from_rows(rows, cfg, source, where)
+        pairs, stats = pairs_from_rows(rows, self.cfg, f"{self.cfg.generations}#{self.cfg.strategy}",
+                                       where)
         now = utc_now()
         for p in pairs:
-            p.update(meta, created_at=now)
+            p.update(self.meta, created_at=now)
         progress.update(units=len(rows), samples=len(pairs))
         stats["pairs"] = len(pairs)
         return pa.Table.from_pylist(pairs, schema=load_schema("pairs").arrow), stats
-
-    return run_chunks(writer, len(src.shards), 0, 1, compute,
-                      units_per_chunk=lambda c: src.entry(c)["rows"], desc="pairs", unit="rows",
-                      info={"config": to_dict(cfg)})
 
 
 def _check_prompts_within_shards(src) -> None:

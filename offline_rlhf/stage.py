@@ -1,23 +1,30 @@
-"""The chunked stage runner shared by generate, score and logprobs.
+"""The chunked-stage contract shared by generate, score, logprobs and pairs.
 
-A stage maps input chunk ``c`` to output shard ``c``. Worker ``i`` of ``N`` owns the
-chunks with ``c % N == i``: no coordinator, any launcher (accelerate, torchrun, Slurm
-arrays, Kubernetes indexed jobs) can fan workers out. Committed chunks are skipped,
-so a killed stage rerun recomputes only what is missing, and the output is marked
-complete once every chunk (from any worker) is in.
+A stage maps input chunk ``c`` to output shard ``c``. It describes itself as a
+:class:`StagePlan`: where its output goes (the :class:`~offline_rlhf.shards.ShardWriter`
+arguments), how many chunks there are, how much work each holds, and a *chunk worker*:
+a picklable object whose ``compute(chunk, progress)`` returns the chunk's Arrow table
+and counters, loading its models lazily on first use (once per process or actor).
+
+*Executors* (``offline_rlhf/executors/``) decide only where chunks run: this process
+(``local``: worker ``i`` of ``N`` owns the chunks with ``c % N == i``, so any launcher
+fans workers out with no coordinator) or an actor pool. Whichever runs, the output is
+the same dataset: same chunk names, atomic commits, manifest and per-sample seeds.
+Committed chunks are skipped, so a killed stage rerun recomputes only what is missing,
+and the output is marked complete once every chunk (from any worker) is in.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-from collections.abc import Callable
+from typing import Any, Protocol
 
 import pyarrow as pa
 from tqdm.auto import tqdm
 
 from .errors import InputError
-from .shards import ShardWriter
 
 WORKER_ENV = (("RANK", "WORLD_SIZE"), ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"),
               ("JOB_COMPLETION_INDEX", "OFFLINE_RLHF_NUM_WORKERS"))
@@ -60,22 +67,68 @@ class Progress:
         return {"seconds": dt, "samples": self.samples, "tokens": self.tokens}
 
 
-def run_chunks(writer: ShardWriter, total_chunks: int, worker: int, num_workers: int,
-               compute: Callable[[int, Progress], tuple[pa.Table, dict]], *,
-               units_per_chunk: Callable[[int], int], desc: str, unit: str,
-               info: dict | None = None) -> dict:
-    """Compute and write every uncommitted chunk this worker owns; return the manifest
-    (with ``run`` timing figures of this process)."""
-    mine = [c for c in range(total_chunks) if c % num_workers == worker]
-    todo = [c for c in mine if not writer.committed(c)]
-    progress = Progress(sum(units_per_chunk(c) for c in todo), desc, unit)
-    try:
-        with writer:
-            for c in todo:
-                table, stats = compute(c, progress)
-                writer.write(c, table, stats=stats)
-            manifest = writer.finish(total_chunks=total_chunks, info=info)
-    finally:
-        run = progress.close()
-    run.update(chunks_done=len(todo), chunks_skipped=len(mine) - len(todo))
-    return {**manifest, "run": run}
+class NullProgress:
+    """Counts like :class:`Progress` and shows nothing (inside actors, for instance)."""
+
+    def __init__(self):
+        self.samples = self.tokens = self.units = 0
+
+    def update(self, units: int = 0, samples: int = 0, tokens: int = 0) -> None:
+        self.units += units
+        self.samples += samples
+        self.tokens += tokens
+
+
+class ChunkWorker(Protocol):
+    """Computes chunks of one stage; picklable until its first ``compute``."""
+
+    def compute(self, chunk: int, progress) -> tuple[pa.Table, dict]:
+        """The output table of ``chunk`` and counters for its shard entry."""
+
+
+class LazyWorker:
+    """Base of chunk workers: ``self.loaded`` holds what ``load()`` returned (models,
+    tokenizers), made on first use and never pickled, so a worker ships to another
+    process or actor as its configuration alone and loads there, once."""
+
+    _loaded: Any = None
+
+    def load(self) -> Any:
+        raise NotImplementedError
+
+    @property
+    def loaded(self) -> Any:
+        if self._loaded is None:
+            self._loaded = self.load()
+        return self._loaded
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_loaded"}
+
+
+@dataclasses.dataclass
+class StagePlan:
+    """Everything an executor needs to run a stage."""
+    name: str                     # progress label, e.g. "generate"
+    unit: str                     # what ``units`` counts: "prompts" or "rows"
+    writer: dict                  # ShardWriter keyword arguments (url, schema, lineage, ...)
+    units: list[int]              # work units per chunk; len(units) is the chunk count
+    worker: ChunkWorker
+    info: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def total_chunks(self) -> int:
+        return len(self.units)
+
+    def open_writer(self):
+        from .shards import ShardWriter
+        return ShardWriter(**self.writer)
+
+
+def run_stage(plan: StagePlan, worker: int | None = None, num_workers: int | None = None,
+              executor: str = "local", **executor_options) -> dict:
+    """Run ``plan`` with the named executor; return the output manifest (with ``run``
+    timing figures of this process)."""
+    from .executors import get_executor
+    return get_executor(executor)(plan, worker=worker, num_workers=num_workers,
+                                  **executor_options)

@@ -15,8 +15,8 @@ from ..errors import InputError, located
 from ..lineage import canonical_json, config_hash
 from ..models import check_reward_model, fingerprint
 from ..schemas import replace_column
-from ..shards import ShardWriter, open_dataset
-from ..stage import resolve_worker, run_chunks
+from ..shards import open_dataset
+from ..stage import LazyWorker, StagePlan, resolve_worker, run_stage
 from . import rules
 
 COMPONENTS = ("reward_model", "exact_match", "numeric_match", "format", "length_penalty")
@@ -95,6 +95,10 @@ def rule_components(cfg: ScoreConfig, table: pa.Table, source: str) -> dict[str,
 def score(cfg: ScoreConfig) -> dict:
     """Run the score stage; return the output manifest."""
     worker, num_workers = resolve_worker(cfg.worker, cfg.num_workers)
+    return run_stage(plan_score(cfg), worker, num_workers)
+
+
+def plan_score(cfg: ScoreConfig) -> StagePlan:
     src = open_dataset(cfg.generations, require_complete=True)
     if src.schema_name != "generations":
         raise InputError(f"{cfg.generations}: is a {src.schema_name} dataset, not generations")
@@ -108,27 +112,40 @@ def score(cfg: ScoreConfig) -> dict:
     reward_fp = hashlib.sha256(canonical_json(scorer_spec).encode()).hexdigest()
     chash = config_hash({"generations": src.fingerprint, "scorer": reward_fp, "dtype": cfg.dtype,
                          "bits": cfg.bits})
-    writer = ShardWriter(cfg.output, "generations", config_hash=chash,
-                         lineage={**src.lineage, "reward_fingerprint": reward_fp,
-                                  "reward_model_fingerprint": rm_fp, "scorer": scorer_spec,
-                                  "generations": src.fingerprint})
-    state: dict = {}
+    return StagePlan(name="score", unit="rows", units=[e["rows"] for e in src.shards],
+                     writer={"url": cfg.output, "schema": "generations", "config_hash": chash,
+                             "lineage": {**src.lineage, "reward_fingerprint": reward_fp,
+                                         "reward_model_fingerprint": rm_fp, "scorer": scorer_spec,
+                                         "generations": src.fingerprint}},
+                     worker=ScoreWorker(cfg, reward_fp), info={"config": to_dict(cfg)})
 
-    def compute(chunk: int, progress) -> tuple[pa.Table, dict]:
+
+class ScoreWorker(LazyWorker):
+    """Scores chunks of generations; the reward model (if any) loads on first use."""
+
+    def __init__(self, cfg: ScoreConfig, reward_fp: str):
+        self.cfg, self.reward_fp = cfg, reward_fp
+
+    def load(self):
+        cfg, rm = self.cfg, None
+        if cfg.reward_model:
+            from .reward_model import RewardModelScorer
+            rm = RewardModelScorer(cfg.reward_model, dtype=cfg.dtype, bits=cfg.bits,
+                                   device=cfg.device, token_budget=cfg.token_budget,
+                                   max_length=cfg.max_length,
+                                   trust_remote_code=cfg.trust_remote_code)
+        return open_dataset(cfg.generations, require_complete=True), rm
+
+    def compute(self, chunk: int, progress) -> tuple[pa.Table, dict]:
+        cfg, (src, rm) = self.cfg, self.loaded
         table = src.read_shard(chunk)
         where = f"{src.url}/{src.entry(chunk)['name']}"
         comps = rule_components(cfg, table, where)
         stats = {}
-        if cfg.reward_model:
-            if "rm" not in state:
-                from .reward_model import RewardModelScorer
-                state["rm"] = RewardModelScorer(
-                    cfg.reward_model, dtype=cfg.dtype, bits=cfg.bits, device=cfg.device,
-                    token_budget=cfg.token_budget, max_length=cfg.max_length,
-                    trust_remote_code=cfg.trust_remote_code)
-            seqs, cut = state["rm"].encode(table.column("prompt").to_pylist(),
-                                           table.column("response").to_pylist())
-            comps["reward_model"] = state["rm"].score_ids(seqs)
+        if rm is not None:
+            seqs, cut = rm.encode(table.column("prompt").to_pylist(),
+                                  table.column("response").to_pylist())
+            comps["reward_model"] = rm.score_ids(seqs)
             stats["reward_model_inputs_truncated"] = cut
         names = [n for n in COMPONENTS if n in cfg.weights]
         total = sum(cfg.weights[n] * comps[n] for n in names) if names else np.zeros(table.num_rows)
@@ -141,12 +158,8 @@ def score(cfg: ScoreConfig) -> dict:
         table = replace_column(table, "reward_components", [
             [{"name": n, "value": float(comps[n][i])} for n in names] for i in range(table.num_rows)])
         table = replace_column(table, "reward_normalized",
-                         group_normalize(table.column("prompt_id").to_pylist(), total))
-        table = replace_column(table, "reward_fingerprint", [reward_fp] * table.num_rows)
+                               group_normalize(table.column("prompt_id").to_pylist(), total))
+        table = replace_column(table, "reward_fingerprint", [self.reward_fp] * table.num_rows)
         progress.update(units=table.num_rows, samples=table.num_rows,
                         tokens=sum(len(x) for x in table.column("response_token_ids").to_pylist()))
         return table, stats
-
-    return run_chunks(writer, len(src.shards), worker, num_workers, compute,
-                      units_per_chunk=lambda c: src.entry(c)["rows"], desc="score", unit="rows",
-                      info={"config": to_dict(cfg)})

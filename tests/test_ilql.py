@@ -5,10 +5,12 @@ import torch
 
 from offline_rlhf.ilql import ILQLHeads, load_heads, save_heads, value_guided_hook
 from offline_rlhf.losses.ilql import (
+    advantage,
     awac_loss,
     cql_loss,
     expectile_loss,
     masked_mean,
+    next_values,
     polyak_update,
     td_loss,
     td_targets,
@@ -23,6 +25,19 @@ def test_td_targets_terminal_state():
     # r + gamma * V(next) * (1 - done); the last token is terminal
     out = td_targets(t(0.0, 0.0, 1.0), t(2.0, 3.0, 99.0), t(0.0, 0.0, 1.0), gamma=0.5)
     assert out.tolist() == [1.0, 1.5, 1.0]
+
+
+def test_td_targets_and_advantages_of_a_three_token_episode():
+    """Hand-computed: V = (0.5, 0.2, -0.4), reward 1 on the last (terminal) token, gamma 0.5.
+    Targets bootstrap from the NEXT state: 0 + 0.5 * 0.2, 0 + 0.5 * -0.4, 1 (no bootstrap)."""
+    v = torch.tensor([[0.5, 0.2, -0.4]], requires_grad=True)
+    v_next = next_values(v)
+    assert v_next[0].tolist() == pytest.approx([0.2, -0.4, 0.0]) and not v_next.requires_grad
+    targets = td_targets(t(0.0, 0.0, 1.0)[None], v_next, t(0.0, 0.0, 1.0)[None], gamma=0.5)
+    assert targets[0].tolist() == pytest.approx([0.1, -0.2, 1.0])
+    # min target Q of the taken tokens (0.7, 0.1, -0.2) minus V: better than expected -> positive
+    adv = advantage(torch.tensor([[0.7, 0.1, -0.2]]), v)
+    assert adv[0].tolist() == pytest.approx([0.2, -0.1, 0.2])
 
 
 def test_td_loss_is_squared_error_with_fixed_target():
@@ -142,3 +157,67 @@ def test_train_ilql_with_lora_and_value_guided_generation(tmp_path, policy_dir):
                             ilql_heads=str(final), ilql_beta=4.0, ilql_top_k=5, max_new_tokens=4,
                             num_samples=2))
     assert open_dataset(str(tmp_path / "vg"), require_complete=True).num_rows == 8
+
+
+class _FixedHeads(torch.nn.Module):
+    """Heads whose V and taken-token Q values are given per position (all other Q zero)."""
+
+    def __init__(self, actions, vocab, **values):
+        super().__init__()
+        self.actions, self.vocab, self.values = actions, vocab, values
+
+    def forward(self, hidden):
+        def q(taken):
+            full = torch.zeros(*self.actions.shape, self.vocab)
+            return full.scatter(-1, self.actions[..., None], torch.tensor(taken)[..., None])
+        return {"v": torch.tensor(self.values["v"]),
+                **{k: q(x) for k, x in self.values.items() if k != "v"}}
+
+
+def test_ilql_trainer_loss_uses_next_state_targets_and_positive_advantages(tmp_path, policy_dir):
+    """The trainer's own loss on two 3-token episodes, against hand-computed TD targets,
+    advantages and terms (V and Q heads fixed; the policy's log-probs read separately).
+
+    Rewards -3 and -2 standardise to -1 and +1 on the last token; gamma 0.5, tau 0.7.
+    Row 0: V = (.5, .2, -.4) -> targets (.5*.2, .5*-.4, -1) = (.1, -.2, -1);
+    Q1 = (.3, 0, .6), Q2 = (.1, -.1, 1) -> TD errors .04 + 0, .04 + .01, 2.56 + 4: mean 6.65/3;
+    min(Q1', Q2') = (.7, .1, -.2) -> advantages (.2, -.1, .2).
+    Row 1: V = (.1, .3, .6) -> targets (.15, .3, 1); Q1 = (.2, .4, 1), Q2 = (0, .5, .5)
+    -> TD errors .0025 + .0225, .01 + .04, 0 + .25: mean .325/3;
+    min(Q1', Q2') = (.4, .2, .7) -> advantages (.3, -.1, .1).
+    """
+    import pyarrow as pa
+    from conftest import generation_rows
+
+    from offline_rlhf.models import load_policy, load_tokenizer
+    from offline_rlhf.schemas import load_schema
+    from offline_rlhf.shards import ShardWriter
+    from offline_rlhf.train.ilql import ILQLTask, ILQLTrainConfig
+    with ShardWriter(str(tmp_path / "g"), "generations") as w:
+        w.write(0, pa.Table.from_pylist(generation_rows(2, tokens=3), schema=load_schema("generations").arrow))
+        w.finish(total_chunks=1)
+    cfg = ILQLTrainConfig(data=str(tmp_path / "g"), output=str(tmp_path / "o"), policy=str(policy_dir),
+                          gamma=0.5, tau=0.7, cql_scale=0.0, awac_scale=1.0, awac_beta=1.0)
+    task = ILQLTask(cfg, load_tokenizer(policy_dir))
+    batch = task.collate([0, 1], "cpu")
+    assert batch["rewards"].tolist() == [[0.0, 0.0, -1.0], [0.0, 0.0, 1.0]]
+    task.attach(_FixedHeads(
+        batch["actions"], 512, v=[[0.5, 0.2, -0.4], [0.1, 0.3, 0.6]],
+        q1=[[0.3, 0.0, 0.6], [0.2, 0.4, 1.0]], q2=[[0.1, -0.1, 1.0], [0.0, 0.5, 0.5]],
+        target_q1=[[0.9, 0.1, 0.0], [0.4, 0.2, 0.7]], target_q2=[[0.7, 0.3, -0.2], [0.6, 0.3, 0.9]]))
+    model = load_policy(policy_dir)
+    with torch.no_grad():
+        total, m = task.loss(model, batch)
+        logits = model(input_ids=batch["input_ids"]).logits[:, 2:5]   # prompt is 3 tokens
+    logp = torch.log_softmax(logits.double(), -1).gather(-1, batch["actions"][..., None])[..., 0]
+    assert m["loss/q"].tolist() == pytest.approx([6.65 / 3, 0.325 / 3])
+    assert m["advantage/mean"].tolist() == pytest.approx([0.1, 0.1])
+    assert m["advantage/max"].tolist() == pytest.approx([0.2, 0.3])
+    # expectile: weight 0.7 where the advantage is positive, 0.3 where negative
+    assert m["loss/v"].tolist() == pytest.approx([(0.7 * 0.04 + 0.3 * 0.01 + 0.7 * 0.04) / 3,
+                                                  (0.7 * 0.09 + 0.3 * 0.01 + 0.7 * 0.01) / 3])
+    weights = torch.tensor([[0.2, -0.1, 0.2], [0.3, -0.1, 0.1]], dtype=torch.float64).exp()
+    awac = (-(weights * logp).mean(-1)).tolist()
+    assert m["loss/awac"].tolist() == pytest.approx(awac, rel=1e-5)
+    assert total.tolist() == pytest.approx([a + b + c for a, b, c in zip(
+        m["loss/q"].tolist(), m["loss/v"].tolist(), awac)], rel=1e-5)

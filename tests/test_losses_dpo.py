@@ -67,8 +67,25 @@ def test_hinge_and_simpo_hand_computed():
     assert m["rewards/chosen"].item() == pytest.approx(-4.0)
 
 
+def test_simpo_with_unequal_per_token_averages_hand_computed():
+    """Chosen -4 over 2 tokens (-2 per token), rejected -9 over 3 (-3 per token); beta 2,
+    gamma 0.5: z = 2 * (-2 - -3) - 0.5 = 1.5, loss = log(1 + e^-1.5). Swapping the sides
+    gives z = -2.5, so the sign of the margin shows."""
+    losses, m = dpo_loss(t(-4.0), t(-9.0), None, None, beta=2.0, loss_type="simpo",
+                         chosen_lengths=t(2.0), rejected_lengths=t(3.0), simpo_gamma=0.5)
+    assert losses.item() == pytest.approx(math.log1p(math.exp(-1.5)), abs=1e-12)
+    assert m["rewards/chosen"].item() == pytest.approx(-4.0)
+    assert m["rewards/rejected"].item() == pytest.approx(-6.0)
+    assert m["rewards/margins"].item() == pytest.approx(2.0) and m["rewards/accuracies"].item() == 1.0
+
+
 def test_nll_term_is_per_token():
     assert nll_term(t(-6.0, -2.0), t(3.0, 4.0)).tolist() == [2.0, 0.5]
+
+
+def test_nll_term_of_one_token_and_of_none():
+    # one token: its own NLL; no tokens: 0, not a division by zero
+    assert nll_term(t(-3.0, 0.0), t(1.0, 0.0)).tolist() == [3.0, 0.0]
 
 
 def test_token_logps_and_masked_sums_match_log_softmax():

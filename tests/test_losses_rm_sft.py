@@ -14,6 +14,12 @@ def test_bradley_terry_hand_computed():
     assert m["accuracy"].tolist() == [1.0, 0.0] and m["rewards/margins"].tolist() == [1.0, -0.5]
 
 
+def test_bradley_terry_metrics_name_both_sides():
+    _, m = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.5]))
+    assert set(m) == {"accuracy", "rewards/chosen", "rewards/rejected", "rewards/margins"}
+    assert m["rewards/chosen"].tolist() == [2.0, 0.0] and m["rewards/rejected"].tolist() == [1.0, 0.5]
+
+
 def test_margin_and_centering_terms():
     rc, rr, margin = torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([0.75])
     losses, _ = bradley_terry_loss(rc, rr, margin, center_coef=0.1)
@@ -42,3 +48,12 @@ def test_sft_masking_prompt_positions_contribute_nothing():
     losses2, _ = sft_loss(other, mask)
     losses2.sum().backward()
     assert torch.equal(losses.detach(), losses2.detach()) and torch.equal(grad, other.grad)
+
+
+def test_sft_loss_of_one_response_token_and_of_none():
+    """A row with one response token: that token's NLL; a row with none: 0 (not NaN)."""
+    logps = torch.tensor([[-0.5, -2.0, -0.25], [-1.0, -1.0, -1.0]])
+    mask = torch.tensor([[0, 0, 1, 0], [0, 0, 0, 0]])
+    losses, m = sft_loss(logps, mask)
+    assert losses.tolist() == [2.0, 0.0]
+    assert m["response_tokens"].tolist() == [1.0, 0.0] and m["logps"].tolist() == [-2.0, 0.0]

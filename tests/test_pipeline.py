@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from offline_rlhf.errors import InputError
 from offline_rlhf.pipeline import load_pipeline, plan, run_pipeline
-from offline_rlhf.shards import ShardWriter
+from offline_rlhf.shards import ShardWriter, open_dataset
 from offline_rlhf.toy import copy_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +99,12 @@ def test_unchanged_rerun_recomputes_nothing(tmp_path, inputs):
     assert mtimes(tmp_path / "w" / "stages") == before
     results = json.loads(next((tmp_path / "w" / "stages").glob("eval-*/results.json")).read_text())
     assert 0 <= results["win_rate"] <= 1 and results["policy"]["kl_to_reference"] is not None
+    # the win rate recounted from the two scored datasets the eval stage kept
+    ev = next((tmp_path / "w" / "stages").glob("eval-*"))
+    p, b = ({(r["prompt_id"], r["sample_index"]): r["reward"] for r in open_dataset(str(ev / side / "scored"))
+             .read(columns=["prompt_id", "sample_index", "reward"]).to_pylist()} for side in ("policy", "baseline"))
+    assert p.keys() == b.keys() and len(p) == 6
+    assert results["win_rate"] == pytest.approx(sum(1.0 * (p[k] > b[k]) + 0.5 * (p[k] == b[k]) for k in p) / 6)
     assert (tmp_path / "w" / "pipeline.resolved.json").exists()
     log = (tmp_path / "w" / "run.log").read_text()
     assert log.count("run generate") == 1 and log.count("reuse generate") == 1

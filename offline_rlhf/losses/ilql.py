@@ -23,10 +23,22 @@ import torch
 import torch.nn.functional as F
 
 
+def next_values(v: torch.Tensor) -> torch.Tensor:
+    """``V(s_{t+1})`` at each position t of per-token values ``v`` [B, T]: ``v`` shifted one
+    token left, 0 after the last position (its ``done`` multiplies it away), detached."""
+    return torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], dim=1).detach()
+
+
 def td_targets(rewards: torch.Tensor, v_next: torch.Tensor, done: torch.Tensor,
                gamma: float = 0.99) -> torch.Tensor:
-    """r_t + gamma * V(s_{t+1}) * (1 - done_t), detached."""
+    """r_t + gamma * V(s_{t+1}) * (1 - done_t), detached; ``v_next`` from :func:`next_values`."""
     return (rewards + gamma * v_next * (1.0 - done)).detach()
+
+
+def advantage(target_q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``A(s_t, a_t) = min_i Q_i'(s_t, a_t) - V(s_t)``: positive where the taken token is
+    better than the state's value (the AWAC weight's exponent)."""
+    return target_q - v
 
 
 def td_loss(q_taken: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,16 @@ from ..batching import pad
 from ..config import opt
 from ..errors import InputError
 from ..ilql import ILQLHeads
-from ..losses.ilql import awac_loss, cql_loss, expectile_loss, masked_mean, td_loss, td_targets
+from ..losses.ilql import (
+    advantage,
+    awac_loss,
+    cql_loss,
+    expectile_loss,
+    masked_mean,
+    next_values,
+    td_loss,
+    td_targets,
+)
 from ..shards import open_dataset
 from .loop import TrainConfig, fit
 
@@ -116,8 +125,7 @@ class ILQLTask:
         h = self.heads(hidden)
         a = batch["actions"][..., None]
         v = h["v"]
-        v_next = torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], dim=1).detach()
-        targets = td_targets(batch["rewards"], v_next, batch["done"], cfg.gamma)
+        targets = td_targets(batch["rewards"], next_values(v), batch["done"], cfg.gamma)
         q1 = h["q1"].gather(-1, a)[..., 0]
         tq = h["target_q1"].gather(-1, a)[..., 0]
         loss_q = td_loss(q1, targets)
@@ -129,8 +137,8 @@ class ILQLTask:
             tq = torch.minimum(tq, h["target_q2"].gather(-1, a)[..., 0])
         loss_v = expectile_loss(v, tq, cfg.tau)
         logp = logits.gather(-1, a)[..., 0] - torch.logsumexp(logits, -1)
-        advantage = tq - v
-        loss_awac = awac_loss(logp, advantage, cfg.awac_beta)
+        adv = advantage(tq, v)
+        loss_awac = awac_loss(logp, adv, cfg.awac_beta)
         m = batch["mask"]
         terms = {"loss/q": masked_mean(loss_q, m), "loss/v": masked_mean(loss_v, m),
                  "loss/cql": masked_mean(loss_cql, m), "loss/awac": masked_mean(loss_awac, m)}
@@ -138,8 +146,8 @@ class ILQLTask:
             cfg.awac_scale * terms["loss/awac"]
         metrics = {k: x.detach() for k, x in terms.items()}
         metrics.update({"q/mean": masked_mean(q1, m).detach(), "v/mean": masked_mean(v, m).detach(),
-                        "advantage/mean": masked_mean(advantage, m).detach(),
-                        "advantage/max": (advantage.masked_fill(m == 0, -1e9)).amax(-1).detach()})
+                        "advantage/mean": masked_mean(adv, m).detach(),
+                        "advantage/max": (adv.masked_fill(m == 0, -1e9)).amax(-1).detach()})
         return total, metrics
 
     def after_step(self, step: int) -> None:

@@ -66,6 +66,8 @@ def test_awac_weights_and_behaviour_cloning():
     assert awac_loss(logp, adv, beta=0.0).tolist() == [1.0, 2.0]
     assert awac_loss(logp, adv, beta=2.0).tolist() == pytest.approx([math.e, 2 * math.exp(-1)])
     assert awac_loss(t(-1.0), t(10.0), beta=1.0, max_weight=5.0).item() == 5.0
+    # the trainer's clip: weights stop at 100 (e^10 would be 22026)
+    assert awac_loss(t(-1.0, -1.0), t(10.0, math.log(99.0)), beta=1.0).tolist() == pytest.approx([100.0, 99.0])
 
 
 def test_masked_mean_ignores_padding():

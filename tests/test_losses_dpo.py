@@ -79,6 +79,49 @@ def test_simpo_with_unequal_per_token_averages_hand_computed():
     assert m["rewards/margins"].item() == pytest.approx(2.0) and m["rewards/accuracies"].item() == 1.0
 
 
+def test_one_token_completions_average_to_their_sum():
+    # SimPO: (-1 - -2) per token, z = 2 * 1 - 0.5 = 1.5
+    losses, _ = dpo_loss(t(-1.0), t(-2.0), None, None, beta=2.0, loss_type="simpo",
+                         chosen_lengths=t(1.0), rejected_lengths=t(1.0), simpo_gamma=0.5)
+    assert losses.item() == pytest.approx(math.log1p(math.exp(-1.5)), abs=1e-12)
+    # IPO: h = (-4 - -5) - (-6 - -5.5) = 1.5, beta 0.25: (1.5 - 2)^2
+    losses, _ = dpo_loss(t(-4.0), t(-6.0), t(-5.0), t(-5.5), beta=0.25, loss_type="ipo",
+                         chosen_lengths=t(1.0), rejected_lengths=t(1.0))
+    assert losses.item() == pytest.approx(0.25, abs=1e-12)
+
+
+def test_refusals_name_what_is_missing():
+    pc, pr, rc, rr = t(-4.0), t(-6.0), t(-5.0), t(-5.5)
+    with pytest.raises(ValueError, match="loss_type must be one of .*, not 'kto'"):
+        dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="kto")
+    for loss_type in ("ipo", "simpo"):   # one length missing is enough to refuse
+        with pytest.raises(ValueError, match=f"{loss_type} needs chosen_lengths and rejected_lengths"):
+            dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type=loss_type, chosen_lengths=t(2.0))
+    with pytest.raises(ValueError, match="sigmoid needs reference log-probs"):
+        dpo_loss(pc, pr, rc, None, beta=0.1)
+
+
+def test_defaults_are_trls():
+    """Left unset, beta, label smoothing and the SimPO margin are TRL's defaults
+    (DPOConfig; CPOConfig for SimPO)."""
+    trl = pytest.importorskip("trl")
+    import dataclasses
+    try:
+        from trl import CPOConfig
+    except ImportError:
+        from trl.experimental.cpo import CPOConfig
+    dpo = {f.name: f.default for f in dataclasses.fields(trl.DPOConfig)}
+    cpo = {f.name: f.default for f in dataclasses.fields(CPOConfig)}
+    pc, pr, rc, rr = t(-4.0), t(-6.0), t(-5.0), t(-5.5)
+    for loss_type, kw in (("sigmoid", {}), ("robust", {}),
+                          ("simpo", {"chosen_lengths": t(2.0), "rejected_lengths": t(3.0)})):
+        default, _ = dpo_loss(pc, pr, rc, rr, loss_type=loss_type, **kw)
+        beta = cpo["beta"] if loss_type == "simpo" else dpo["beta"]
+        explicit, _ = dpo_loss(pc, pr, rc, rr, loss_type=loss_type, beta=beta,
+                               label_smoothing=dpo["label_smoothing"], simpo_gamma=cpo["simpo_gamma"], **kw)
+        assert torch.equal(default, explicit), loss_type
+
+
 def test_nll_term_is_per_token():
     assert nll_term(t(-6.0, -2.0), t(3.0, 4.0)).tolist() == [2.0, 0.5]
 

@@ -18,6 +18,8 @@ def test_bradley_terry_metrics_name_both_sides():
     _, m = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.5]))
     assert set(m) == {"accuracy", "rewards/chosen", "rewards/rejected", "rewards/margins"}
     assert m["rewards/chosen"].tolist() == [2.0, 0.0] and m["rewards/rejected"].tolist() == [1.0, 0.5]
+    _, tie = bradley_terry_loss(torch.tensor([1.0]), torch.tensor([1.0]))
+    assert tie["accuracy"].item() == 0.0   # a tie is not a correct ranking
 
 
 def test_margin_and_centering_terms():

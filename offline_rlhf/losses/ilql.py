@@ -12,7 +12,8 @@ and a value head V:
 - AWAC: ``-exp(beta * (min Q' - V)) * log pi(a_t | s_t)``, the weight clipped; beta = 0
   is behaviour cloning.
 
-Defaults follow the paper and the public reference implementation (tau 0.7, gamma
+The hyper-parameters have no defaults here: the trainer passes them from ``ILQLTrainConfig``,
+whose defaults follow the paper and the public reference implementation (tau 0.7, gamma
 0.99, cql 0.1, awac 1, Polyak alpha 0.001). Value-guided decoding samples from
 ``logits + beta * (min Q'(s, .) - V(s))``.
 """
@@ -30,7 +31,7 @@ def next_values(v: torch.Tensor) -> torch.Tensor:
 
 
 def td_targets(rewards: torch.Tensor, v_next: torch.Tensor, done: torch.Tensor,
-               gamma: float = 0.99) -> torch.Tensor:
+               gamma: float) -> torch.Tensor:
     """r_t + gamma * V(s_{t+1}) * (1 - done_t), detached; ``v_next`` from :func:`next_values`."""
     return (rewards + gamma * v_next * (1.0 - done)).detach()
 
@@ -46,7 +47,7 @@ def td_loss(q_taken: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (q_taken - targets.detach()) ** 2
 
 
-def expectile_loss(v: torch.Tensor, target_q: torch.Tensor, tau: float = 0.7) -> torch.Tensor:
+def expectile_loss(v: torch.Tensor, target_q: torch.Tensor, tau: float) -> torch.Tensor:
     """Per-token expectile regression of V toward the (detached) target Q."""
     u = target_q.detach() - v
     weight = torch.abs(tau - (u < 0).to(u.dtype))
@@ -58,7 +59,7 @@ def cql_loss(q_all: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(q_all.float(), actions, reduction="none")
 
 
-def awac_loss(logp_taken: torch.Tensor, advantage: torch.Tensor, beta: float = 1.0,
+def awac_loss(logp_taken: torch.Tensor, advantage: torch.Tensor, beta: float,
               max_weight: float = 100.0) -> torch.Tensor:
     """Per-token advantage-weighted log-likelihood; beta = 0 is behaviour cloning."""
     weight = torch.exp(beta * advantage.detach()).clamp(max=max_weight)

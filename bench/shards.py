@@ -216,10 +216,8 @@ def main() -> None:
                 shutil.rmtree(tmp / f"{sub}{r}", ignore_errors=True)
         del chunks
 
-        small = stream_peak(tmp / "store0") if (tmp / "store0").exists() else None
-        if small is None:
-            write_store(tmp / "small", [make_chunk(i) for i in range(n_chunks)])
-            small = stream_peak(tmp / "small")
+        write_store(tmp / "small", [make_chunk(i) for i in range(n_chunks)])
+        small = stream_peak(tmp / "small")
         big_path = tmp / "big"
         w = ShardWriter(str(big_path), "generations", config_hash="d" * 64)
         for i in range(args.big_rows // CHUNK):

@@ -30,7 +30,7 @@ bench: $(STAMP)
 	$(PY) bench/shards.py
 
 # Mutation testing of the pure losses and trainer helpers (what: [tool.mutmut] in
-# pyproject.toml). Not part of CI: about 15 minutes on 2 cores. Starts afresh each time;
+# pyproject.toml). Not part of CI: about 5 minutes on 2 cores. Starts afresh each time;
 # prints the counts, then every mutant the tests did not detect.
 # One torch thread: mutmut forks its workers, and a forked OpenMP pool can spin forever.
 mutate: $(STAMP)

@@ -247,6 +247,14 @@ def test_bad_executor_flags_one_line(tmp_path, capsys, flags, message):
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
+def test_ray_executor_refuses_to_run_once_per_launched_worker(tmp_path, monkeypatch, local_gen):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(InputError, match="one of 4 launched workers"):
+        score(_rules(local_gen[0], tmp_path / "s", **RAY))
+    assert not (tmp_path / "s").exists()
+
+
 def test_executor_flags_reach_the_config():
     from offline_rlhf.cli import build_parser
     from offline_rlhf.config import from_namespace

@@ -70,6 +70,9 @@ class ExecutorOptions:
         for name, ok, why in checks:
             if not ok:
                 raise InputError(f"{name}: {why}, got {getattr(self, name)!r}")
+        later = getattr(super(), "__post_init__", None)  # cooperative: other option mixins
+        if later is not None:
+            later()
 
 
 EXECUTOR_OPTIONS = tuple(f.name for f in dataclasses.fields(ExecutorOptions))

@@ -48,7 +48,7 @@ from collections import Counter
 import pyarrow as pa
 
 from ..errors import InputError
-from ..stage import NullProgress, Progress, StagePlan
+from ..stage import NullProgress, Progress, StagePlan, resolve_worker
 
 
 def run(plan: StagePlan, options) -> dict:
@@ -56,6 +56,11 @@ def run(plan: StagePlan, options) -> dict:
     seconds, samples, tokens, chunks done/skipped/retried, ray_init_seconds and
     actor start-up (``actor_load_seconds``: the slowest actor's model load;
     ``first_actor_ready_seconds``: from the start of this call)."""
+    _, launched = resolve_worker(None, None)
+    if launched > 1:
+        raise InputError(f"executor ray: this process is one of {launched} launched workers "
+                         "(RANK/WORLD_SIZE, a Slurm array or an indexed job); the ray executor "
+                         "is one driver that hands out every chunk: launch it once")
     t0, wall0 = time.perf_counter(), time.time()
     writer = plan.open_writer()
     todo = [c for c in range(plan.total_chunks) if not writer.committed(c)]

@@ -1,12 +1,12 @@
 """Ray executor overhead: `generate --executor ray` (Ray local mode) vs the single-process
 stage, on the same CPU workload.
 
-    python bench/ray_overhead.py [--prompts 96] [--chunk-prompts 8] [--cpus 2] [--repeats 2]
+    python bench/ray_overhead.py [--prompts 192] [--chunk-prompts 8] [--cpus 2] [--repeats 2]
 
-A tiny model from config, prompts of 10-60 tokens, K=4 samples, 12 chunks. Two pairs,
-each a Ray pool on a local instance of --cpus CPUs against the plain stage in this
-process with the same torch threads per process (so the same arithmetic, and outputs
-that must be equal in every column but created_at, which is checked):
+A tiny model from config (hidden 256, 2 layers), prompts of 10-60 tokens, K=4 samples,
+24 chunks. Two pairs, each a Ray pool on a local instance of --cpus CPUs against the
+plain stage in this process with the same torch threads per process (so the same
+arithmetic, and outputs that must be equal in every column but created_at: checked):
 
 - one actor of --cpus CPUs vs the local stage with --cpus threads: Ray's own cost
   (scheduling, the actor's writer, the driver), nothing else differing;
@@ -96,10 +96,10 @@ def span(xs: list[float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--prompts", type=int, default=96)
+    ap.add_argument("--prompts", type=int, default=192)
     ap.add_argument("--chunk-prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)

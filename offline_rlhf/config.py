@@ -155,7 +155,18 @@ def add_arguments(parser: argparse.ArgumentParser, cls, positional: tuple[str, .
     """Add one option per field of ``cls`` (help from the field; required fields
     named in ``positional`` become positional arguments)."""
     hints = _hints(cls)
-    for f in dataclasses.fields(cls):
+    # fields a dataclass base contributes (e.g. ExecutorOptions) come last, in a group
+    # titled by the base's docstring
+    inherited = {f.name: base for base in reversed(cls.__mro__[1:])
+                 if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    groups: dict = {}
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in inherited):
+        target = parser
+        if f.name in inherited:
+            base = inherited[f.name]
+            if base not in groups:
+                groups[base] = parser.add_argument_group((base.__doc__ or "").split("\n")[0])
+            target = groups[base]
         tp, _ = _unwrap_optional(hints[f.name])
         help_text = f.metadata.get("help", "")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -164,21 +175,21 @@ def add_arguments(parser: argparse.ArgumentParser, cls, positional: tuple[str, .
             if default not in (None, [], {}, ""):
                 help_text += f" (default: {default})"
         if f.name in positional:
-            parser.add_argument(f.name, help=help_text)
+            target.add_argument(f.name, help=help_text)
             continue
         kw = dict(dest=f.name, help=help_text, default=argparse.SUPPRESS)
         origin = typing.get_origin(tp)
         if tp is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+            target.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
         elif origin is list:
             (item,) = typing.get_args(tp)
-            parser.add_argument(_flag(f.name), nargs="*", type=item, metavar="X", **kw)
+            target.add_argument(_flag(f.name), nargs="*", type=item, metavar="X", **kw)
         elif origin is dict:
-            parser.add_argument(_flag(f.name), nargs="*", metavar="KEY=VALUE", **kw)
+            target.add_argument(_flag(f.name), nargs="*", metavar="KEY=VALUE", **kw)
         else:
             if required:
                 kw["help"] = "required. " + help_text
-            parser.add_argument(_flag(f.name), type=tp, metavar=f.name.upper(), **kw)
+            target.add_argument(_flag(f.name), type=tp, metavar=f.name.upper(), **kw)
 
 
 def from_namespace(cls, ns: argparse.Namespace, base: dict | None = None):

@@ -20,21 +20,22 @@ import pyarrow as pa
 from .backends import GENERATORS, Sampling, backend_module
 from .config import opt, to_dict
 from .errors import InputError, located
+from .executors import EXECUTOR_OPTIONS, ExecutorOptions
 from .lineage import code_version, config_hash, utc_now
 from .models import check_model_dir, fingerprint, load_tokenizer
 from .prompts import normalize_prompts
 from .schemas import load_schema
 from .shards import is_dataset, open_dataset, read_rows
-from .stage import LazyWorker, StagePlan, resolve_worker, run_stage
+from .stage import LazyWorker, StagePlan, run_stage
 
 OVERLONG = ("error", "truncate", "skip")
 # Settings that change how fast rows are made, not which rows: left out of the config hash.
 # (the backend is hashed: engines may differ in the last bits of their arithmetic)
-NOT_HASHED = ("output", "worker", "num_workers", "token_budget", "device")
+NOT_HASHED = ("output", "token_budget", "device", *EXECUTOR_OPTIONS)
 
 
 @dataclasses.dataclass
-class GenerateConfig:
+class GenerateConfig(ExecutorOptions):
     prompts: str = opt(help="prompts dataset (directory/URL), or a JSONL/JSON/Parquet prompt file")
     output: str = opt(help="output generations dataset (directory or URL)")
     policy: str = opt(help="policy model directory (transformers, safetensors)")
@@ -58,8 +59,6 @@ class GenerateConfig:
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")
     bits: int | None = opt(None, "load the policy in 4 (NF4) or 8 bits with bitsandbytes")
     device: str | None = opt(None, "cuda | cpu (default: cuda when available)")
-    worker: int | None = opt(None, "this worker's index (default: RANK from the launcher, else 0)")
-    num_workers: int | None = opt(None, "number of workers (default: WORLD_SIZE, else 1)")
     trust_remote_code: bool = opt(False, "allow custom model code from the model directory")
     ilql_heads: str | None = opt(None, "directory with ILQL heads (heads.safetensors): sample "
                                  "from logits + ilql_beta * (min target Q - V)")
@@ -67,6 +66,7 @@ class GenerateConfig:
     ilql_top_k: int = opt(0, "ILQL: perturb only the policy's top-k tokens (0: all)")
 
     def __post_init__(self):
+        super().__post_init__()
         checks = [("num_samples", self.num_samples >= 1, "must be >= 1"),
                   ("temperature", self.temperature > 0, "must be > 0"),
                   ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
@@ -158,8 +158,7 @@ def encode_prompts(tokenizer, texts: list[str], cfg: GenerateConfig, source: str
 
 def generate(cfg: GenerateConfig) -> dict:
     """Run the generate stage; return the output manifest (plus this process's timings)."""
-    worker, num_workers = resolve_worker(cfg.worker, cfg.num_workers)
-    return run_stage(plan_generate(cfg), worker, num_workers)
+    return run_stage(plan_generate(cfg), cfg)
 
 
 def plan_generate(cfg: GenerateConfig) -> StagePlan:

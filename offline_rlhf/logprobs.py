@@ -19,11 +19,12 @@ import torch
 from .batching import budget_batches, pad
 from .config import opt, to_dict
 from .errors import InputError
+from .executors import EXECUTOR_OPTIONS, ExecutorOptions
 from .lineage import config_hash
 from .models import check_model_dir, fingerprint, load_reference, load_tokenizer
 from .schemas import replace_column
 from .shards import open_dataset
-from .stage import LazyWorker, StagePlan, resolve_worker, run_stage
+from .stage import LazyWorker, StagePlan, run_stage
 
 
 def processed_logps(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
@@ -84,7 +85,7 @@ def sequence_logps(model, prompts: Sequence[Sequence[int]], responses: Sequence[
 # --------------------------------------------------------------------------- the stage
 
 @dataclasses.dataclass
-class LogprobsConfig:
+class LogprobsConfig(ExecutorOptions):
     generations: str = opt(help="input generations dataset (directory or URL)")
     output: str = opt(help="output dataset: the input rows with ref_logps and ref_logps_sum")
     reference: str = opt(help="reference model directory (usually the starting policy)")
@@ -92,19 +93,17 @@ class LogprobsConfig:
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")
     bits: int | None = opt(None, "load the reference in 4 or 8 bits (bitsandbytes)")
     device: str | None = opt(None, "cuda | cpu (default: cuda when available)")
-    worker: int | None = opt(None, "this worker's index (default: RANK from the launcher, else 0)")
-    num_workers: int | None = opt(None, "number of workers (default: WORLD_SIZE, else 1)")
     trust_remote_code: bool = opt(False, "allow custom model code from the model directory")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.token_budget < 1:
             raise InputError(f"token_budget: must be >= 1, got {self.token_budget}")
 
 
 def compute_logprobs(cfg: LogprobsConfig) -> dict:
     """Run the logprobs stage: reference log-probs of every response into a new dataset."""
-    worker, num_workers = resolve_worker(cfg.worker, cfg.num_workers)
-    return run_stage(plan_logprobs(cfg), worker, num_workers)
+    return run_stage(plan_logprobs(cfg), cfg)
 
 
 def plan_logprobs(cfg: LogprobsConfig) -> StagePlan:
@@ -114,7 +113,7 @@ def plan_logprobs(cfg: LogprobsConfig) -> StagePlan:
     check_model_dir(cfg.reference, "reference model")
     ref_fp = fingerprint(cfg.reference)
     hashed = {k: v for k, v in to_dict(cfg).items()
-              if k not in ("output", "worker", "num_workers", "token_budget", "device")}
+              if k not in ("output", "token_budget", "device", *EXECUTOR_OPTIONS)}
     hashed.update(generations=src.fingerprint, reference=ref_fp)
     lineage = {**src.lineage, "reference_fingerprint": ref_fp, "generations": src.fingerprint}
     return StagePlan(name="logprobs", unit="rows", units=[e["rows"] for e in src.shards],

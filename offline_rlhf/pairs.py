@@ -129,7 +129,7 @@ def build_pairs(cfg: PairsConfig) -> dict:
                                          "strategy": cfg.strategy}},
                      worker=PairsWorker(cfg, {"config_hash": chash, "code_version": code_version()}),
                      info={"config": to_dict(cfg)})
-    return run_stage(plan, 0, 1)
+    return run_stage(plan)
 
 
 class PairsWorker(LazyWorker):

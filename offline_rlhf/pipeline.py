@@ -39,6 +39,7 @@ from pathlib import Path
 
 from .config import apply_overrides, build, load_file
 from .errors import InputError
+from .executors import EXECUTOR_OPTIONS
 from .lineage import canonical_json, code_version, utc_now
 
 KINDS = ("generate", "score", "logprobs", "pairs", "train", "rest", "eval")
@@ -170,6 +171,8 @@ def load_pipeline(path: str, overrides: list[str] | None = None) -> Pipeline:
             if k not in fields or k == "output":
                 raise InputError(f"{where}.{k}: unknown key for a {kind} stage "
                                  f"(known: {', '.join(sorted(fields - {'output'}))})")
+            if k in EXECUTOR_OPTIONS:
+                continue  # where rows are made, not which: kept out of the key
             if isinstance(v, str) and v.startswith(("inputs.", "stages.")):
                 src, _, ref = v.partition(".")
                 if src == "inputs" and ref not in inputs:

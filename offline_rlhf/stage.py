@@ -46,18 +46,22 @@ def resolve_worker(worker: int | None, num_workers: int | None) -> tuple[int, in
 
 
 class Progress:
-    """A progress bar over work units with samples/s and tokens/s."""
+    """A progress bar over work units with samples/s and tokens/s (and chunks done of
+    ``chunks``, when given)."""
 
-    def __init__(self, total: int, desc: str, unit: str):
+    def __init__(self, total: int, desc: str, unit: str, chunks: int | None = None):
         self.bar = tqdm(total=total, desc=desc, unit=unit, mininterval=1.0, dynamic_ncols=True)
         self.start = time.perf_counter()
-        self.samples = self.tokens = 0
+        self.samples = self.tokens = self.chunks_done = 0
+        self.chunks = chunks
 
-    def update(self, units: int = 0, samples: int = 0, tokens: int = 0) -> None:
+    def update(self, units: int = 0, samples: int = 0, tokens: int = 0, chunks: int = 0) -> None:
         self.samples += samples
         self.tokens += tokens
+        self.chunks_done += chunks
         dt = max(time.perf_counter() - self.start, 1e-9)
-        self.bar.set_postfix({"samples/s": f"{self.samples / dt:.1f}",
+        shown = {"chunks": f"{self.chunks_done}/{self.chunks}"} if self.chunks is not None else {}
+        self.bar.set_postfix({**shown, "samples/s": f"{self.samples / dt:.1f}",
                               "tokens/s": f"{self.tokens / dt:.0f}"}, refresh=False)
         self.bar.update(units)
 
@@ -125,10 +129,10 @@ class StagePlan:
         return ShardWriter(**self.writer)
 
 
-def run_stage(plan: StagePlan, worker: int | None = None, num_workers: int | None = None,
-              executor: str = "local", **executor_options) -> dict:
-    """Run ``plan`` with the named executor; return the output manifest (with ``run``
-    timing figures of this process)."""
-    from .executors import get_executor
-    return get_executor(executor)(plan, worker=worker, num_workers=num_workers,
-                                  **executor_options)
+def run_stage(plan: StagePlan, options=None) -> dict:
+    """Run ``plan`` where ``options`` (an :class:`~offline_rlhf.executors.ExecutorOptions`,
+    e.g. the stage's config; default: this process alone) says; return the output manifest
+    (with ``run`` timing figures of this run)."""
+    from .executors import ExecutorOptions, get_executor
+    options = options if options is not None else ExecutorOptions()
+    return get_executor(options.executor)(plan, options)

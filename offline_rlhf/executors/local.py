@@ -10,8 +10,8 @@ from __future__ import annotations
 from ..stage import Progress, StagePlan, resolve_worker
 
 
-def run(plan: StagePlan, *, worker: int | None = None, num_workers: int | None = None) -> dict:
-    worker, num_workers = resolve_worker(worker, num_workers)
+def run(plan: StagePlan, options) -> dict:
+    worker, num_workers = resolve_worker(options.worker, options.num_workers)
     writer = plan.open_writer()
     mine = [c for c in range(plan.total_chunks) if c % num_workers == worker]
     todo = [c for c in mine if not writer.committed(c)]

@@ -12,11 +12,12 @@ import pyarrow as pa
 
 from ..config import opt, to_dict
 from ..errors import InputError, located
+from ..executors import ExecutorOptions
 from ..lineage import canonical_json, config_hash
 from ..models import check_reward_model, fingerprint
 from ..schemas import replace_column
 from ..shards import open_dataset
-from ..stage import LazyWorker, StagePlan, resolve_worker, run_stage
+from ..stage import LazyWorker, StagePlan, run_stage
 from . import rules
 
 COMPONENTS = ("reward_model", "exact_match", "numeric_match", "format", "length_penalty")
@@ -24,7 +25,7 @@ NEEDS_REFERENCE = ("exact_match", "numeric_match")
 
 
 @dataclasses.dataclass
-class ScoreConfig:
+class ScoreConfig(ExecutorOptions):
     generations: str = opt(help="input generations dataset (never modified)")
     output: str = opt(help="output dataset: the same rows with reward columns filled")
     reward_model: str | None = opt(None, "reward model directory (sequence classification, one label)")
@@ -38,11 +39,10 @@ class ScoreConfig:
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")
     bits: int | None = opt(None, "load the reward model in 4 or 8 bits (bitsandbytes)")
     device: str | None = opt(None, "cuda | cpu (default: cuda when available)")
-    worker: int | None = opt(None, "this worker's index (default: RANK from the launcher, else 0)")
-    num_workers: int | None = opt(None, "number of workers (default: WORLD_SIZE, else 1)")
     trust_remote_code: bool = opt(False, "allow custom model code from the model directory")
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.weights:
             if not self.reward_model:
                 raise InputError("weights: nothing to score: give a reward_model or rule weights")
@@ -94,8 +94,7 @@ def rule_components(cfg: ScoreConfig, table: pa.Table, source: str) -> dict[str,
 
 def score(cfg: ScoreConfig) -> dict:
     """Run the score stage; return the output manifest."""
-    worker, num_workers = resolve_worker(cfg.worker, cfg.num_workers)
-    return run_stage(plan_score(cfg), worker, num_workers)
+    return run_stage(plan_score(cfg), cfg)
 
 
 def plan_score(cfg: ScoreConfig) -> StagePlan:

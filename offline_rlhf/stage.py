@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 
 import pyarrow as pa
-from tqdm.auto import tqdm
 
+from .console import progress
 from .errors import InputError
 from .shards import ShardWriter
 
@@ -42,7 +42,7 @@ class Progress:
     """A progress bar over work units with samples/s and tokens/s."""
 
     def __init__(self, total: int, desc: str, unit: str):
-        self.bar = tqdm(total=total, desc=desc, unit=unit, mininterval=1.0, dynamic_ncols=True)
+        self.bar = progress(total, desc, unit)
         self.start = time.perf_counter()
         self.samples = self.tokens = 0
 

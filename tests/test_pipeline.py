@@ -55,7 +55,7 @@ max_steps = {steps}
 batch_size = 4
 micro_batch_size = 2
 save_steps = 5
-tensorboard = false
+report_to = "none"
 [stages.eval]
 kind = "eval"
 policy = "stages.train"

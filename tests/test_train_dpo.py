@@ -29,7 +29,7 @@ def pairs_ds(tmp_path_factory, policy_dir):
 
 def cfg(pairs, out, policy, **kw):
     base = dict(data=pairs, output=str(out), policy=str(policy), reference=str(policy), lr=1e-3,
-                max_steps=5, batch_size=8, micro_batch_size=4, tensorboard=False, nll_alpha=0.0)
+                max_steps=5, batch_size=8, micro_batch_size=4, report_to="none", nll_alpha=0.0)
     base.update(kw)
     return DPOTrainConfig(**base)
 
@@ -89,7 +89,7 @@ def _run(args, **kw):
 def _train_args(pairs, out, policy, *extra):
     return ["train", "dpo", "--data", pairs, "--output", str(out), "--policy", str(policy),
             "--reference", str(policy), "--lr", "1e-3", "--batch-size", "8", "--micro-batch-size", "2",
-            "--nll-alpha", "0.5", "--no-tensorboard", "--lora-r", "0", *extra]
+            "--nll-alpha", "0.5", "--report-to", "none", "--lora-r", "0", *extra]
 
 
 def test_killed_after_checkpoint_resumes_to_identical_weights(tmp_path, pairs_ds, policy_dir):

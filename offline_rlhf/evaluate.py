@@ -205,8 +205,8 @@ def write_report(results: dict, out: Path, metrics: list) -> None:
                        out / "rewards.png", "Held-out rewards")]
     kl_points = _kl_points(results)
     if kl_points:
-        pngs.append(points(kl_points, out / "reward_vs_kl.png", "Mean reward vs KL to the reference "
-                           "(error bars: one standard error)", "KL estimate (nats, k3)", "mean reward"))
+        pngs.append(points(kl_points, out / "reward_vs_kl.png", "Mean reward vs KL to the reference",
+                           "KL estimate (nats, k3; bars: ±1 standard error)", "mean reward"))
     for i, path in enumerate(metrics):
         rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
         rows = [r for r in rows if "loss" in r]

@@ -22,6 +22,7 @@ import torch
 from .batching import budget_batches, pad, positions
 from .config import opt, to_dict
 from .errors import InputError, located
+from .layouts import prompt_ids
 from .lineage import code_version, config_hash, utc_now
 from .logprobs import processed_logps
 from .models import check_model_dir, fingerprint, load_policy, load_tokenizer
@@ -129,7 +130,7 @@ def sample_batch(model, tokenizer, prompt_ids: list[list[int]], seeds: list[list
     want_hidden = logits_hook is not None
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                 logits_to_keep=1, output_hidden_states=want_hidden)
-    cache = out.past_key_values
+    cache = out.cache
     if k > 1:
         cache.batch_repeat_interleave(k)
     logits = out.logits[:, -1].float().repeat_interleave(k, 0)
@@ -177,7 +178,7 @@ def sample_batch(model, tokenizer, prompt_ids: list[list[int]], seeds: list[list
             rows, alive, tok, mask, next_pos = rows[keep], alive[keep], tok[keep], mask[keep], next_pos[keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                    past_key_values=cache, use_cache=True, output_hidden_states=want_hidden)
+                    cache=cache, use_cache=True, output_hidden_states=want_hidden)
         logits = out.logits[:, -1].float()
         hidden = out.hidden_states[-1][:, -1] if want_hidden else None
         next_pos = next_pos + 1
@@ -241,7 +242,7 @@ def render_prompts(tokenizer, table: pa.Table) -> list[str]:
 def encode_prompts(tokenizer, texts: list[str], cfg: GenerateConfig, source: str,
                    first_row: int = 0) -> tuple[list[list[int] | None], dict]:
     """Token ids per prompt (None when skipped) and counters for the manifest."""
-    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    ids = prompt_ids(tokenizer, texts)
     counts = {"prompts_truncated": 0, "prompts_skipped": 0}
     out: list[list[int] | None] = []
     for i, x in enumerate(ids):

@@ -109,14 +109,17 @@ def chat_pieces(tokenizer, msgs: list[dict], trained: list[bool], file, row, col
     return pieces
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Prompt text to ids with the tokenizer's special tokens (BOS), never doubling a
-    BOS that the text (e.g. a rendered chat template) already starts with."""
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+def prompt_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Prompt texts to ids with the tokenizer's special tokens (BOS), never doubling a
+    BOS that a text (e.g. a rendered chat template) already starts with."""
     bos = tokenizer.bos_token_id
-    if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos:
-        ids = ids[1:]
-    return ids
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+    return [x[1:] if bos is not None and len(x) > 1 and x[0] == x[1] == bos else x for x in ids]
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """One prompt text to ids (see :func:`prompt_ids`)."""
+    return prompt_ids(tokenizer, [text])[0]
 
 
 def encode_pieces(tokenizer, pieces: list[tuple[str, bool]], file, row, column):

@@ -34,6 +34,7 @@ def _maybe_log(ax, counts) -> None:
     nonzero = [c for c in counts if c > 0]
     if nonzero and min(nonzero) < VISIBLE_SHARE * max(nonzero):
         ax.set_yscale("log")
+        ax.set_ylim(bottom=0.5)   # a bar of one sample stands clear of the axis
         ax.set_ylabel(ax.get_ylabel() + " (log scale)")
 
 

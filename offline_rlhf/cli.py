@@ -204,9 +204,9 @@ def validate_file(file: str, schema: str, tokenizer_path: str | None = None) -> 
     from .pairs import preference_rows
     data, parts = preference_rows(file)
     if tok is not None:
-        for i, part in enumerate(parts):
+        for i, (part, _) in enumerate(parts):
             preference_texts(tok, *part, file, i)
-    chat = any(isinstance(v, list) for part in parts for v in part)
+    chat = any(isinstance(v, list) for part, _ in parts for v in part)
     return len(data), note if chat and tok is None else ""
 
 

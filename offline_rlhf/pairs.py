@@ -173,14 +173,27 @@ class ImportPairsConfig:
     overwrite: bool = opt(False, "replace an existing dataset at OUT")
 
 
+def _scores(r: dict, src: str, i: int) -> tuple:
+    """(chosen reward, rejected reward, margin) of a row; the margin defaults to their
+    difference."""
+    cr, rr = (number(r.get(a, r.get(b)), src, i, a if a in r else b) for a, b in
+              (("score_chosen", "chosen_reward"), ("score_rejected", "rejected_reward")))
+    margin = number(r.get("margin"), src, i, "margin")
+    if margin is None and cr is not None and rr is not None:
+        margin = cr - rr
+    return cr, rr, margin
+
+
 def preference_rows(src: str) -> tuple[list[dict], list[tuple]]:
     """A preference file's rows and, per row, its checked (prompt, chosen, rejected) in
-    any layout of :mod:`offline_rlhf.layouts` (no tokenizer needed)."""
+    any layout of :mod:`offline_rlhf.layouts` and (chosen reward, rejected reward,
+    margin); no tokenizer needed."""
     data, columns = read_rows(src)
     for col in ("chosen", "rejected"):
         if col not in columns:
             raise InputError(located("missing column (expected prompt, chosen, rejected)", src, None, col))
-    return data, [preference(r, "prompt" in columns, src, i) for i, r in enumerate(data)]
+    return data, [(preference(r, "prompt" in columns, src, i), _scores(r, src, i))
+                  for i, r in enumerate(data)]
 
 
 def check_pairs_source(data: str, command: str) -> None:
@@ -197,17 +210,12 @@ def pairs_table(src: str, tokenizer=None) -> tuple[pa.Table, dict]:
     (chat rendered with ``tokenizer``), and counters (identical pairs dropped)."""
     data, parts = preference_rows(src)
     rows, dropped = [], 0
-    for i, (r, part) in enumerate(zip(data, parts)):
+    for i, (r, (part, (cr, rr, margin))) in enumerate(zip(data, parts)):
         prompt, chosen, rejected = preference_texts(tokenizer, *part, src, i)
         if chosen == rejected:
             dropped += 1
             continue
         pid = str(r["prompt_id"]) if r.get("prompt_id") is not None else prompt_id_for(prompt)
-        cr, rr = (number(r.get(a, r.get(b)), src, i, a) for a, b in
-                  (("score_chosen", "chosen_reward"), ("score_rejected", "rejected_reward")))
-        margin = number(r.get("margin"), src, i, "margin")
-        if margin is None and cr is not None and rr is not None:
-            margin = cr - rr
         rows.append({"pair_id": pair_id(pid, chosen, rejected), "prompt_id": pid, "prompt": prompt,
                      "chosen": chosen, "rejected": rejected, "chosen_reward": cr,
                      "rejected_reward": rr, "margin": margin, "source": src,

@@ -253,7 +253,7 @@ def fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=None
             logger.log({"step": steps, **summary["eval"]})
         ckpt.save_final(cfg, acc, model, tokenizer, out, extras)
         summary.update(resumed_from=str(resume_from) if resume_from else None, steps=steps,
-                       is_main_process=acc.is_main_process)
+                       is_main_process=acc.is_main_process, data=getattr(task, "stats", None))
         if acc.is_main_process:
             (out / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
         acc.wait_for_everyone()

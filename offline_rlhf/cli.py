@@ -345,9 +345,10 @@ def _add(sub, name, cls, runner, run, positional, short, long, parents):
     add_config_file_argument(s)
     add_arguments(s, cls, positional)
     if name == "rest":
-        s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", default=[],
+        s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", default=argparse.SUPPRESS,
                        help="override keys of the --config file (default: none)")
-    s.set_defaults(fn=lambda args: runner(_config(cls, args), run))
+    s.set_defaults(fn=lambda args: runner(_config(cls, args), run),
+                   takes_overrides=name == "rest" or "overrides" in positional)
     return s
 
 
@@ -429,10 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:   # KEY=VALUE overrides given after flags (argparse stops at the first flag)
-        if not isinstance(getattr(args, "overrides", None), list) or \
+        if not getattr(args, "takes_overrides", False) or \
                 any(x.startswith("-") or "=" not in x for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = list(args.overrides) + extra
+        args.overrides = list(getattr(args, "overrides", [])) + extra
     if not getattr(args, "fn", None):
         parser.print_help()
         return 0

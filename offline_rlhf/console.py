@@ -41,9 +41,7 @@ def setup(level: str = "warning", quiet: bool = False) -> None:
     _state["quiet"] = quiet
     ours = getattr(logging, level.upper())
     libraries = ours if ours <= logging.INFO else logging.ERROR
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_LowerLevelFormatter())
-    log.handlers[:] = [handler]
+    log.handlers[:] = [_StderrHandler()]
     log.setLevel(ours)
     log.propagate = False
     for name in LIBRARIES:
@@ -63,9 +61,11 @@ def setup(level: str = "warning", quiet: bool = False) -> None:
     warnings.showwarning = _show_warning
 
 
-class _LowerLevelFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {record.getMessage()}"
+class _StderrHandler(logging.Handler):
+    """``level: message`` on whatever sys.stderr is when the record is emitted."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr, flush=True)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -198,11 +198,24 @@ def test_bad_pipeline_files_one_line_errors(tmp_path, inputs, edit, message):
 
 
 def test_demo_main_command_raises_held_out_reward(tmp_path):
-    """The README's main command: the nightly loop on the embedded default."""
-    out = subprocess.run([sys.executable, "-m", "offline_rlhf.cli", "demo", "--workdir", str(tmp_path / "d")],
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
+    """The README's main command: the nightly loop on the embedded default. Its output,
+    captured to files as cron would (not a terminal), has no progress redraws and no
+    transformers loading bars. (Also `demo --config FILE`.)"""
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(f"workdir: {tmp_path / 'd'}\n")
+    with open(tmp_path / "out.txt", "w") as stdout, open(tmp_path / "err.txt", "w") as stderr:
+        rc = subprocess.run([sys.executable, "-m", "offline_rlhf.cli", "demo", "--config", str(cfg)],
+                            stdout=stdout, stderr=stderr, text=True, timeout=900).returncode
+    out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+    assert rc == 0, err[-3000:]
     results = json.loads(next((tmp_path / "d" / "pipeline" / "stages").glob("eval-*/results.json")).read_text())
     assert results["policy"]["reward_mean"] > results["baseline"]["reward_mean"] + 0.1
-    assert "before (start)" in out.stdout and "report:" in out.stdout
+    assert "before (start)" in out and "report:" in out
     assert (tmp_path / "d" / "models" / "start" / "model.safetensors").exists()
+    for noise in ("\r", "Loading weights", "Writing model shards", "it/s]"):
+        assert noise not in out + err, noise
+    assert "generate: 300/300 prompts (100%) done" in err        # progress as plain lines
+    # KL on samples from each model, never negative: the start model's to itself is 0
+    b, p = results["baseline"], results["policy"]
+    assert 0 <= b["kl_to_reference"] < 1e-6 and p["kl_to_reference"] > 0 and p["kl_stderr"] > 0
+    assert "KL to the start model (nats)         0.000 ± 0.000" in out

@@ -35,7 +35,8 @@ def cfg(pairs, out, policy, **kw):
 
 
 def test_missing_reference_logps_names_the_stage(tmp_path, pairs_ds, policy_dir):
-    with pytest.raises(InputError, match=r"no reference log-probs: run `offline-rlhf logprobs`"):
+    with pytest.raises(InputError, match=r"48 of 48 pairs have no reference log-probs: pass --reference "
+                       r"MODEL .* \(these pairs were imported: there are no generations to run"):
         train_dpo(cfg(pairs_ds, tmp_path / "o", policy_dir, reference=None))
 
 

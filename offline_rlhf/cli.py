@@ -148,12 +148,11 @@ def _import_pairs(cfg, _) -> int:
 
 
 def _import_prompts(cfg, _) -> int:
-    from .prompts import answer_column_of, import_prompts
-    from .shards import read_rows
-    answer = answer_column_of(read_rows(cfg.file)[1], cfg.answer_column, cfg.file)
+    from .prompts import import_prompts
     m = import_prompts(cfg.file, cfg.out, chunk_rows=cfg.chunk_rows, overwrite=cfg.overwrite,
                        prompt_column=cfg.prompt_column, messages_column=cfg.messages_column,
                        id_column=cfg.id_column, answer_column=cfg.answer_column)
+    answer = m["info"]["reference_answer_column"]
     print(f"{cfg.out}: {m['num_rows']} prompts in {m['num_shards']} shards; reference answers: "
           + (f"column '{answer}'" if answer else "none (no reference_answer or answer column; "
              "choose one with --answer-column)"))
@@ -263,16 +262,16 @@ def _commands() -> list[tuple]:
     from .rest import RestConfig, run_rest
     from .rewards.score import ScoreConfig, score
     return [
-        ("generate", GenerateConfig, _stage, generate, (), "sample responses into a generations dataset",
+        ("generate", GenerateConfig, _stage, generate, (), "sample K responses per prompt with behaviour log-probs into shards",
          "Sample K responses per prompt with the policy (token-budget batches, shared prefill, "
          "per-sample seeds) and write response tokens, behaviour log-probs, finish reasons and "
          "lineage as shards. Rerunning skips finished shards; --worker/--num-workers split the work."),
-        ("score", ScoreConfig, _stage, score, (), "add rewards to a generations dataset",
+        ("score", ScoreConfig, _stage, score, (), "add reward-model and rule rewards (and group-normalised reward)",
          "Score every response with a reward model and/or rule rewards (exact_match, "
          "numeric_match, format, length_penalty), store each component by name, their weighted "
          "total and the reward normalised within each prompt's group, in a new dataset. Only "
          "the reward columns change, so rescoring with a new reward model never regenerates."),
-        ("logprobs", LogprobsConfig, _stage, compute_logprobs, (), "add reference log-probs",
+        ("logprobs", LogprobsConfig, _stage, compute_logprobs, (), "add reference-model log-probs (per token and summed)",
          "Compute each response's per-token and summed log-probs under the reference model, "
          "so that no optimiser needs to load it."),
         ("pairs", PairsConfig, _stage, build_pairs, (), "build preference pairs from scored generations",
@@ -286,31 +285,35 @@ def _commands() -> list[tuple]:
          "the prompt (HH, UltraFeedback style); or chosen/rejected only, sharing their beginning "
          "(implicit prompt). Chat messages are rendered with --tokenizer's chat template. "
          "Optional score_chosen/score_rejected/margin columns are kept."),
-        ("rest", RestConfig, _rest, run_rest, (), "ReST grow / improve loop",
+        ("rest", RestConfig, _rest, run_rest, (), "ReST / ReST-EM grow-improve loop",
          "Run (or resume) a ReST job: grow (sample K per prompt and score) then improve steps "
          "(SFT on samples over a rising threshold, with a falling learning rate); writes "
          "report.md/json and reward histograms. Options come from --config FILE (see "
          "docs/rest.md), KEY=VALUE overrides of its keys, and flags."),
-        ("eval", EvalConfig, _eval, run_eval, (), "evaluate a policy on held-out prompts",
+        ("eval", EvalConfig, _eval, run_eval, (), "held-out reward, win rate, KL and a report with plots",
          "Generate on held-out prompts, score, and compare with a baseline: mean reward and "
          "components, win rate, KL to the reference (estimated on samples from the policy), "
          "response length; results.json and report.md with plots."),
-        ("inspect", InspectConfig, _inspect, None, ("dataset",), "summarize a dataset",
+        ("inspect", InspectConfig, _inspect, None, ("dataset",),
+         "schema version, rows, shards, lineage and reward statistics of a dataset",
          "Print schema version, row and shard counts, lineage and reward statistics of a "
          "dataset (local path or fsspec URL)."),
-        ("validate", ValidateConfig, _validate, None, ("file",), "check a data file against a schema",
+        ("validate", ValidateConfig, _validate, None, ("file",),
+         "check a file against a table schema or an importer's layouts",
          "Validate a file or a dataset against a table schema (prompts, generations, pairs) or "
          "against what an importer reads (sft, preferences, prompts-file); the first bad row "
          "is named with its column."),
         ("import-prompts", ImportPromptsConfig, _import_prompts, None, ("file", "out"),
-         "import a prompt file as a prompts dataset",
+         "turn a JSONL/JSON/Parquet prompt file into a prompts dataset",
          "Read prompts from JSONL/JSON/Parquet (text or chat messages), derive stable ids where "
          "missing, validate, and write a prompts dataset. A reference_answer (else answer) "
          "column becomes the reference answer; extra columns are kept as JSON metadata."),
-        ("tiny-model", TinyModelConfig, _tiny_model, None, ("out",), "build a tiny model from config",
+        ("tiny-model", TinyModelConfig, _tiny_model, None, ("out",),
+         "build a tiny model + tokenizer from config (tests, demos; no hub)",
          "Write a randomly initialised tiny Llama-style model and a tokenizer trained in memory "
          "(safetensors; no hub)."),
-        ("demo", DemoConfig, _demo, None, ("overrides",), "run the main job on the embedded default",
+        ("demo", DemoConfig, _demo, None, ("overrides",),
+         "the main job on the embedded default (the README's first command)",
          "The nightly loop on the embedded default, on CPU: a tiny model trained here to a "
          "mediocre start on a copy task (cached under WORKDIR), then generate -> score -> "
          "logprobs -> pairs -> DPO -> eval -> report (pipelines/demo.toml). Prints held-out "
@@ -318,22 +321,11 @@ def _commands() -> list[tuple]:
     ]
 
 
-def _epilog() -> str:
+def _epilog(commands: list[tuple]) -> str:
     from .train import ALGORITHMS
-    rows = [("generate", "sample K responses per prompt with behaviour log-probs into shards"),
-            ("score", "add reward-model and rule rewards (and group-normalised reward)"),
-            ("logprobs", "add reference-model log-probs (per token and summed)"),
-            ("pairs", "build preference pairs from scored generations"),
-            ("import-pairs", "import preference data (text, chat, implicit prompt) as pairs"),
-            ("train ALGO", f"train on stored shards: {', '.join(ALGORITHMS)}"),
-            ("rest", "ReST / ReST-EM grow-improve loop"),
-            ("eval", "held-out reward, win rate, KL and a report with plots"),
-            ("pipeline run", "run a job file (nightly, rescore, train_from_shards, demo)"),
-            ("inspect", "schema version, rows, shards, lineage and reward statistics of a dataset"),
-            ("validate", "check a file against a schema or an importer's layouts"),
-            ("import-prompts", "turn a JSONL/JSON/Parquet prompt file into a prompts dataset"),
-            ("tiny-model", "build a tiny model + tokenizer from config (tests, demos; no hub)"),
-            ("demo", "the main job on the embedded default (the README's first command)")]
+    rows = [(c[0], c[5]) for c in commands]
+    rows.insert(5, ("train ALGO", f"train on stored shards: {', '.join(ALGORITHMS)}"))
+    rows.append(("pipeline run", "run a job file (nightly, rescore, train_from_shards, demo)"))
     return "commands (offline-rlhf COMMAND --help for each):\n" + \
         "\n".join(f"  {name:<15} {text}" for name, text in rows) + \
         "\n\nEvery command takes --config FILE (TOML or YAML) holding any of its options."
@@ -353,13 +345,14 @@ def _add(sub, name, cls, runner, run, positional, short, long, parents):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    commands = _commands()
     p = argparse.ArgumentParser(
         prog="offline-rlhf", description="Offline / batch preference optimisation over Parquet "
-        "shards.", epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+        "shards.", epilog=_epilog(commands), formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[_global_flags(False)])
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     flags = [_global_flags(True)]
-    for name, cls, runner, run, positional, short, long in _commands():
+    for name, cls, runner, run, positional, short, long in commands:
         _add(sub, name, cls, runner, run, positional, short, long, flags)
 
     train = sub.add_parser("train", help="train on stored shards", parents=flags,

@@ -109,12 +109,15 @@ def normalize_prompts(data: pa.Table | list[dict], source: str, *, prompt_column
 
 def import_prompts(src: str, out: str, chunk_rows: int = 10_000, overwrite: bool = False,
                    **columns) -> dict:
-    """Import a prompt file into a prompts dataset at ``out``; return the manifest."""
-    table = normalize_prompts(read_rows(src)[0], src, **columns)
+    """Import a prompt file into a prompts dataset at ``out``; return the manifest (its
+    ``info.reference_answer_column`` says which column gave the reference answers)."""
+    rows, names = read_rows(src)
+    answer = answer_column_of(names, columns.pop("answer_column", None), src)
+    table = normalize_prompts(rows, src, answer_column=answer, **columns)
     claim_output(out, overwrite)
     writer = ShardWriter(out, "prompts", lineage={"source": src})
     chunks = max(1, -(-table.num_rows // chunk_rows))
     for c in range(chunks):
         writer.write(c, table.slice(c * chunk_rows, chunk_rows), source=src,
                      row_offset=c * chunk_rows)
-    return writer.finish(total_chunks=chunks)
+    return writer.finish(total_chunks=chunks, info={"reference_answer_column": answer})

@@ -357,6 +357,11 @@ def test_help_lists_every_algorithm_and_every_option_shows_its_default():
         assert layout in data_help
 
 
+def test_command_names_known_before_the_parser_is_built():
+    """The early model-path check names the command from a constant: it must match."""
+    assert set(cli.COMMAND_NAMES) == {w[0] for w, _ in leaf_commands()}
+
+
 def test_docs_link_only_inside_the_repository():
     docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "data_schemas" / "README.md"]
     assert (ROOT / "docs" / "architecture.md") in docs

@@ -177,8 +177,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, positional: tuple[str, .
         origin = typing.get_origin(tp)
         kw = dict(help=help_text.replace("%", "%%"), default=argparse.SUPPRESS)
         if f.name in positional:
-            if f.name == "overrides":
-                kw["metavar"] = "KEY=VALUE"
+            kw["metavar"] = "KEY=VALUE" if f.name == "overrides" else f.name.upper()
             parser.add_argument(f.name, nargs="*" if origin is list else "?", **kw)
             continue
         kw["dest"] = f.name

@@ -13,7 +13,8 @@ is the one progress bar of the package (stages and the training loop):
 Libraries stay quiet unless asked: transformers' per-load bars ("Loading weights",
 "Writing model shards") are off and library loggers (transformers, accelerate, peft,
 bitsandbytes, ...) show errors only, except at ``--log-level info`` or ``debug``.
-Python warnings print as ``warning: MESSAGE``, each distinct message once.
+Python warnings print as ``warning: MESSAGE``, each distinct message once; deprecation
+warnings raised by a library's own calls (not ours) only at info or debug.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ LIBRARIES = ("transformers", "accelerate", "peft", "bitsandbytes", "datasets",
              "huggingface_hub", "torch", "urllib3", "filelock", "matplotlib")
 PROGRESS_SECONDS_ENV = "OFFLINE_RLHF_PROGRESS_SECONDS"
 log = logging.getLogger("offline_rlhf")
-_state = {"quiet": False}
+_state = {"quiet": False, "verbose": False}
 _shown: set[str] = set()
 
 
@@ -38,8 +39,8 @@ def setup(level: str = "warning", quiet: bool = False) -> None:
     if level not in LEVELS:
         from .errors import InputError
         raise InputError(f"--log-level: must be one of {', '.join(LEVELS)}, got {level!r}")
-    _state["quiet"] = quiet
     ours = getattr(logging, level.upper())
+    _state.update(quiet=quiet, verbose=ours <= logging.INFO)
     libraries = ours if ours <= logging.INFO else logging.ERROR
     log.handlers[:] = [_StderrHandler()]
     log.setLevel(ours)
@@ -70,8 +71,10 @@ class _StderrHandler(logging.Handler):
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     text = " ".join(str(message).split())
-    if text in _shown:
-        return
+    ours = f"{os.sep}offline_rlhf{os.sep}" in str(filename)
+    if text in _shown or (not ours and issubclass(category, (DeprecationWarning, FutureWarning))
+                          and not _state["verbose"]):
+        return   # a library's own use of deprecated APIs is library chatter
     _shown.add(text)
     print(f"warning: {text}", file=file or sys.stderr)
 

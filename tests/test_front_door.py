@@ -20,7 +20,13 @@ from offline_rlhf.shards import open_dataset
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# set by an in-process cli.main() of another test: a subprocess must show what the CLI
+# does by itself, so none of them is inherited
+CONSOLE_ENV = ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "TQDM_DISABLE")
+
+
 def run_cli(*args, env=None, timeout=300):
+    env = {k: v for k, v in (os.environ if env is None else env).items() if k not in CONSOLE_ENV}
     return subprocess.run([sys.executable, "-m", "offline_rlhf.cli", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -241,9 +247,11 @@ def test_progress_is_plain_lines_when_not_a_terminal(tmp_path, policy_dir):
     for noise in ("\r", "Loading weights", "Writing model shards", "it/s]"):
         assert noise not in out.stderr, noise
     quiet = run_cli(*args, "--output", tmp_path / "b", "--quiet", env=env)
-    disabled = run_cli(*args, "--output", tmp_path / "c", env={**env, "TQDM_DISABLE": "1"})
-    for o in (quiet, disabled):
-        assert o.returncode == 0 and o.stderr == "", o.stderr
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    disabled = subprocess.run([sys.executable, "-m", "offline_rlhf.cli", *map(str, args), "--output",
+                               tmp_path / "c"], capture_output=True, text=True, timeout=300,
+                              env={**env, "TQDM_DISABLE": "1"})
+    assert disabled.returncode == 0 and disabled.stderr == "", disabled.stderr
 
 
 def test_each_warning_is_printed_once_on_one_line(tmp_path, policy_dir):
@@ -289,6 +297,25 @@ def test_each_warning_is_printed_once_on_one_line(tmp_path, policy_dir):
     assert out.stderr.splitlines() == ["warning: dropped 8 truncated pairs whose stored reference "
                                        "log-probs no longer match; pass --reference to recompute "
                                        "them instead"], out.stderr
+
+
+def test_library_deprecations_are_chatter_ours_are_not(capsys):
+    import warnings
+
+    from offline_rlhf import console
+    console.setup("warning")
+    lib = "/venv/site-packages/peft/tuners.py"
+    ours = str(Path(console.__file__).parent / "generation.py")
+    warnings.showwarning("`x` is deprecated", FutureWarning, lib, 1)
+    warnings.showwarning("`y` is deprecated", FutureWarning, ours, 1)
+    warnings.showwarning("`y` is deprecated", FutureWarning, ours, 2)
+    warnings.showwarning("a library says so", UserWarning, lib, 1)
+    assert capsys.readouterr().err.splitlines() == ["warning: `y` is deprecated",
+                                                    "warning: a library says so"]
+    console.setup("info")
+    warnings.showwarning("`x` is deprecated", FutureWarning, lib, 1)
+    assert capsys.readouterr().err == "warning: `x` is deprecated\n"
+    console.setup("warning")
 
 
 # --------------------------------------------------------------------------- item 7: prompts

@@ -65,6 +65,7 @@ reward_model = "inputs.reward_model"
 weights = {{ reward_model = 1.0 }}
 metrics = ["stages.train"]
 max_new_tokens = 6
+kl_samples = 2
 """
 
 
@@ -98,7 +99,7 @@ def test_unchanged_rerun_recomputes_nothing(tmp_path, inputs):
     assert [r["action"] for r in run_pipeline(again)] == ["reuse"] * 6
     assert mtimes(tmp_path / "w" / "stages") == before
     results = json.loads(next((tmp_path / "w" / "stages").glob("eval-*/results.json")).read_text())
-    assert 0 <= results["win_rate"] <= 1 and results["policy"]["kl_to_reference"] is not None
+    assert 0 <= results["win_rate"] <= 1 and results["policy"]["kl_to_reference"] >= 0
     assert (tmp_path / "w" / "pipeline.resolved.json").exists()
     log = (tmp_path / "w" / "run.log").read_text()
     assert log.count("run generate") == 1 and log.count("reuse generate") == 1
@@ -203,9 +204,11 @@ def test_demo_main_command_raises_held_out_reward(tmp_path):
     transformers loading bars. (Also `demo --config FILE`.)"""
     cfg = tmp_path / "demo.yaml"
     cfg.write_text(f"workdir: {tmp_path / 'd'}\n")
+    env = {k: v for k, v in os.environ.items()   # what the CLI does by itself, not inherited
+           if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "TQDM_DISABLE")}
     with open(tmp_path / "out.txt", "w") as stdout, open(tmp_path / "err.txt", "w") as stderr:
         rc = subprocess.run([sys.executable, "-m", "offline_rlhf.cli", "demo", "--config", str(cfg)],
-                            stdout=stdout, stderr=stderr, text=True, timeout=900).returncode
+                            stdout=stdout, stderr=stderr, text=True, timeout=900, env=env).returncode
     out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
     assert rc == 0, err[-3000:]
     results = json.loads(next((tmp_path / "d" / "pipeline" / "stages").glob("eval-*/results.json")).read_text())

@@ -67,7 +67,7 @@ def child_ours(tmp: Path, steps: int, precision: str) -> dict:
     cfg = DPOTrainConfig(data=str(tmp / "pairs_text"), output=str(tmp / out_name),
                          policy=str(tmp / "model"), reference=str(tmp / "model"), lr=1e-5,
                          max_steps=steps, batch_size=8, micro_batch_size=8,
-                         max_tokens_per_micro_batch=2400, nll_alpha=0.0, tensorboard=False,
+                         max_tokens_per_micro_batch=2400, nll_alpha=0.0, report_to="none",
                          max_grad_norm=1.0, schedule="linear", resume="never",
                          mixed_precision="bf16" if precision == "bf16" else "no")
     train_dpo(cfg)

@@ -90,7 +90,7 @@ def main() -> None:
                                         reference=str(start)))
         add_token_rewards(tmp / "scored", tmp / "dense", start)
         res["start"] = {"exact_match": start_em, "pretrain_steps": steps}
-        common = dict(batch_size=64, micro_batch_size=64, tensorboard=False, schedule="constant")
+        common = dict(batch_size=64, micro_batch_size=64, report_to="none", schedule="constant")
         variants = {"heads_only": dict(awac_scale=0.0, lr=1e-3),
                     "joint": dict(detach_heads=False, cql_scale=0.01, lr=3e-4)}
         for name, kw in variants.items():

@@ -48,7 +48,7 @@ def main() -> None:
             cfg = SFTTrainConfig(data=str(tmp / "data.jsonl"), output=str(tmp / name), policy=str(model),
                                  lr=1e-5, max_steps=args.steps, batch_size=32, micro_batch_size=8,
                                  max_tokens_per_micro_batch=2048 if grouped else 10**9,
-                                 group_by_length=grouped, tensorboard=False, resume="never")
+                                 group_by_length=grouped, report_to="none", resume="never")
             if grouped:
                 cfg.micro_batch_size = 32
             train_sft(cfg)

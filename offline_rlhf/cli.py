@@ -1,78 +1,126 @@
 """``offline-rlhf <command>``: the command-line interface.
 
-Bad input (an :class:`~offline_rlhf.errors.InputError`, a missing file) is printed as
-one line on stderr with exit status 2; ``--debug`` shows the traceback instead.
+Every command's options are the fields of a config dataclass: each is a flag (with
+its help and default), and a key of the TOML/YAML file given with ``--config FILE``
+(flags given on the command line win). Bad input (an
+:class:`~offline_rlhf.errors.InputError`, a missing file) is printed as one line on
+stderr with exit status 2; ``--debug`` shows the traceback instead. ``--quiet`` and
+``--log-level`` set what the console shows (see :mod:`offline_rlhf.console`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
+from .config import opt
+from .console import LEVELS
 from .errors import InputError
 
-COMMANDS_HELP = """\
-commands (offline-rlhf COMMAND --help for each):
-  generate        sample K responses per prompt with behaviour log-probs into shards
-  score           add reward-model and rule rewards (and group-normalised reward)
-  logprobs        add reference-model log-probs (per token and summed)
-  pairs           build preference pairs from scored generations
-  import-pairs    import prompt/chosen/rejected data (text or chat) as a pairs dataset
-  train ALGO      train on stored shards: dpo, rm, sft
-  rest            ReST / ReST-EM grow-improve loop from a config file
-  eval            held-out reward, win rate, KL and a report with plots
-  pipeline run    run a job file (nightly, rescore, train_from_shards, demo)
-  inspect         schema version, rows, shards, lineage and reward statistics of a dataset
-  validate        check a data file against a schema (prompts, generations, pairs)
-  import-prompts  turn a JSONL/JSON/Parquet prompt file into a prompts dataset
-  tiny-model      build a tiny model + tokenizer from config (tests, demos; no hub)
-  demo            the main job on the embedded default (the README's first command)
-"""
+DEMO_PIPELINE = str(Path(__file__).resolve().parent.parent / "pipelines" / "demo.toml")
+TABLE_SCHEMAS = ("prompts", "generations", "pairs")
+FILE_SCHEMAS = ("sft", "preferences", "prompts-file")
 
 
-def _config_from_args(cls, args):
-    """The command's config: the --config file's values, overridden by the flags given."""
-    from .config import from_namespace, load_file
-    return from_namespace(cls, args, load_file(args.config) if args.config else None)
+@dataclasses.dataclass
+class InspectConfig:
+    dataset: str = opt(help="dataset directory or URL")
+    json: bool = opt(False, "print the summary as JSON")
+    verify: bool = opt(True, "check every shard's sha256 (sizes are always checked)")
 
 
-def _stage(cls, run):
-    def command(args) -> int:
-        manifest = run(_config_from_args(cls, args))
-        r = manifest.get("run", {})
-        counts = "".join(f", {k} {v}" for k, v in sorted(manifest.get("stats", {}).items()) if v)
-        print(f"{args.output if hasattr(args, 'output') else ''}: {manifest['num_rows']} rows in "
-              f"{manifest['num_shards']} shards, "
-              f"{'complete' if manifest['complete'] else 'INCOMPLETE (other workers pending)'}"
-              f"{counts}; this run: {r.get('chunks_done', 0)} chunks done, "
-              f"{r.get('chunks_skipped', 0)} already committed, {r.get('seconds', 0):.1f} s")
+@dataclasses.dataclass
+class ValidateConfig:
+    file: str = opt(help="Parquet/JSONL/JSON file, or a dataset")
+    schema: str = opt(help="prompts | generations | pairs: a table as stored; sft | preferences | "
+                      "prompts-file: a file as `train sft`, `import-pairs` and `import-prompts` "
+                      "read it (every layout they accept)")
+    tokenizer: str | None = opt(None, "sft, preferences: also render chat messages with this model "
+                                "directory's chat template")
+
+    def __post_init__(self):
+        if self.schema not in TABLE_SCHEMAS + FILE_SCHEMAS:
+            raise InputError(f"schema: must be one of {', '.join(TABLE_SCHEMAS + FILE_SCHEMAS)}, "
+                             f"got {self.schema!r}")
+
+
+@dataclasses.dataclass
+class TinyModelConfig:
+    out: str = opt(help="output model directory")
+    kind: str = opt("causal", "causal (a language model) | reward (a one-label scorer)")
+    hidden: int = opt(64, "hidden size")
+    layers: int = opt(2, "transformer layers")
+    heads: int = opt(4, "attention heads")
+    seed: int = opt(0, "initialisation seed")
+
+    def __post_init__(self):
+        if self.kind not in ("causal", "reward"):
+            raise InputError(f"kind: must be causal or reward, got {self.kind!r}")
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    workdir: str = opt("demo_run", "where the demo keeps everything (the start model is cached there)")
+    pipeline: str = opt(DEMO_PIPELINE, "job file to run")
+    overrides: list[str] = opt([], "KEY=VALUE overrides of job keys")
+
+
+@dataclasses.dataclass
+class PipelineRunConfig:
+    file: str = opt(help="job file (TOML or YAML)")
+    overrides: list[str] = opt([], "KEY=VALUE overrides of job keys, e.g. "
+                               "stages.generate.num_samples=8")
+    dry_run: bool = opt(False, "print the plan (what is reused, what runs) and stop")
+    only: list[str] = opt([], "run only these stages (finished ones are still reused)")
+
+
+# --------------------------------------------------------------------------- commands
+
+def _config(cls, args):
+    """The command's config: the --config file's values (and, for `rest`, KEY=VALUE
+    overrides of them), overridden by the flags given."""
+    from .config import apply_overrides, from_namespace, load_file
+    path = getattr(args, "config", None)
+    base = load_file(path) if path else {}
+    if "overrides" not in {f.name for f in dataclasses.fields(cls)}:
+        base = apply_overrides(base, getattr(args, "overrides", []))
+    cfg = from_namespace(cls, args, base, str(path) if path else "option")
+    if hasattr(cfg, "output") or hasattr(cfg, "out"):
+        from .config import check_output
+        check_output(cfg)
+    return cfg
+
+
+def _stage(cfg, run) -> int:
+    manifest = run(cfg)
+    r = manifest.get("run", {})
+    counts = "".join(f", {k} {v}" for k, v in sorted(manifest.get("stats", {}).items()) if v)
+    print(f"{cfg.output}: {manifest['num_rows']} rows in {manifest['num_shards']} shards, "
+          f"{'complete' if manifest['complete'] else 'INCOMPLETE (other workers pending)'}"
+          f"{counts}; this run: {r.get('chunks_done', 0)} chunks done, "
+          f"{r.get('chunks_skipped', 0)} already committed, {r.get('seconds', 0):.1f} s")
+    return 0
+
+
+def _train(cfg, run) -> int:
+    summary = run(cfg)
+    if not summary.get("is_main_process", True):
         return 0
-    return command
+    last = summary.get("last") or {}
+    shown = "  ".join(f"{k} {v:.4g}" for k, v in last.items()
+                      if isinstance(v, float) and k not in ("seconds", "epoch"))
+    print(f"{cfg.output}: {summary.get('steps_run', 0)} steps in "
+          f"{summary.get('train_seconds', 0):.1f} s; last step: {shown}")
+    return 0   # warnings were printed (once) when they were raised
 
 
-def _train(cls, run):
-    def command(args) -> int:
-        summary = run(_config_from_args(cls, args))
-        if not summary.get("is_main_process", True):
-            return 0
-        last = summary.get("last") or {}
-        shown = "  ".join(f"{k} {v:.4g}" for k, v in last.items()
-                          if isinstance(v, float) and k not in ("seconds", "epoch"))
-        print(f"{args.output}: {summary.get('steps_run', 0)} steps in "
-              f"{summary.get('train_seconds', 0):.1f} s; last step: {shown}")
-        if summary.get("warning"):
-            print(f"warning: {summary['warning']}", file=sys.stderr)
-        return 0
-    return command
-
-
-def _cmd_rest(args) -> int:
-    from .rest import load_rest_config, run_rest
-    report = run_rest(load_rest_config(args.config, args.overrides))
-    out = load_rest_config(args.config, args.overrides).output
-    print(f"{out}/report.md: final model {report['final_model']}")
+def _rest(cfg, run) -> int:
+    report = run(cfg)
+    print(f"{cfg.output}/report.md: final model {report['final_model']}")
     for e in report["grows"]:
         for i, s in enumerate(e["improves"]):
             ev = "-" if s["eval_reward"] is None else f"{s['eval_reward']:.3f}"
@@ -81,272 +129,315 @@ def _cmd_rest(args) -> int:
     return 0
 
 
-def _cmd_import_pairs(args) -> int:
+def _eval(cfg, run) -> int:
+    results = run(cfg)
+    p = results["policy"]
+    line = f"{cfg.output}/report.md: policy mean reward {p['reward_mean']:.4g}"
+    if "baseline" in results:
+        line += f", baseline {results['baseline']['reward_mean']:.4g}, win rate {results['win_rate']:.1%}"
+    print(line)
+    return 0
+
+
+def _import_pairs(cfg, _) -> int:
     from .pairs import import_pairs
-    m = import_pairs(args.file, args.out, args.tokenizer, args.chunk_rows)
-    print(f"{args.out}: {m['num_rows']} pairs in {m['num_shards']} shards"
+    m = import_pairs(cfg.file, cfg.out, cfg.tokenizer, cfg.chunk_rows, cfg.overwrite)
+    print(f"{cfg.out}: {m['num_rows']} pairs in {m['num_shards']} shards"
           + "".join(f", {k} {v}" for k, v in sorted(m["stats"].items()) if v))
     return 0
 
 
-def _cmd_inspect(args) -> int:
+def _import_prompts(cfg, _) -> int:
+    from .prompts import import_prompts
+    m = import_prompts(cfg.file, cfg.out, chunk_rows=cfg.chunk_rows, overwrite=cfg.overwrite,
+                       prompt_column=cfg.prompt_column, messages_column=cfg.messages_column,
+                       id_column=cfg.id_column, answer_column=cfg.answer_column)
+    answer = m["info"]["reference_answer_column"]
+    print(f"{cfg.out}: {m['num_rows']} prompts in {m['num_shards']} shards; reference answers: "
+          + (f"column '{answer}'" if answer else "none (no reference_answer or answer column; "
+             "choose one with --answer-column)"))
+    return 0
+
+
+def _inspect(cfg, _) -> int:
     from .shards import open_dataset
     from .summary import render, summarize
-    summary = summarize(open_dataset(args.dataset), verify=not args.no_verify)
-    print(json.dumps(summary, indent=1, default=str) if args.json else render(summary))
+    summary = summarize(open_dataset(cfg.dataset), verify=cfg.verify)
+    print(json.dumps(summary, indent=1, default=str) if cfg.json else render(summary))
     return 0
 
 
-def _cmd_validate(args) -> int:
-    from .schemas import validate
-    from .shards import read_table_file
-    table = validate(read_table_file(args.file), args.schema, args.file)
-    print(f"{args.file}: {table.num_rows} rows valid against schema '{args.schema}'")
+def _validate(cfg, _) -> int:
+    n, note = validate_file(cfg.file, cfg.schema, cfg.tokenizer)
+    print(f"{cfg.file}: {n} rows valid against schema '{cfg.schema}'{note}")
     return 0
 
 
-def _cmd_import_prompts(args) -> int:
-    from .prompts import import_prompts
-    m = import_prompts(args.file, args.out, chunk_rows=args.chunk_rows,
-                       prompt_column=args.prompt_column, messages_column=args.messages_column,
-                       id_column=args.id_column, answer_column=args.answer_column)
-    print(f"{args.out}: {m['num_rows']} prompts in {m['num_shards']} shards")
-    return 0
+def validate_file(file: str, schema: str, tokenizer_path: str | None = None) -> tuple[int, str]:
+    """Rows of ``file`` valid against ``schema`` (a table schema, or the layouts that an
+    importer or ``train sft`` reads, through the same code); and a note."""
+    from .shards import is_dataset, read_rows, read_table_file
+    if schema in TABLE_SCHEMAS:
+        from .schemas import validate
+        return validate(read_table_file(file), schema, file).num_rows, ""
+    if schema == "prompts-file":
+        from .prompts import normalize_prompts
+        return normalize_prompts(read_rows(file)[0], file).num_rows, ""
+    tok = None
+    if tokenizer_path:
+        from .models import load_tokenizer
+        tok = load_tokenizer(tokenizer_path)
+    note = " (chat messages were not rendered: --tokenizer renders them too)"
+    if schema == "sft":
+        from .layouts import sft_examples, sft_tokens
+        if is_dataset(file):
+            from .shards import open_dataset_of
+            return open_dataset_of(file, "generations", "train sft").read(columns=["prompt_id"]).num_rows, ""
+        rows, columns = read_rows(file)
+        examples = sft_examples(rows, columns, file)
+        for i, ex in enumerate(examples if tok is not None else []):
+            sft_tokens(tok, ex, file, i)
+        chat = any(isinstance(v, list) for ex in examples for v in ex.values())
+        return len(examples), note if chat and tok is None else ""
+    from .layouts import preference_texts
+    from .pairs import preference_rows
+    data, parts = preference_rows(file)
+    if tok is not None:
+        for i, (part, _) in enumerate(parts):
+            preference_texts(tok, *part, file, i)
+    chat = any(isinstance(v, list) for part, _ in parts for v in part)
+    return len(data), note if chat and tok is None else ""
 
 
-def _cmd_tiny_model(args) -> int:
+def _tiny_model(cfg, _) -> int:
     from .tiny import build_tiny_model
-    out = build_tiny_model(args.out, kind=args.kind, hidden=args.hidden, layers=args.layers,
-                           heads=args.heads, seed=args.seed)
-    print(out)
+    print(build_tiny_model(cfg.out, kind=cfg.kind, hidden=cfg.hidden, layers=cfg.layers,
+                           heads=cfg.heads, seed=cfg.seed))
     return 0
 
 
-def _cmd_demo(args) -> int:
-    """Prepare the embedded default (cached) and run pipelines/demo.toml end to end."""
-    import time
-    from pathlib import Path
-
+def _pipeline(cfg, _) -> int:
     from .pipeline import load_pipeline, render_plan, run_pipeline
-    from .toy import pretrain_to, setup_copy_task
-    root = Path(args.workdir)
-    start = root / "models" / "start"
-    t0 = time.perf_counter()
-    if not (start / "model.safetensors").exists():
-        print("preparing the demo model: a tiny model trained here on a copy task "
-              "(4 digits) until it is mediocre (~20% held-out exact match)...")
-        setup_copy_task(root / "prep")
-        model, steps, em = pretrain_to(root / "prep", 0.15)
-        import shutil
-        shutil.copytree(model, start)
-        (root / "data").mkdir(parents=True, exist_ok=True)
-        for src, dst in (("train_prompts", "train_prompts"), ("test_prompts", "heldout_prompts")):
-            if not (root / "data" / dst).exists():
-                shutil.copytree(root / "prep" / src, root / "data" / dst)
-        shutil.rmtree(root / "prep")
-        print(f"  {steps} SFT steps, held-out exact match {em:.0%} ({time.perf_counter() - t0:.0f} s)")
-    overrides = [f"workdir={root / 'pipeline'}", f"inputs.policy={start}",
-                 f"inputs.prompts={root / 'data' / 'train_prompts'}",
-                 f"inputs.heldout={root / 'data' / 'heldout_prompts'}"] + list(args.overrides)
-    p = load_pipeline(args.pipeline, overrides)
-    print("\n" + render_plan(run_pipeline(p, dry_run=True)) + "\n")
-    run_pipeline(p)
-    import json
-    ev = next(s for s in p.stages if s.kind == "eval").output
-    results = json.loads((ev / "results.json").read_text())
-    b, pol = results["baseline"], results["policy"]
-    print(f"\nheld-out ({pol['samples']} prompts, greedy)   before (start)   after (DPO)")
-    print(f"mean reward (exact match)          {b['reward_mean']:>14.3f}   {pol['reward_mean']:>11.3f}")
-    kl_b, kl_p = (0.0 if abs(x) < 5e-4 else x for x in (b["kl_to_reference"], pol["kl_to_reference"]))
-    print(f"KL to the start model (nats)       {kl_b:>14.3f}   {kl_p:>11.3f}")
-    print(f"response tokens                    {b['response_tokens_mean']:>14.2f}   {pol['response_tokens_mean']:>11.2f}")
-    print(f"win rate of after over before      {results['win_rate']:>29.1%}")
-    print(f"\nreport: {ev / 'report.md'}   ({time.perf_counter() - t0:.0f} s in all)")
-    return 0
-
-
-def _eval_command(cls, run):
-    def command(args) -> int:
-        results = run(_config_from_args(cls, args))
-        p = results["policy"]
-        line = f"{args.output}/report.md: policy mean reward {p['reward_mean']:.4g}"
-        if "baseline" in results:
-            line += f", baseline {results['baseline']['reward_mean']:.4g}, win rate {results['win_rate']:.1%}"
-        print(line)
-        return 0
-    return command
-
-
-def _cmd_pipeline(args) -> int:
-    from .pipeline import load_pipeline, render_plan, run_pipeline
-    p = load_pipeline(args.file, args.overrides)
-    if args.only:
-        unknown = set(args.only) - {s.name for s in p.stages}
+    p = load_pipeline(cfg.file, cfg.overrides)
+    if cfg.only:
+        unknown = set(cfg.only) - {s.name for s in p.stages}
         if unknown:
-            raise InputError(f"{args.file}: --only: no stage named {sorted(unknown)[0]}")
-        p.stages = [s for s in p.stages if s.name in args.only or s.done()]
-    rows = run_pipeline(p, dry_run=args.dry_run)
+            raise InputError(f"{cfg.file}: --only: no stage named {sorted(unknown)[0]}")
+        p.stages = [s for s in p.stages if s.name in cfg.only or s.done()]
+    rows = run_pipeline(p, dry_run=cfg.dry_run)
     print(render_plan(rows))
-    if not args.dry_run:
+    if not cfg.dry_run:
         print(f"\nresolved config: {p.workdir / 'pipeline.resolved.json'}; log: {p.workdir / 'run.log'}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="offline-rlhf", description="Offline / batch preference optimisation over Parquet "
-        "shards.", epilog=COMMANDS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+def _demo(cfg, _) -> int:
+    from .demo import run_demo
+    return run_demo(cfg.workdir, cfg.pipeline, cfg.overrides)
 
-    from .config import add_arguments, add_config_file_argument
+
+# --------------------------------------------------------------------------- the parser
+
+def _global_flags(on_subcommand: bool) -> argparse.ArgumentParser:
+    """--debug, --quiet and --log-level: before the command or after it."""
+    g = argparse.ArgumentParser(add_help=False)
+    default = (lambda v: argparse.SUPPRESS) if on_subcommand else (lambda v: v)
+    g.add_argument("--debug", action="store_true", default=default(False),
+                   help="show tracebacks for input errors (default: off)")
+    g.add_argument("--quiet", action="store_true", default=default(False),
+                   help="no progress bars or lines; warnings, errors and results only (default: off)")
+    g.add_argument("--log-level", choices=LEVELS, default=default("warning"),
+                   help="what is logged: ours at this level; libraries (transformers, accelerate, "
+                   "...) show errors only unless info or debug (default: warning)")
+    return g
+
+
+def _commands() -> list[tuple]:
+    """(name, config class, runner, run function, positional fields, help, description)."""
+    from .evaluate import EvalConfig, run_eval
     from .generation import GenerateConfig, generate
     from .logprobs import LogprobsConfig, compute_logprobs
+    from .pairs import ImportPairsConfig, PairsConfig, build_pairs
+    from .prompts import ImportPromptsConfig
+    from .rest import RestConfig, run_rest
     from .rewards.score import ScoreConfig, score
-    stages = [
-        ("generate", GenerateConfig, generate, "sample responses into a generations dataset",
+    return [
+        ("generate", GenerateConfig, _stage, generate, (), "sample K responses per prompt with behaviour log-probs into shards",
          "Sample K responses per prompt with the policy (token-budget batches, shared prefill, "
          "per-sample seeds) and write response tokens, behaviour log-probs, finish reasons and "
          "lineage as shards. Rerunning skips finished shards; --worker/--num-workers split the work."),
-        ("score", ScoreConfig, score, "add rewards to a generations dataset",
+        ("score", ScoreConfig, _stage, score, (), "add reward-model and rule rewards (and group-normalised reward)",
          "Score every response with a reward model and/or rule rewards (exact_match, "
          "numeric_match, format, length_penalty), store each component by name, their weighted "
          "total and the reward normalised within each prompt's group, in a new dataset. Only "
          "the reward columns change, so rescoring with a new reward model never regenerates."),
-        ("logprobs", LogprobsConfig, compute_logprobs, "add reference log-probs",
+        ("logprobs", LogprobsConfig, _stage, compute_logprobs, (), "add reference-model log-probs (per token and summed)",
          "Compute each response's per-token and summed log-probs under the reference model, "
          "so that no optimiser needs to load it."),
+        ("pairs", PairsConfig, _stage, build_pairs, (), "build preference pairs from scored generations",
+         "Pair each prompt's responses by reward (best_worst, margin, top_bottom). Identical "
+         "responses are de-duplicated, ties and single-response prompts dropped and counted; "
+         "reference log-probs are carried when present."),
+        ("import-pairs", ImportPairsConfig, _import_pairs, None, ("file", "out"),
+         "import preference data (every common layout) as a pairs dataset",
+         "Import preference data as a pairs dataset (JSONL, JSON or Parquet): prompt/chosen/"
+         "rejected as text or chat messages; chosen/rejected as whole conversations that repeat "
+         "the prompt (HH, UltraFeedback style); or chosen/rejected only, sharing their beginning "
+         "(implicit prompt). Chat messages are rendered with --tokenizer's chat template. "
+         "Optional score_chosen/score_rejected/margin columns are kept."),
+        ("rest", RestConfig, _rest, run_rest, (), "ReST / ReST-EM grow-improve loop",
+         "Run (or resume) a ReST job: grow (sample K per prompt and score) then improve steps "
+         "(SFT on samples over a rising threshold, with a falling learning rate); writes "
+         "report.md/json and reward histograms. Options come from --config FILE (see "
+         "docs/rest.md), KEY=VALUE overrides of its keys, and flags."),
+        ("eval", EvalConfig, _eval, run_eval, (), "held-out reward, win rate, KL and a report with plots",
+         "Generate on held-out prompts, score, and compare with a baseline: mean reward and "
+         "components, win rate, KL to the reference (estimated on samples from the policy), "
+         "response length; results.json and report.md with plots."),
+        ("inspect", InspectConfig, _inspect, None, ("dataset",),
+         "schema version, rows, shards, lineage and reward statistics of a dataset",
+         "Print schema version, row and shard counts, lineage and reward statistics of a "
+         "dataset (local path or fsspec URL)."),
+        ("validate", ValidateConfig, _validate, None, ("file",),
+         "check a file against a table schema or an importer's layouts",
+         "Validate a file or a dataset against a table schema (prompts, generations, pairs) or "
+         "against what an importer reads (sft, preferences, prompts-file); the first bad row "
+         "is named with its column."),
+        ("import-prompts", ImportPromptsConfig, _import_prompts, None, ("file", "out"),
+         "turn a JSONL/JSON/Parquet prompt file into a prompts dataset",
+         "Read prompts from JSONL/JSON/Parquet (text or chat messages), derive stable ids where "
+         "missing, validate, and write a prompts dataset. A reference_answer (else answer) "
+         "column becomes the reference answer; extra columns are kept as JSON metadata."),
+        ("tiny-model", TinyModelConfig, _tiny_model, None, ("out",),
+         "build a tiny model + tokenizer from config (tests, demos; no hub)",
+         "Write a randomly initialised tiny Llama-style model and a tokenizer trained in memory "
+         "(safetensors; no hub)."),
+        ("demo", DemoConfig, _demo, None, ("overrides",),
+         "the main job on the embedded default (the README's first command)",
+         "The nightly loop on the embedded default, on CPU: a tiny model trained here to a "
+         "mediocre start on a copy task (cached under WORKDIR), then generate -> score -> "
+         "logprobs -> pairs -> DPO -> eval -> report (pipelines/demo.toml). Prints held-out "
+         "reward before and after."),
     ]
-    from .pairs import PairsConfig, build_pairs
-    stages.append(("pairs", PairsConfig, build_pairs, "build preference pairs from scored generations",
-                   "Pair each prompt's responses by reward (best_worst, margin, top_bottom). "
-                   "Identical responses are de-duplicated, ties and single-response prompts "
-                   "dropped and counted; reference log-probs are carried when present."))
-    for name, cls, run, short, long in stages:
-        s = sub.add_parser(name, help=short, description=long)
-        add_config_file_argument(s)
-        add_arguments(s, cls)
-        s.set_defaults(fn=_stage(cls, run))
 
-    s = sub.add_parser("import-pairs", help="import prompt/chosen/rejected data",
-                       description="Import preference data in the usual prompt/chosen/rejected "
-                       "layout (plain strings or chat message lists; JSONL, JSON or Parquet) as a "
-                       "pairs dataset. Chat messages are rendered with --tokenizer's chat template. "
-                       "Optional score_chosen/score_rejected/margin columns are kept.")
-    s.add_argument("file")
-    s.add_argument("out")
-    s.add_argument("--tokenizer", help="model directory whose chat template renders chat messages")
-    s.add_argument("--chunk-rows", type=int, default=10_000)
-    s.set_defaults(fn=_cmd_import_pairs)
 
-    s = sub.add_parser("rest", help="ReST grow / improve loop",
-                       description="Run (or resume) a ReST job: grow (sample K per prompt and "
-                       "score) then improve steps (SFT on samples over a rising threshold, with a "
-                       "falling learning rate); writes report.md/json and reward histograms.")
-    s.add_argument("--config", required=True, help="TOML or YAML job file (keys: see docs/rest.md)")
-    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys")
-    s.set_defaults(fn=_cmd_rest)
+def _epilog(commands: list[tuple]) -> str:
+    from .train import ALGORITHMS
+    rows = [(c[0], c[5]) for c in commands]
+    rows.insert(5, ("train ALGO", f"train on stored shards: {', '.join(ALGORITHMS)}"))
+    rows.append(("pipeline run", "run a job file (nightly, rescore, train_from_shards, demo)"))
+    return "commands (offline-rlhf COMMAND --help for each):\n" + \
+        "\n".join(f"  {name:<15} {text}" for name, text in rows) + \
+        "\n\nEvery command takes --config FILE (TOML or YAML) holding any of its options."
 
-    train = sub.add_parser("train", help="train on stored shards",
+
+def _add(sub, name, cls, runner, run, positional, short, long, parents):
+    from .config import add_arguments, add_config_file_argument
+    s = sub.add_parser(name, help=short, description=long, parents=parents)
+    add_config_file_argument(s)
+    add_arguments(s, cls, positional)
+    if name == "rest":
+        s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", default=argparse.SUPPRESS,
+                       help="override keys of the --config file (default: none)")
+    s.set_defaults(fn=lambda args: runner(_config(cls, args), run),
+                   takes_overrides=name == "rest" or "overrides" in positional)
+    return s
+
+
+def build_parser() -> argparse.ArgumentParser:
+    commands = _commands()
+    p = argparse.ArgumentParser(
+        prog="offline-rlhf", description="Offline / batch preference optimisation over Parquet "
+        "shards.", epilog=_epilog(commands), formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_global_flags(False)])
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    flags = [_global_flags(True)]
+    for name, cls, runner, run, positional, short, long in commands:
+        _add(sub, name, cls, runner, run, positional, short, long, flags)
+
+    train = sub.add_parser("train", help="train on stored shards", parents=flags,
                            description="Train a model on stored shards with the shared loop "
                            "(accelerate, checkpoints with exact resume, metrics, LoRA/QLoRA). "
                            "Run under `accelerate launch` or `torchrun` for several processes.")
     algos = train.add_subparsers(dest="algorithm", metavar="ALGO", required=True)
     from .train import ALGORITHMS
     for algo, (cls, run, short) in ALGORITHMS.items():
-        s = algos.add_parser(algo, help=short, description=short)
-        add_config_file_argument(s)
-        add_arguments(s, cls)
-        s.set_defaults(fn=_train(cls, run))
+        _add(algos, algo, cls, _train, run, (), short, short, flags)
 
-    s = sub.add_parser("inspect", help="summarize a dataset",
-                       description="Print schema version, row and shard counts, lineage and "
-                       "reward statistics of a dataset (local path or fsspec URL).")
-    s.add_argument("dataset")
-    s.add_argument("--json", action="store_true", help="print the summary as JSON")
-    s.add_argument("--no-verify", action="store_true",
-                   help="skip the sha256 check of every shard (sizes are still checked)")
-    s.set_defaults(fn=_cmd_inspect)
-
-    s = sub.add_parser("validate", help="check a data file against a schema",
-                       description="Validate a Parquet/JSONL/JSON file or a dataset against a "
-                       "schema; the first bad row is named with its column.")
-    s.add_argument("file")
-    s.add_argument("--schema", required=True, choices=["prompts", "generations", "pairs"])
-    s.set_defaults(fn=_cmd_validate)
-
-    s = sub.add_parser("import-prompts", help="import a prompt file as a prompts dataset",
-                       description="Read prompts from JSONL/JSON/Parquet (text or chat "
-                       "messages), derive stable ids where missing, validate, and write a "
-                       "prompts dataset. Extra columns are kept as JSON metadata.")
-    s.add_argument("file")
-    s.add_argument("out", help="output dataset directory or URL")
-    s.add_argument("--prompt-column", default="prompt")
-    s.add_argument("--messages-column", default="messages")
-    s.add_argument("--id-column", default="prompt_id")
-    s.add_argument("--answer-column", default="reference_answer")
-    s.add_argument("--chunk-rows", type=int, default=10_000, help="rows per shard")
-    s.set_defaults(fn=_cmd_import_prompts)
-
-    s = sub.add_parser("tiny-model", help="build a tiny model from config",
-                       description="Write a randomly initialised tiny Llama-style model and a "
-                       "tokenizer trained in memory (safetensors; no hub).")
-    s.add_argument("out")
-    s.add_argument("--kind", choices=["causal", "reward"], default="causal")
-    s.add_argument("--hidden", type=int, default=64)
-    s.add_argument("--layers", type=int, default=2)
-    s.add_argument("--heads", type=int, default=4)
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(fn=_cmd_tiny_model)
-
-    s = sub.add_parser("demo", help="run the main job on the embedded default",
-                       description="The nightly loop on the embedded default, on CPU: a tiny "
-                       "model trained here to a mediocre start on a copy task (cached under "
-                       "WORKDIR), then generate -> score -> logprobs -> pairs -> DPO -> eval -> "
-                       "report (pipelines/demo.toml). Prints held-out reward before and after.")
-    s.add_argument("--workdir", default="demo_run", help="where the demo keeps everything")
-    s.add_argument("--pipeline", default=str(Path(__file__).resolve().parent.parent / "pipelines" / "demo.toml"),
-                   help="job file to run")
-    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override job keys")
-    s.set_defaults(fn=_cmd_demo)
-
-    s = sub.add_parser("pipeline", help="run a job file (stages keyed by fingerprints)",
+    s = sub.add_parser("pipeline", help="run a job file (stages keyed by fingerprints)", parents=flags,
                        description="Run a pipeline job file stage by stage. A stage whose inputs "
                        "and options are unchanged is reused; the rest run (and resume).")
     psub = s.add_subparsers(dest="pipeline_command", metavar="run", required=True)
-    r = psub.add_parser("run", help="run (or --dry-run: plan) a job file")
-    r.add_argument("file")
-    r.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="override keys, e.g. stages.generate.num_samples=8")
-    r.add_argument("--dry-run", action="store_true", help="print the plan: what is reused, what runs")
-    r.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages")
-    r.set_defaults(fn=_cmd_pipeline)
-
-    from .evaluate import EvalConfig, run_eval
-    s = sub.add_parser("eval", help="evaluate a policy on held-out prompts",
-                       description="Generate on held-out prompts, score, and compare with a "
-                       "baseline: mean reward and components, win rate, KL to the reference, "
-                       "response length; results.json and report.md with plots.")
-    add_config_file_argument(s)
-    add_arguments(s, EvalConfig)
-    s.set_defaults(fn=_eval_command(EvalConfig, run_eval))
+    _add(psub, "run", PipelineRunConfig, _pipeline, None, ("file", "overrides"),
+         "run (or --dry-run: plan) a job file", "Run (or, with --dry-run, plan) a job file; "
+         "KEY=VALUE overrides may come before or after the flags.", flags)
     return p
 
 
+COMMAND_NAMES = ("generate", "score", "logprobs", "pairs", "import-pairs", "train", "rest", "eval",
+                 "inspect", "validate", "import-prompts", "tiny-model", "demo", "pipeline")
+# options that name a model directory (and what it is called in messages)
+MODEL_OPTIONS = {"policy": "policy", "reference": "reference model", "reward_model": "reward model",
+                 "baseline": "baseline", "checkpoints": "checkpoint", "tokenizer": "tokenizer"}
+
+
+def check_model_paths(argv: list[str]) -> None:
+    """Model directories named by flags or in a --config file, checked before torch and
+    transformers are imported, so that a mistyped path fails at once (the loaders check
+    them again: this is the early, fast copy of the same check)."""
+    from .config import load_file
+    from .models import check_model_dir, check_tokenizer_dir
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    for name in MODEL_OPTIONS:
+        pre.add_argument("--" + name.replace("_", "-"), dest=name,
+                         nargs="*" if name == "checkpoints" else None)
+    given, _ = pre.parse_known_args(argv)
+    values = {k: v for k, v in load_file(given.config).items() if k in MODEL_OPTIONS} \
+        if given.config else {}
+    values.update({k: getattr(given, k) for k in MODEL_OPTIONS if getattr(given, k) is not None})
+    for name, value in values.items():
+        for path in value if isinstance(value, list) else [value]:
+            if isinstance(path, str) and "://" not in path:
+                (check_tokenizer_dir if name == "tokenizer" else check_model_dir)(path, MODEL_OPTIONS[name])
+
+
+def _fail(command: str, error: BaseException) -> int:
+    print(f"offline-rlhf {command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 2
+
+
+INPUT_ERRORS = (InputError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # models are local directories, always
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not {"-h", "--help"} & set(argv):
+        try:
+            check_model_paths(argv)
+        except INPUT_ERRORS as e:
+            if "--debug" in argv:
+                raise
+            return _fail(next((a for a in argv if a in COMMAND_NAMES), ""), e)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:   # KEY=VALUE overrides given after flags (argparse stops at the first flag)
+        if not getattr(args, "takes_overrides", False) or \
+                any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(getattr(args, "overrides", [])) + extra
     if not getattr(args, "fn", None):
         parser.print_help()
         return 0
     try:
+        from .console import setup
+        setup(args.log_level, args.quiet)
         return args.fn(args)
-    except (InputError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+    except INPUT_ERRORS as e:
         if args.debug:
             raise
-        msg = str(e).replace("\n", " ")
-        print(f"offline-rlhf {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+        return _fail(args.command, e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -151,9 +151,22 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _default_text(f) -> str:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if default in (None, [], {}, ""):
+        return "none"
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, (list, dict)):
+        return " ".join(map(str, default)) if isinstance(default, list) else \
+            " ".join(f"{k}={v}" for k, v in default.items())
+    return str(default)
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls, positional: tuple[str, ...] = ()) -> None:
-    """Add one option per field of ``cls`` (help from the field; required fields
-    named in ``positional`` become positional arguments)."""
+    """Add one option per field of ``cls``: help from the field, its default shown;
+    fields named in ``positional`` become positional arguments (optional on the command
+    line, so that a ``--config`` file can give them)."""
     hints = _hints(cls)
     # fields a dataclass base contributes (e.g. ExecutorOptions) come last, in a group
     # titled by the base's docstring
@@ -170,15 +183,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls, positional: tuple[str, .
         tp, _ = _unwrap_optional(hints[f.name])
         help_text = f.metadata.get("help", "")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if not required:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            if default not in (None, [], {}, ""):
-                help_text += f" (default: {default})"
-        if f.name in positional:
-            target.add_argument(f.name, help=help_text)
-            continue
-        kw = dict(dest=f.name, help=help_text, default=argparse.SUPPRESS)
+        if not required and "(default:" not in help_text:
+            help_text += f" (default: {_default_text(f)})"
         origin = typing.get_origin(tp)
+        kw = dict(help=help_text.replace("%", "%%"), default=argparse.SUPPRESS)
+        if f.name in positional:
+            kw["metavar"] = "KEY=VALUE" if f.name == "overrides" else f.name.upper()
+            parser.add_argument(f.name, nargs="*" if origin is list else "?", **kw)
+            continue
+        kw["dest"] = f.name
         if tp is bool:
             target.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
         elif origin is list:
@@ -188,13 +201,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls, positional: tuple[str, .
             target.add_argument(_flag(f.name), nargs="*", metavar="KEY=VALUE", **kw)
         else:
             if required:
-                kw["help"] = "required. " + help_text
+                kw["help"] = "required. " + kw["help"]
             target.add_argument(_flag(f.name), type=tp, metavar=f.name.upper(), **kw)
 
 
-def from_namespace(cls, ns: argparse.Namespace, base: dict | None = None):
+def from_namespace(cls, ns: argparse.Namespace, base: dict | None = None, where: str = "option"):
     """Build ``cls`` from parsed arguments over ``base`` (e.g. a config file's values);
-    ``KEY=VALUE`` lists become dicts."""
+    ``KEY=VALUE`` lists become dicts. ``where`` names the source in error messages."""
     hints = _hints(cls)
     data = dict(base or {})
     for f in dataclasses.fields(cls):
@@ -205,9 +218,31 @@ def from_namespace(cls, ns: argparse.Namespace, base: dict | None = None):
         if typing.get_origin(tp) is dict and isinstance(value, list):
             value = apply_overrides({}, value)
         data[f.name] = value
-    return build(cls, data, "option")
+    return build(cls, data, where)
 
 
 def add_config_file_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", default=None,
-                        help="TOML or YAML file with these options (flags given here win)")
+                        help="TOML or YAML file holding any of these options (flags given here "
+                        "win) (default: none)")
+
+
+def check_output(cfg) -> None:
+    """Refuse an output (``output`` or ``out``) that is one of the command's inputs, holds
+    one, or lies inside one, before any work."""
+    from .pipeline import PATH_OPTIONS
+    out = getattr(cfg, "output", None) or getattr(cfg, "out", None)
+    if not out or "://" in str(out):
+        return
+    target = Path(out).resolve()
+    if target.is_file():
+        raise InputError(f"output {out}: is an existing file; outputs are directories")
+    deletes = getattr(cfg, "overwrite", False)   # then an input inside it would be lost too
+    for name in PATH_OPTIONS + ("file", "tokenizer"):
+        value = getattr(cfg, name, None)
+        if not isinstance(value, str) or "://" in value:
+            continue
+        src = Path(value).resolve()
+        if target == src or src in target.parents or (deletes and target in src.parents):
+            raise InputError(f"output {out}: collides with the {name} {value}; write to "
+                             "another path")

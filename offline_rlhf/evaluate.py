@@ -1,12 +1,21 @@
 """``offline-rlhf eval``: held-out prompts -> generate -> score, against a baseline.
 
-Reports, for the policy and the baseline (same prompts, same scorer): mean reward and
-each component, win rate of the policy over the baseline (ties count half), response
-length, and the KL to the reference estimated from log-probs of the evaluated samples
-(mean over samples of the summed ``log pi - log ref`` of the response tokens; with
-sampled decoding this is the usual Monte Carlo estimate of KL(pi || ref), with greedy
-decoding a proxy). Writes ``results.json`` and ``report.md`` with PNG plots: reward
-histograms of baseline vs policy, reward vs KL per checkpoint, training curves.
+Reports, for the policy and the baseline (same prompts, same scorer): mean reward (with
+its standard error) and each component, win rate of the policy over the baseline (ties
+count half), response length, and the KL to the reference.
+
+The KL is estimated on responses *sampled from the evaluated model* at temperature 1
+(the evaluation's own samples when it samples that way, else ``kl_samples`` extra
+samples per prompt), with the k3 estimator summed over response tokens: per token,
+with r = ref(y_t) / pi(y_t), k3 = (r - 1) - log r, which is never negative and whose
+expectation under pi is KL(pi || ref) at that state (J. Schulman, "Approximating KL
+divergence", 2020). Each sequence's sum estimates the sequence-level KL; the report
+gives the mean and its standard error. Greedy decoding samples nothing from the
+policy, so without ``kl_samples`` a greedy evaluation reports no KL (null, with the
+reason) rather than a biased number.
+
+Writes ``results.json`` and ``report.md`` with PNG plots: reward histograms of baseline
+vs policy, reward vs KL per model (points with error bars), training curves.
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ class EvalConfig:
     baseline: str | None = opt(None, "baseline policy for the win rate (e.g. the starting model)")
     reference: str | None = opt(None, "reference model for the KL estimate (default: baseline)")
     checkpoints: list[str] = opt([], "more models to place on the reward-vs-KL plot")
-    metrics: list[str] = opt([], "training metrics.jsonl files to plot")
+    metrics: list[str] = opt([], "training metrics to plot: metrics.jsonl files or training "
+                             "output directories")
     reward_model: str | None = opt(None, "reward model directory")
     weights: dict[str, float] = opt({}, "reward components and weights (see `score`)")
     format_pattern: str | None = opt(None, "regex for the 'format' component")
@@ -43,10 +53,84 @@ class EvalConfig:
     max_new_tokens: int = opt(128, "longest response")
     stop: list[str] = opt([], "stop strings")
     seed: int = opt(0, "sampling seed")
+    kl_samples: int = opt(0, "responses per prompt sampled at temperature 1 from each evaluated "
+                          "model for the KL estimate (0: estimate it only when the evaluation "
+                          "itself samples at temperature 1)")
+
+    def __post_init__(self):
+        if self.kl_samples < 0 or self.num_samples < 1:
+            raise InputError("kl_samples must be >= 0 and num_samples >= 1")
+
+
+def check_eval_inputs(cfg: EvalConfig) -> list[Path]:
+    """Before any work: every model directory, the prompts and the metrics files; the
+    metrics files to plot (a training output directory stands for its metrics.jsonl)."""
+    from .models import check_model_dir, check_reward_model
+    for name in ("policy", "baseline", "reference"):
+        if getattr(cfg, name):
+            check_model_dir(getattr(cfg, name), name)
+    for c in cfg.checkpoints:
+        check_model_dir(c, "checkpoint")
+    if cfg.reward_model:
+        check_reward_model(cfg.reward_model)
+    if not Path(cfg.prompts).exists() and "://" not in cfg.prompts:
+        raise InputError(f"prompts: {cfg.prompts}: no such dataset or file")
+    files = []
+    for m in cfg.metrics:
+        p = Path(m) / "metrics.jsonl" if Path(m).is_dir() else Path(m)
+        if not p.is_file():
+            raise InputError(f"metrics: {m}: neither a metrics.jsonl file nor a training output "
+                             "directory holding one")
+        files.append(p)
+    return files
+
+
+def kl_k3(policy_logps: list[list[float]], ref_logps: list[list[float]]) -> np.ndarray:
+    """Per-sequence KL(pi || ref) estimates from samples of pi: the k3 estimator
+    (r - 1) - log r, r = ref / pi per token, summed over each response's tokens.
+    Every term is >= 0, so no estimate is negative."""
+    out = []
+    for lp, lr in zip(policy_logps, ref_logps):
+        log_r = np.asarray(lr, dtype=np.float64) - np.asarray(lp, dtype=np.float64)
+        out.append(float(np.sum(np.expm1(log_r) - log_r)))
+    return np.array(out)
+
+
+def _mean_se(x: np.ndarray) -> tuple[float, float]:
+    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def _kl(cfg: EvalConfig, model: str, out: Path, reference: str | None) -> dict:
+    """The KL estimate of one model (or why there is none)."""
+    if not reference:
+        return {"kl_to_reference": None, "kl_note": "no reference (or baseline) model given"}
+    sampled_at_1 = not cfg.greedy and cfg.temperature == 1.0
+    if not sampled_at_1 and not cfg.kl_samples:
+        why = "greedy decoding" if cfg.greedy else f"sampling at temperature {cfg.temperature:g}"
+        return {"kl_to_reference": None,
+                "kl_note": f"not estimated: {why} does not sample from the model itself; set "
+                           "kl_samples to draw samples at temperature 1 for it"}
+    src = out / "scored"
+    if not sampled_at_1:
+        src = out / "kl-generations"
+        if not is_complete(str(src)):
+            generate(GenerateConfig(prompts=cfg.prompts, output=str(src), policy=model,
+                                    num_samples=cfg.kl_samples, temperature=1.0,
+                                    max_new_tokens=cfg.max_new_tokens, stop=list(cfg.stop),
+                                    seed=cfg.seed + 1, overlong="truncate"))
+    if not is_complete(str(out / "kl-ref")):
+        compute_logprobs(LogprobsConfig(generations=str(src), output=str(out / "kl-ref"),
+                                        reference=reference))
+    t = open_dataset(str(out / "kl-ref")).read(columns=["behaviour_logps", "ref_logps"])
+    per_seq = kl_k3(t.column("behaviour_logps").to_pylist(), t.column("ref_logps").to_pylist())
+    mean, se = _mean_se(per_seq)
+    return {"kl_to_reference": mean, "kl_stderr": se, "kl_samples": len(per_seq),
+            "kl_note": f"k3 estimator summed over response tokens, {len(per_seq)} responses "
+                       "sampled at temperature 1"}
 
 
 def _scored(cfg: EvalConfig, model: str, out: Path, reference: str | None) -> dict:
-    """Generate, score (and reference log-probs) for one model; summary figures."""
+    """Generate and score for one model; summary figures (and its KL estimate)."""
     if not is_complete(str(out / "scored")):
         generate(GenerateConfig(prompts=cfg.prompts, output=str(out / "generations"), policy=model,
                                 num_samples=cfg.num_samples, greedy=cfg.greedy,
@@ -55,26 +139,20 @@ def _scored(cfg: EvalConfig, model: str, out: Path, reference: str | None) -> di
         kw = {"format_pattern": cfg.format_pattern} if cfg.format_pattern else {}
         score(ScoreConfig(generations=str(out / "generations"), output=str(out / "scored"),
                           reward_model=cfg.reward_model, weights=dict(cfg.weights), **kw))
-    final = out / "scored"
-    if reference:
-        if not is_complete(str(out / "ref")):
-            compute_logprobs(LogprobsConfig(generations=str(out / "scored"), output=str(out / "ref"),
-                                            reference=reference))
-        final = out / "ref"
-    t = open_dataset(str(final)).read().to_pylist()
+    t = open_dataset(str(out / "scored")).read(
+        columns=["prompt_id", "sample_index", "reward", "reward_components", "response_token_ids"]
+    ).to_pylist()
     rewards = np.array([r["reward"] for r in t])
     comps: dict[str, list[float]] = {}
     for r in t:
         for c in r["reward_components"] or []:
             comps.setdefault(c["name"], []).append(c["value"])
-    kl = None
-    if reference:
-        kl = float(np.mean([sum(r["behaviour_logps"]) - r["ref_logps_sum"] for r in t]))
-    return {"model": model, "samples": len(t), "reward_mean": float(rewards.mean()),
+    mean, se = _mean_se(rewards)
+    return {"model": model, "samples": len(t), "reward_mean": mean, "reward_stderr": se,
             "reward_std": float(rewards.std()),
             "components": {k: float(np.mean(v)) for k, v in comps.items()},
             "response_tokens_mean": float(np.mean([len(r["response_token_ids"]) for r in t])),
-            "kl_to_reference": kl, "rewards": rewards.tolist(),
+            **_kl(cfg, model, out, reference), "rewards": rewards.tolist(),
             "by_prompt": {(r["prompt_id"], r["sample_index"]): r["reward"] for r in t}}
 
 
@@ -91,6 +169,7 @@ def win_rate(policy: dict, baseline: dict) -> float:
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate ``cfg.policy`` (and the baseline); write results.json and report.md."""
+    metrics = check_eval_inputs(cfg)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     reference = cfg.reference or cfg.baseline
@@ -103,53 +182,56 @@ def run_eval(cfg: EvalConfig) -> dict:
     results["checkpoints"] = [
         {k: v for k, v in _scored(cfg, c, out / f"checkpoint-{i}", reference).items()
          if k not in ("rewards", "by_prompt")} for i, c in enumerate(cfg.checkpoints)]
-    write_report(results, out, cfg.metrics)
+    write_report(results, out, metrics)
     slim = {k: ({kk: vv for kk, vv in v.items() if kk not in ("rewards", "by_prompt")}
                 if k in ("policy", "baseline") else v) for k, v in results.items()}
     (out / "results.json").write_text(json.dumps(slim, indent=1, default=str))
     return slim
 
 
-def write_report(results: dict, out: Path, metrics: list[str]) -> None:
-    from .plots import histograms, lines, scatter
+def _kl_points(results: dict) -> list[dict]:
+    p, b = results["policy"], results.get("baseline")
+    named = ([("baseline", b)] if b else []) + \
+        [(f"checkpoint {i}", c) for i, c in enumerate(results.get("checkpoints", []))] + [("policy", p)]
+    return [{"x": m["kl_to_reference"], "xerr": m.get("kl_stderr"), "y": m["reward_mean"],
+             "yerr": m.get("reward_stderr"), "label": name}
+            for name, m in named if m.get("kl_to_reference") is not None]
+
+
+def write_report(results: dict, out: Path, metrics: list) -> None:
+    from .plots import curves, histograms, points
     p, b = results["policy"], results.get("baseline")
     pngs = [histograms({"baseline": b["rewards"], "policy": p["rewards"]} if b else {"policy": p["rewards"]},
                        out / "rewards.png", "Held-out rewards")]
-    points = []
-    if b and b["kl_to_reference"] is not None:
-        points.append((b["kl_to_reference"], b["reward_mean"], "baseline"))
-    for i, c in enumerate(results.get("checkpoints", [])):
-        if c["kl_to_reference"] is not None:
-            points.append((c["kl_to_reference"], c["reward_mean"], f"checkpoint {i}"))
-    if p["kl_to_reference"] is not None:
-        points.append((p["kl_to_reference"], p["reward_mean"], "policy"))
-    if points:
-        pngs.append(scatter(points, out / "reward_vs_kl.png", "Reward vs KL to the reference",
-                            "KL estimate (nats)", "mean reward"))
+    kl_points = _kl_points(results)
+    if kl_points:
+        pngs.append(points(kl_points, out / "reward_vs_kl.png", "Mean reward vs KL to the reference",
+                           "KL estimate (nats, k3; bars: ±1 standard error)", "mean reward"))
     for i, path in enumerate(metrics):
         rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
         rows = [r for r in rows if "loss" in r]
         if rows:
             keys = [k for k in ("loss", "rewards/margins", "rewards/accuracies", "nll") if k in rows[0]]
-            pngs.append(lines([r["step"] for r in rows], {k: [r[k] for r in rows] for k in keys},
-                              out / f"training-{i}.png", f"Training curves ({Path(path).parent.name})",
-                              "step", "value", markers=False))
+            pngs.append(curves([r["step"] for r in rows], {k: [r[k] for r in rows] for k in keys},
+                               out / f"training-{i}.png", f"Training curves ({Path(path).parent.name})"))
     md = ["# Evaluation report", "", "| | baseline | policy |", "|---|---|---|"]
 
     def cell(side, key):
         if side is None or side.get(key) is None:
-            return "-"
+            return "n/a" if key == "kl_to_reference" and side is not None else "-"
         v = side[key]
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-    for key, label in (("reward_mean", "mean reward"), ("reward_std", "reward std"),
-                       ("kl_to_reference", "KL to reference"), ("response_tokens_mean", "response tokens"),
-                       ("samples", "samples")):
+        err = side.get({"reward_mean": "reward_stderr", "kl_to_reference": "kl_stderr"}.get(key, ""))
+        return f"{v:.4g} ± {err:.2g}" if err is not None else f"{v:.4g}" if isinstance(v, float) else str(v)
+    for key, label in (("reward_mean", "mean reward (± s.e.)"), ("reward_std", "reward std"),
+                       ("kl_to_reference", "KL to reference (± s.e.)"),
+                       ("response_tokens_mean", "response tokens"), ("samples", "samples")):
         md.append(f"| {label} | {cell(b, key)} | {cell(p, key)} |")
     for name in sorted(p["components"]):
         bv = f"{b['components'].get(name, float('nan')):.4g}" if b else "-"
         md.append(f"| {name} | {bv} | {p['components'][name]:.4g} |")
     if "win_rate" in results:
         md += ["", f"Win rate of the policy over the baseline: **{results['win_rate']:.1%}** (ties count half)."]
+    md += ["", f"KL: {p['kl_note']}." + ("" if kl_points else " No reward-vs-KL plot.")]
     md += ["", f"Policy: `{p['model']}`" + (f"; baseline: `{b['model']}`" if b else ""), ""]
     md += [f"![{png.stem}]({png.name})" for png in pngs]
     (out / "report.md").write_text("\n".join(md) + "\n")

@@ -21,6 +21,7 @@ from .backends import GENERATORS, Sampling, backend_module
 from .config import opt, to_dict
 from .errors import InputError, located
 from .executors import EXECUTOR_OPTIONS, ExecutorOptions
+from .layouts import prompt_ids
 from .lineage import code_version, config_hash, utc_now
 from .models import check_model_dir, fingerprint, load_tokenizer
 from .prompts import normalize_prompts
@@ -133,7 +134,7 @@ def render_prompts(tokenizer, table: pa.Table) -> list[str]:
 def encode_prompts(tokenizer, texts: list[str], cfg: GenerateConfig, source: str,
                    first_row: int = 0) -> tuple[list[list[int] | None], dict]:
     """Token ids per prompt (None when skipped) and counters for the manifest."""
-    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    ids = prompt_ids(tokenizer, texts)
     counts = {"prompts_truncated": 0, "prompts_skipped": 0}
     out: list[list[int] | None] = []
     for i, x in enumerate(ids):

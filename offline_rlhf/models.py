@@ -15,16 +15,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .errors import InputError
 
 FINGERPRINT_FILES = ("config.json", "generation_config.json", "tokenizer.json",
                      "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                      "adapter_config.json")
-DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+# torch dtype names; torch itself is imported where a model loads, so that the path
+# checks (and the CLI's early check of model paths) run without importing it
+DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
+          "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
 
 @dataclass
@@ -38,6 +37,7 @@ class LoraSpec:
 
 
 def default_device() -> str:
+    import torch
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -54,6 +54,21 @@ def check_model_dir(path: str | os.PathLike, what: str = "model") -> Path:
             raise InputError(f"{path}: only pickle weights (.bin/.pt) found; convert them to "
                              "safetensors (pickles can run code and are never loaded)")
         raise InputError(f"{path}: no .safetensors weights found")
+    return p
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizer_dir(path: str | os.PathLike, what: str = "tokenizer") -> Path:
+    """Refuse anything but a local directory with tokenizer files (no hub look-up)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise InputError(f"{path}: {what} directory not found (only local directories are "
+                         "loaded; download models ahead of the job)")
+    if not any((p / name).exists() for name in TOKENIZER_FILES):
+        raise InputError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}): not a "
+                         f"transformers {what} directory")
     return p
 
 
@@ -108,6 +123,9 @@ def fingerprint(path: str | os.PathLike) -> str:
 
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False,
                    padding_side: str = "left"):
+    """The tokenizer of a local model directory (pad token = eos when it has none); warns
+    once when the model config names a BOS token that the tokenizer does not add."""
+    check_tokenizer_dir(path)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
@@ -115,13 +133,33 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False,
             raise InputError(f"{path}: tokenizer has neither a pad nor an eos token")
         tok.pad_token = tok.eos_token
     tok.padding_side = padding_side
+    _check_bos(path, tok)
     return tok
 
 
-def quantization_config(bits: int | None, compute_dtype: torch.dtype | None = None):
+def _check_bos(path, tok) -> None:
+    """A model trained with a BOS token but fed prompts without one can lose most of its
+    accuracy, silently: say so (once per model directory)."""
+    try:
+        bos = json.loads((Path(path) / "config.json").read_text()).get("bos_token_id")
+    except (OSError, ValueError):
+        return
+    if isinstance(bos, list):
+        bos = bos[0] if bos else None
+    # a tokenizer without any BOS token (Qwen-style) is taken as deliberate
+    if bos is None or tok.bos_token is None or bos in tok("x")["input_ids"][:1]:
+        return
+    from .console import warn_once
+    warn_once(f"{path}: the model config names a BOS token (id {bos}) but the tokenizer does "
+              "not add it: prompts are fed without it. If the model was trained with a BOS "
+              "at the start, put it in the prompt text or fix the tokenizer's post-processor.")
+
+
+def quantization_config(bits: int | None, compute_dtype=None):
     """A transformers ``BitsAndBytesConfig`` for 4-bit NF4 or 8-bit base weights."""
     if bits is None:
         return None
+    import torch
     from transformers import BitsAndBytesConfig
     if bits == 4:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -135,10 +173,11 @@ def quantization_config(bits: int | None, compute_dtype: torch.dtype | None = No
 def _resolve_dtype(dtype: str, device: str):
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+    import torch
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() \
             else torch.float32
-    return DTYPES[dtype]
+    return getattr(torch, DTYPES[dtype])
 
 
 def _load(auto_cls, path, *, dtype: str = "auto", bits: int | None = None,

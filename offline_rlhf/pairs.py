@@ -1,4 +1,5 @@
-"""Preference pairs: built from scored generations, or imported from prompt/chosen/rejected data.
+"""Preference pairs: built from scored generations, or imported from preference files
+(every layout of :mod:`offline_rlhf.layouts`).
 
 Strategies (per prompt, after identical responses are de-duplicated):
 
@@ -22,13 +23,15 @@ import pyarrow as pa
 
 from .config import opt, to_dict
 from .errors import InputError, located
+from .layouts import number, preference, preference_texts
 from .lineage import code_version, config_hash, utc_now
 from .prompts import prompt_id_for
-from .schemas import load_schema
-from .shards import ShardWriter, open_dataset, read_rows
+from .schemas import load_schema, validate
+from .shards import ShardWriter, claim_output, is_dataset, open_dataset, open_dataset_of, read_rows
 from .stage import LazyWorker, StagePlan, run_stage
 
 STRATEGIES = ("best_worst", "margin", "top_bottom")
+PAIRS_MADE_BY = "`offline-rlhf pairs` or `offline-rlhf import-pairs`"
 GEN_COLUMNS = ["prompt_id", "prompt", "prompt_token_ids", "sample_index", "response",
                "response_token_ids", "reward", "reward_normalized", "ref_logps_sum",
                "policy_fingerprint", "reward_fingerprint", "reference_fingerprint"]
@@ -166,78 +169,89 @@ def _check_prompts_within_shards(src) -> None:
 
 # --------------------------------------------------------------------------- import
 
-def _render(value, tokenizer, where, column, prompt_messages=None):
-    """Text of a prompt or completion given as a string or a list of chat messages."""
-    if value is None:
-        raise InputError(located("missing value", *where, column))
-    if isinstance(value, str):
-        return value, None
-    if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                              for m in value):
-        raise InputError(located("expected text or a list of {role, content} messages", *where, column))
-    if tokenizer is None:
-        raise InputError(located("chat messages need a tokenizer with a chat template "
-                                 "(--tokenizer MODEL_DIR)", *where, column))
-    msgs = [{"role": m["role"], "content": m["content"]} for m in value]
-    if prompt_messages is None:  # a prompt: render up to the assistant's turn
-        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), msgs
-    head = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(prompt_messages + msgs, tokenize=False)
-    if full.startswith(head):
-        return full[len(head):], msgs
-    return "".join(m["content"] for m in msgs), msgs
+@dataclasses.dataclass
+class ImportPairsConfig:
+    file: str = opt(help="preference file (JSONL, JSON or Parquet) in any layout of "
+                    "prompt/chosen/rejected: text, chat messages, whole conversations that repeat "
+                    "the prompt, or chosen/rejected only with a shared beginning (implicit prompt)")
+    out: str = opt(help="output pairs dataset (directory or URL)")
+    tokenizer: str | None = opt(None, "model directory whose chat template renders chat "
+                                "messages (needed for chat data)")
+    chunk_rows: int = opt(10_000, "pairs per shard")
+    overwrite: bool = opt(False, "replace an existing dataset at OUT")
 
 
-def _split_implicit(chosen, rejected):
-    """Conversations sharing a prefix (no prompt column): prompt = the shared turns."""
-    n = 0
-    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
-        n += 1
-    return chosen[:n], chosen[n:], rejected[n:]
+def _scores(r: dict, src: str, i: int) -> tuple:
+    """(chosen reward, rejected reward, margin) of a row; the margin defaults to their
+    difference."""
+    cr, rr = (number(r.get(a, r.get(b)), src, i, a if a in r else b) for a, b in
+              (("score_chosen", "chosen_reward"), ("score_rejected", "rejected_reward")))
+    margin = number(r.get("margin"), src, i, "margin")
+    if margin is None and cr is not None and rr is not None:
+        margin = cr - rr
+    return cr, rr, margin
 
 
-def import_pairs(src: str, out: str, tokenizer_path: str | None = None, chunk_rows: int = 10_000) -> dict:
-    """Import prompt/chosen/rejected data (text or chat messages; JSONL, JSON or Parquet)."""
+def preference_rows(src: str) -> tuple[list[dict], list[tuple]]:
+    """A preference file's rows and, per row, its checked (prompt, chosen, rejected) in
+    any layout of :mod:`offline_rlhf.layouts` and (chosen reward, rejected reward,
+    margin); no tokenizer needed."""
     data, columns = read_rows(src)
     for col in ("chosen", "rejected"):
         if col not in columns:
             raise InputError(located("missing column (expected prompt, chosen, rejected)", src, None, col))
+    return data, [(preference(r, "prompt" in columns, src, i), _scores(r, src, i))
+                  for i, r in enumerate(data)]
+
+
+def check_pairs_source(data: str, command: str) -> None:
+    """Before any model loads: ``data`` is a pairs dataset or a preference file whose
+    every row is in a known layout."""
+    if is_dataset(data):
+        open_dataset_of(data, "pairs", command, PAIRS_MADE_BY)
+    else:
+        preference_rows(data)
+
+
+def pairs_table(src: str, tokenizer=None) -> tuple[pa.Table, dict]:
+    """A preference file in any layout of :mod:`offline_rlhf.layouts` as a pairs table
+    (chat rendered with ``tokenizer``), and counters (identical pairs dropped)."""
+    data, parts = preference_rows(src)
+    rows, dropped = [], 0
+    for i, (r, (part, (cr, rr, margin))) in enumerate(zip(data, parts)):
+        prompt, chosen, rejected = preference_texts(tokenizer, *part, src, i)
+        if chosen == rejected:
+            dropped += 1
+            continue
+        pid = str(r["prompt_id"]) if r.get("prompt_id") is not None else prompt_id_for(prompt)
+        rows.append({"pair_id": pair_id(pid, chosen, rejected), "prompt_id": pid, "prompt": prompt,
+                     "chosen": chosen, "rejected": rejected, "chosen_reward": cr,
+                     "rejected_reward": rr, "margin": margin, "source": src,
+                     "code_version": code_version(), "created_at": utc_now()})
+    table = validate(pa.Table.from_pylist(rows, schema=load_schema("pairs").arrow), "pairs", src)
+    return table, {"pairs_dropped_identical": dropped}
+
+
+def read_pairs(data: str, tokenizer, columns: list[str], command: str) -> list[dict]:
+    """Rows of a pairs dataset, or of a preference file imported on the fly (in memory)."""
+    if is_dataset(data):
+        return open_dataset_of(data, "pairs", command, PAIRS_MADE_BY).read(columns=columns).to_pylist()
+    return pairs_table(data, tokenizer)[0].select(columns).to_pylist()
+
+
+def import_pairs(src: str, out: str, tokenizer_path: str | None = None, chunk_rows: int = 10_000,
+                 overwrite: bool = False) -> dict:
+    """Import a preference file (see :func:`pairs_table`) as a pairs dataset at ``out``."""
     tokenizer = None
     if tokenizer_path:
         from .models import load_tokenizer
         tokenizer = load_tokenizer(tokenizer_path)
-    rows, dropped = [], 0
-    has_prompt = "prompt" in columns
-    for i, r in enumerate(data):
-        where = (src, i)
-        chosen, rejected, prompt = r["chosen"], r["rejected"], r.get("prompt")
-        if not has_prompt:
-            if not (isinstance(chosen, list) and isinstance(rejected, list)):
-                raise InputError(located("no prompt column: chosen and rejected must be "
-                                         "conversations that share their first turns", src, i, "prompt"))
-            prompt, chosen, rejected = _split_implicit(chosen, rejected)
-        prompt_text, prompt_msgs = _render(prompt, tokenizer, where, "prompt")
-        chosen_text, _ = _render(chosen, tokenizer, where, "chosen", prompt_msgs or [])
-        rejected_text, _ = _render(rejected, tokenizer, where, "rejected", prompt_msgs or [])
-        if not prompt_text.strip():
-            raise InputError(located("empty prompt", src, i, "prompt"))
-        if chosen_text == rejected_text:
-            dropped += 1
-            continue
-        pid = str(r["prompt_id"]) if r.get("prompt_id") is not None else prompt_id_for(prompt_text)
-        cr, rr = r.get("score_chosen", r.get("chosen_reward")), r.get("score_rejected", r.get("rejected_reward"))
-        margin = r.get("margin", None if cr is None or rr is None else cr - rr)
-        rows.append({"pair_id": pair_id(pid, chosen_text, rejected_text), "prompt_id": pid,
-                     "prompt": prompt_text, "chosen": chosen_text, "rejected": rejected_text,
-                     "chosen_reward": cr, "rejected_reward": rr, "margin": margin, "source": src,
-                     "code_version": code_version(), "created_at": utc_now()})
-    pairs = pa.Table.from_pylist(rows, schema=load_schema("pairs").arrow)
+    pairs, stats = pairs_table(src, tokenizer)
+    claim_output(out, overwrite)
     writer = ShardWriter(out, "pairs", lineage={"source": src})
     chunks = max(1, -(-pairs.num_rows // chunk_rows))
     with writer:
         for c in range(chunks):
-            if not writer.committed(c):
-                writer.write(c, pairs.slice(c * chunk_rows, chunk_rows), source=src,
-                             row_offset=c * chunk_rows,
-                             stats={"pairs_dropped_identical": dropped} if c == 0 else {})
+            writer.write(c, pairs.slice(c * chunk_rows, chunk_rows), source=src,
+                         row_offset=c * chunk_rows, stats=stats if c == 0 else {})
         return writer.finish(total_chunks=chunks)

@@ -147,7 +147,7 @@ def _improve(cfg: RestConfig, g: int, i: int, grow_dir: Path, start: str) -> dic
         train_sft(SFTTrainConfig(data=str(grow_dir / "scored"), output=str(d), policy=start,
                                  lr=cfg.lrs[i], max_steps=steps, batch_size=min(cfg.batch_size, len(kept)),
                                  micro_batch_size=cfg.micro_batch_size, schedule="constant",
-                                 seed=cfg.seed, lora_r=cfg.lora_r, bits=cfg.bits, tensorboard=False,
+                                 seed=cfg.seed, lora_r=cfg.lora_r, bits=cfg.bits, report_to="none",
                                  **flt))
     return {"dir": str(d), "model": str(d / "final"), "kept": len(kept),
             "kept_fraction": len(kept) / max(1, len(rows)), "threshold": cfg.thresholds[i],

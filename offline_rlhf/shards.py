@@ -601,6 +601,36 @@ def is_complete(url: str) -> bool:
     return is_dataset(url) and Dataset(url).complete
 
 
+def open_dataset_of(url: str, schema: str, command: str, made_by: str = "") -> Dataset:
+    """The complete dataset at ``url`` if it holds ``schema`` rows, else one line that
+    says what ``command`` reads (and, for a file, which command makes the dataset)."""
+    if not is_dataset(url):
+        fs, p = fsspec.core.url_to_fs(str(url))
+        if fs.isfile(p):
+            raise InputError(f"{url}: is a file; {command} reads a {schema} dataset (a directory"
+                             + (f" made by {made_by})" if made_by else ")"))
+    ds = Dataset(url, require_complete=True)
+    if ds.schema_name != schema:
+        raise InputError(f"{url}: is a {ds.schema_name} dataset; {command} reads {schema}"
+                         + (f" (made by {made_by})" if made_by else ""))
+    return ds
+
+
+def claim_output(url: str, overwrite: bool) -> None:
+    """Refuse to write over an existing dataset or non-empty directory at ``url`` unless
+    ``overwrite``; with it, delete what is there (call once the new data is checked)."""
+    fs, p = fsspec.core.url_to_fs(str(url))
+    if not fs.exists(p) or (fs.isdir(p) and not fs.ls(p)):
+        return
+    if not overwrite:
+        what = f"a {Dataset(url).schema_name} dataset" if is_dataset(url) else "a file or directory"
+        raise InputError(f"{url}: already exists ({what}); pass --overwrite to replace it")
+    fs.rm(p, recursive=True)
+    quarantine = p.rstrip("/") + ".quarantine"
+    if fs.exists(quarantine):
+        fs.rm(quarantine, recursive=True)
+
+
 # --------------------------------------------------------------------------- external files
 
 def _open_input(path: str):

@@ -22,8 +22,8 @@ import time
 from typing import Any, Protocol
 
 import pyarrow as pa
-from tqdm.auto import tqdm
 
+from .console import progress
 from .errors import InputError
 
 WORKER_ENV = (("RANK", "WORLD_SIZE"), ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"),
@@ -50,7 +50,7 @@ class Progress:
     ``chunks``, when given)."""
 
     def __init__(self, total: int, desc: str, unit: str, chunks: int | None = None):
-        self.bar = tqdm(total=total, desc=desc, unit=unit, mininterval=1.0, dynamic_ncols=True)
+        self.bar = progress(total, desc, unit)
         self.start = time.perf_counter()
         self.samples = self.tokens = self.chunks_done = 0
         self.chunks = chunks

@@ -64,8 +64,8 @@ def tiny_config(tokenizer, hidden: int = 64, layers: int = 2, heads: int = 4,
                        intermediate_size=hidden * 2, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=heads,
                        max_position_embeddings=max_positions, tie_word_embeddings=True,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id)
+                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                       bos_token_id=None)  # the tiny tokenizer adds no BOS, so none is named
 
 
 def build_tiny_model(out_dir: str | os.PathLike, kind: str = "causal", hidden: int = 64,

@@ -99,7 +99,7 @@ def pretrain_to(root, below: float, max_rounds: int = 40):
     while em < below and k < max_rounds:
         train_sft(SFTTrainConfig(data=str(root / "sft.jsonl"), output=str(root / f"pre{k}"),
                                  policy=str(model), lr=3e-3, max_steps=10, batch_size=32,
-                                 micro_batch_size=32, tensorboard=False, schedule="constant", seed=k))
+                                 micro_batch_size=32, report_to="none", schedule="constant", seed=k))
         model, steps, k = root / f"pre{k}" / "final", steps + 10, k + 1
         em = exact_match(model, root / "test_prompts", root / f"pre-eval{k}")
     return model, steps, em

@@ -145,7 +145,7 @@ def test_train_ilql_with_lora_and_value_guided_generation(tmp_path, policy_dir):
         w.write(0, pa.Table.from_pylist(generation_rows(32), schema=load_schema("generations").arrow))
         w.finish(total_chunks=1)
     train_ilql(ILQLTrainConfig(data=str(tmp_path / "g"), output=str(tmp_path / "o"), policy=str(policy_dir),
-                               lora_r=4, max_steps=3, batch_size=8, lr=1e-3, tensorboard=False))
+                               lora_r=4, max_steps=3, batch_size=8, lr=1e-3, report_to="none"))
     hist = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert {"loss/q", "loss/v", "loss/cql", "loss/awac", "q/mean", "v/mean", "advantage/mean"} <= set(hist[-1])
     final = tmp_path / "o" / "final"

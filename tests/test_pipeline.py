@@ -55,7 +55,7 @@ max_steps = {steps}
 batch_size = 4
 micro_batch_size = 2
 save_steps = 5
-tensorboard = false
+report_to = "none"
 [stages.eval]
 kind = "eval"
 policy = "stages.train"
@@ -65,6 +65,7 @@ reward_model = "inputs.reward_model"
 weights = {{ reward_model = 1.0 }}
 metrics = ["stages.train"]
 max_new_tokens = 6
+kl_samples = 2
 """
 
 
@@ -98,7 +99,7 @@ def test_unchanged_rerun_recomputes_nothing(tmp_path, inputs):
     assert [r["action"] for r in run_pipeline(again)] == ["reuse"] * 6
     assert mtimes(tmp_path / "w" / "stages") == before
     results = json.loads(next((tmp_path / "w" / "stages").glob("eval-*/results.json")).read_text())
-    assert 0 <= results["win_rate"] <= 1 and results["policy"]["kl_to_reference"] is not None
+    assert 0 <= results["win_rate"] <= 1 and results["policy"]["kl_to_reference"] >= 0
     # the win rate recounted from the two scored datasets the eval stage kept
     ev = next((tmp_path / "w" / "stages").glob("eval-*"))
     p, b = ({(r["prompt_id"], r["sample_index"]): r["reward"] for r in open_dataset(str(ev / side / "scored"))
@@ -204,11 +205,26 @@ def test_bad_pipeline_files_one_line_errors(tmp_path, inputs, edit, message):
 
 
 def test_demo_main_command_raises_held_out_reward(tmp_path):
-    """The README's main command: the nightly loop on the embedded default."""
-    out = subprocess.run([sys.executable, "-m", "offline_rlhf.cli", "demo", "--workdir", str(tmp_path / "d")],
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
+    """The README's main command: the nightly loop on the embedded default. Its output,
+    captured to files as cron would (not a terminal), has no progress redraws and no
+    transformers loading bars. (Also `demo --config FILE`.)"""
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(f"workdir: {tmp_path / 'd'}\n")
+    env = {k: v for k, v in os.environ.items()   # what the CLI does by itself, not inherited
+           if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "TQDM_DISABLE")}
+    with open(tmp_path / "out.txt", "w") as stdout, open(tmp_path / "err.txt", "w") as stderr:
+        rc = subprocess.run([sys.executable, "-m", "offline_rlhf.cli", "demo", "--config", str(cfg)],
+                            stdout=stdout, stderr=stderr, text=True, timeout=900, env=env).returncode
+    out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+    assert rc == 0, err[-3000:]
     results = json.loads(next((tmp_path / "d" / "pipeline" / "stages").glob("eval-*/results.json")).read_text())
     assert results["policy"]["reward_mean"] > results["baseline"]["reward_mean"] + 0.1
-    assert "before (start)" in out.stdout and "report:" in out.stdout
+    assert "before (start)" in out and "report:" in out
     assert (tmp_path / "d" / "models" / "start" / "model.safetensors").exists()
+    for noise in ("\r", "Loading weights", "Writing model shards", "it/s]"):
+        assert noise not in out + err, noise
+    assert "generate: 300/300 prompts (100%) done" in err        # progress as plain lines
+    # KL on samples from each model, never negative: the start model's to itself is 0
+    b, p = results["baseline"], results["policy"]
+    assert 0 <= b["kl_to_reference"] < 1e-6 and p["kl_to_reference"] > 0 and p["kl_stderr"] > 0
+    assert "KL to the start model (nats)         0.000 ± 0.000" in out

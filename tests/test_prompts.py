@@ -33,7 +33,7 @@ def test_import_text_and_chat_with_stable_ids(tmp_path):
     ([{"prompt": "x"}, {"prompt": "  "}], "row 1, column 'prompt': empty prompt"),
     ([{"prompt": "x"}, {"prompt": None}], "row 1, column 'prompt': prompt is missing"),
     ([{"prompt": "x"}, {"prompt": "x"}], "row 1, column 'prompt_id': duplicate key"),
-    ([{"messages": "hi"}], "row 0, column 'messages': messages must be a list"),
+    ([{"messages": "hi"}], "row 0, column 'messages': expected a non-empty list of {role, content}"),
 ])
 def test_import_refuses_bad_prompts(tmp_path, rows, message):
     src = tmp_path / "p.jsonl"

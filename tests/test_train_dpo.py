@@ -30,13 +30,14 @@ def pairs_ds(tmp_path_factory, policy_dir):
 
 def cfg(pairs, out, policy, **kw):
     base = dict(data=pairs, output=str(out), policy=str(policy), reference=str(policy), lr=1e-3,
-                max_steps=5, batch_size=8, micro_batch_size=4, tensorboard=False, nll_alpha=0.0)
+                max_steps=5, batch_size=8, micro_batch_size=4, report_to="none", nll_alpha=0.0)
     base.update(kw)
     return DPOTrainConfig(**base)
 
 
 def test_missing_reference_logps_names_the_stage(tmp_path, pairs_ds, policy_dir):
-    with pytest.raises(InputError, match=r"no reference log-probs: run `offline-rlhf logprobs`"):
+    with pytest.raises(InputError, match=r"48 of 48 pairs have no reference log-probs: pass --reference "
+                       r"MODEL .* \(these pairs were imported: there are no generations to run"):
         train_dpo(cfg(pairs_ds, tmp_path / "o", policy_dir, reference=None))
 
 
@@ -90,7 +91,7 @@ def _run(args, **kw):
 def _train_args(pairs, out, policy, *extra):
     return ["train", "dpo", "--data", pairs, "--output", str(out), "--policy", str(policy),
             "--reference", str(policy), "--lr", "1e-3", "--batch-size", "8", "--micro-batch-size", "2",
-            "--nll-alpha", "0.5", "--no-tensorboard", "--lora-r", "0", *extra]
+            "--nll-alpha", "0.5", "--report-to", "none", "--lora-r", "0", *extra]
 
 
 def test_killed_after_checkpoint_resumes_to_identical_weights(tmp_path, pairs_ds, policy_dir):

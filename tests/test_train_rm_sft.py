@@ -44,7 +44,7 @@ def trained_rm(tmp_path_factory, policy_dir):
     rows = apple_pairs(d / "pairs")
     summary = train_rm(RMTrainConfig(data=str(d / "pairs"), output=str(d / "out"), policy=str(policy_dir),
                                      lr=2e-3, max_steps=150, batch_size=16, micro_batch_size=16,
-                                     eval_fraction=0.2, tensorboard=False, schedule="constant"))
+                                     eval_fraction=0.2, report_to="none", schedule="constant"))
     return d, rows, summary
 
 
@@ -79,7 +79,7 @@ def test_round_trip_score_ranks_held_out_pairs_as_in_training(trained_rm, tmp_pa
 def test_rm_lora_round_trip(tmp_path, policy_dir):
     apple_pairs(tmp_path / "pairs", n=64)
     train_rm(RMTrainConfig(data=str(tmp_path / "pairs"), output=str(tmp_path / "o"), policy=str(policy_dir),
-                           lr=1e-3, max_steps=3, batch_size=8, lora_r=4, tensorboard=False))
+                           lr=1e-3, max_steps=3, batch_size=8, lora_r=4, report_to="none"))
     from offline_rlhf.models import load_reward_model
     model = load_reward_model(tmp_path / "o" / "final")
     assert model.config.num_labels == 1
@@ -98,7 +98,7 @@ def test_sft_raises_rule_score_of_greedy_generations(tmp_path, policy_dir):
     score(ScoreConfig(generations=str(tmp_path / "g"), output=str(tmp_path / "s"), **rule))
     s = train_sft(SFTTrainConfig(data=str(tmp_path / "s"), output=str(tmp_path / "sft"),
                                  policy=str(policy_dir), threshold=1.0, lr=3e-3, max_steps=40,
-                                 batch_size=8, tensorboard=False, schedule="constant"))
+                                 batch_size=8, report_to="none", schedule="constant"))
     assert s["data"]["kept"] > 0 and s["data"]["below_threshold"] > 0
 
     def greedy_score(model, name):
@@ -115,7 +115,7 @@ def test_sft_five_steps_change_parameters_from_plain_data(tmp_path, policy_dir):
     src.write_text("".join(json.dumps({"prompt": f"Q{i}:", "completion": f" answer {i}"}) + "\n"
                            for i in range(40)))
     train_sft(SFTTrainConfig(data=str(src), output=str(tmp_path / "o"), policy=str(policy_dir),
-                             lr=1e-3, max_steps=5, batch_size=8, tensorboard=False))
+                             lr=1e-3, max_steps=5, batch_size=8, report_to="none"))
     before = load_file(str(policy_dir / "model.safetensors"))
     after = load_file(str(tmp_path / "o" / "final" / "model.safetensors"))
     assert all(not torch.equal(before[k], after[k]) for k in before)

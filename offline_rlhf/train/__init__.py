@@ -16,6 +16,6 @@ ALGORITHMS = {
     "rm": (RMTrainConfig, train_rm, "Bradley-Terry reward model on pairs (what `score` loads)"),
     "ilql": (ILQLTrainConfig, train_ilql, "ILQL (implicit language Q-learning) on scored generations; "
              "saves V/Q heads for value-guided decoding"),
-    "sft": (SFTTrainConfig, train_sft, "NLL on responses: filtered generations (rejection "
-            "sampling) or prompt/completion data"),
+    "sft": (SFTTrainConfig, train_sft, "NLL on answer tokens: filtered generations (rejection "
+            "sampling), or a file in a TRL layout (prompt/completion, messages, text; text or chat)"),
 }

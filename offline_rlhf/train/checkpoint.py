@@ -108,15 +108,42 @@ def load(path: Path, acc, model, optimizer, scheduler, extras) -> dict:
     return {"step": state["step"]}
 
 
+TRACKERS_HELP = ("experiment trackers, comma-separated (accelerate's): tensorboard (under "
+                 "OUTPUT/tensorboard), wandb, mlflow, trackio, aim, comet_ml, clearml, dvclive, "
+                 "swanlab; or none. OUTPUT/metrics.jsonl is always written")
+
+
+def resolve_trackers(report_to: str) -> list[str]:
+    """The tracker names of ``report_to``; an unknown or uninstalled one is refused."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+    names = [x.strip() for x in report_to.split(",") if x.strip()]
+    if names == ["none"] or not names:
+        return []
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise InputError(f"report_to: unknown tracker {name!r} (known: "
+                             f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))}, or none)")
+        if name not in available:
+            raise InputError(f"report_to: {name} is requested but its package is not installed "
+                             f"(pip install {name}, or choose another with --report-to)")
+    return list(dict.fromkeys(names))
+
+
 class MetricsLogger:
-    """Per-step metrics to OUTPUT/metrics.jsonl and TensorBoard (main process only).
+    """Per-step metrics to OUTPUT/metrics.jsonl and to the accelerate trackers that
+    ``acc`` was made with (main process only).
 
-    On resume, records past the resumed step (from the killed run) are dropped."""
+    On resume, records past the resumed step (from the killed run) are dropped, from the
+    JSONL file and (``purge_step``) from TensorBoard."""
 
-    def __init__(self, out: Path, main: bool, tensorboard: bool, start_step: int):
-        self.main, self.tb = main, None
+    def __init__(self, out: Path, acc, start_step: int, config: dict | None = None):
+        self.acc, self.main = acc, acc.is_main_process
         self.path = out / "metrics.jsonl"
-        if not main:
+        if acc.log_with:
+            init = {"tensorboard": {"purge_step": start_step + 1}} if start_step else {}
+            acc.init_trackers("offline-rlhf", config=_flat(config or {}), init_kwargs=init)
+        if not self.main:
             return
         out.mkdir(parents=True, exist_ok=True)
         kept = []
@@ -124,26 +151,21 @@ class MetricsLogger:
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= start_step]
         self.path.write_text("".join(line + "\n" for line in kept))
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
-            except ImportError:
-                self.tb = None
 
     def log(self, record: dict) -> None:
-        if not self.main:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self.tb.add_scalar(k, v, record["step"])
+        if self.acc.log_with:
+            self.acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))
+                          and not isinstance(v, bool) and k not in ("step", "epoch")},
+                         step=record["step"])
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+
+def _flat(config: dict) -> dict:
+    """Hyper-parameters as trackers take them: scalars, everything else as JSON text."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+            for k, v in config.items() if v is not None}
 
 
 def save_final(cfg, acc, model, tokenizer, out: Path, extras=None) -> None:

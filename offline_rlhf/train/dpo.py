@@ -18,7 +18,9 @@ from ..config import opt
 from ..errors import InputError
 from ..losses.common import masked_sums, token_logps
 from ..losses.dpo import LOSS_TYPES, dpo_loss, nll_term
-from ..shards import open_dataset
+from ..models import check_model_dir
+from ..pairs import check_pairs_source, read_pairs
+from ..shards import is_dataset, open_dataset_of
 from .loop import TrainConfig, fit
 
 PAIR_COLUMNS = ["prompt", "prompt_token_ids", "chosen", "rejected", "chosen_token_ids",
@@ -27,6 +29,9 @@ PAIR_COLUMNS = ["prompt", "prompt_token_ids", "chosen", "rejected", "chosen_toke
 
 @dataclasses.dataclass
 class DPOTrainConfig(TrainConfig):
+    data: str = opt(help="pairs dataset, or a preference file (JSONL/JSON/Parquet in any layout "
+                    "`import-pairs` reads) imported on the fly; pairs need reference log-probs "
+                    "or --reference")
     loss: str = opt("sigmoid", f"loss: {' | '.join(LOSS_TYPES)}")
     beta: float = opt(0.1, "strength of the KL regularisation (IPO: tau)")
     label_smoothing: float = opt(0.0, "assumed label-flip rate for cdpo and robust")
@@ -58,11 +63,7 @@ class DPOTask:
 
     def __init__(self, cfg: DPOTrainConfig, tokenizer, device):
         self.cfg, self.tokenizer = cfg, tokenizer
-        ds = open_dataset(cfg.data, require_complete=True)
-        if ds.schema_name != "pairs":
-            raise InputError(f"{cfg.data}: is a {ds.schema_name} dataset; train dpo reads pairs "
-                             "(build them with `offline-rlhf pairs` or `offline-rlhf import-pairs`)")
-        rows = ds.read(columns=PAIR_COLUMNS).to_pylist()
+        rows = read_pairs(cfg.data, tokenizer, PAIR_COLUMNS, "train dpo")
         if not rows:
             raise InputError(f"{cfg.data}: has no pairs")
         self.stats = {"pairs": len(rows), "prompts_truncated": 0, "completions_truncated": 0,
@@ -213,7 +214,30 @@ class DPOTask:
         return losses.float(), metrics
 
 
+def check_reference(cfg: DPOTrainConfig) -> None:
+    """Before any model loads: pairs without reference log-probs need ``--reference``;
+    the message says what fits the data (imported pairs have no generations to rerun)."""
+    if cfg.reference:
+        check_model_dir(cfg.reference, "reference model")
+    if cfg.loss == "simpo" or cfg.reference:
+        return
+    fix = "pass --reference MODEL (usually the starting policy) to compute them once before training"
+    if not is_dataset(cfg.data):
+        raise InputError(f"{cfg.data}: pairs imported from a file have no reference log-probs: {fix}")
+    ds = open_dataset_of(cfg.data, "pairs", "train dpo")
+    t = ds.read(columns=["chosen_ref_logps_sum", "rejected_ref_logps_sum"])
+    missing = t.num_rows - t.drop_null().num_rows
+    if missing:
+        how = (f"{fix} (these pairs were imported: there are no generations to run "
+               "`offline-rlhf logprobs` on)" if "generations" not in ds.lineage else
+               f"run `offline-rlhf logprobs` on the generations and rebuild the pairs, or {fix}")
+        raise InputError(f"{cfg.data}: {missing} of {t.num_rows} pairs have no reference "
+                         f"log-probs: {how}")
+
+
 def train_dpo(cfg: DPOTrainConfig) -> dict:
+    check_pairs_source(cfg.data, "train dpo")
+    check_reference(cfg)
     holder = {}
 
     def factory(model, tokenizer, acc):

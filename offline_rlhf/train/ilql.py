@@ -28,12 +28,15 @@ from ..losses.ilql import (
     td_loss,
     td_targets,
 )
-from ..shards import open_dataset
+from ..shards import open_dataset_of
 from .loop import TrainConfig, fit
+
+ILQL_MADE_BY = "`offline-rlhf generate` then `offline-rlhf score`"
 
 
 @dataclasses.dataclass
 class ILQLTrainConfig(TrainConfig):
+    data: str = opt(help="scored generations dataset (rewards per sequence, or per token)")
     tau: float = opt(0.7, "expectile of the value loss")
     gamma: float = opt(0.99, "discount")
     cql_scale: float = opt(0.1, "weight of the CQL term")
@@ -60,9 +63,7 @@ class ILQLTask:
 
     def __init__(self, cfg: ILQLTrainConfig, tokenizer):
         self.cfg, self.tokenizer, self.heads = cfg, tokenizer, None
-        ds = open_dataset(cfg.data, require_complete=True)
-        if ds.schema_name != "generations":
-            raise InputError(f"{cfg.data}: is a {ds.schema_name} dataset; train ilql reads scored generations")
+        ds = open_dataset_of(cfg.data, "generations", "train ilql", ILQL_MADE_BY)
         t = ds.read(columns=["prompt", "prompt_token_ids", "response_token_ids", "reward", "token_rewards"])
         rewards = t.column("reward").to_pylist()
         if any(r is None for r in rewards):
@@ -157,6 +158,7 @@ class ILQLTask:
 
 
 def train_ilql(cfg: ILQLTrainConfig) -> dict:
+    open_dataset_of(cfg.data, "generations", "train ilql", ILQL_MADE_BY)  # before any model loads
     holder = {}
 
     def factory(model, tokenizer, acc):

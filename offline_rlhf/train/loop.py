@@ -64,7 +64,7 @@ class TrainConfig:
     lora_dropout: float = opt(0.0, "LoRA dropout")
     lora_target_modules: list[str] = opt([], "LoRA target modules (default: all linear layers)")
     save_merged: bool = opt(True, "with LoRA, also save the adapter merged into the base model")
-    tensorboard: bool = opt(True, "write TensorBoard event files under OUTPUT/tensorboard")
+    report_to: str = opt("tensorboard", ckpt.TRACKERS_HELP)
     resume: str = opt("auto", "auto (latest checkpoint in OUTPUT if any) | never | PATH")
     trust_remote_code: bool = opt(False, "allow custom model code from the model directory")
 
@@ -83,6 +83,7 @@ class TrainConfig:
             raise InputError("bits: quantized base weights cannot be trained; set lora_r (QLoRA)")
         if self.max_steps < 0 or self.epochs <= 0:
             raise InputError("max_steps must be >= 0 and epochs > 0")
+        ckpt.resolve_trackers(self.report_to)  # an uninstalled tracker fails here, before any work
 
 
 class Task(Protocol):
@@ -149,12 +150,16 @@ def total_steps(cfg: TrainConfig, n: int) -> int:
 
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    trackers = ckpt.resolve_trackers(cfg.report_to)
+    project = ProjectConfiguration(project_dir=cfg.output, logging_dir=str(Path(cfg.output) / "tensorboard"))
     # cpu=True is what makes accelerate start gloo for several CPU processes (torchrun etc.)
     return Accelerator(mixed_precision=mp, gradient_accumulation_steps=1,
-                       cpu=not torch.cuda.is_available())
+                       cpu=not torch.cuda.is_available(), log_with=trackers or None,
+                       project_config=project)
 
 
 def load_model_for_training(cfg: TrainConfig, device, model_loader=None):
@@ -213,7 +218,8 @@ def fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=None
     ``extra_modules(model)`` may return modules trained beside the model (ILQL heads);
     ``evaluate(model, accelerator)`` runs after training and its figures are logged.
     """
-    from ..models import load_tokenizer
+    from ..models import check_model_dir, load_tokenizer
+    check_model_dir(cfg.policy, "policy")
     out = Path(cfg.output)
     acc = make_accelerator(cfg)
     try:
@@ -239,16 +245,15 @@ def fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=None
             (out / "config.json").write_text(json.dumps(
                 {"algorithm": task.name, "config": to_dict(cfg), "code_version": code_version(),
                  "config_hash": config_hash(to_dict(cfg))}, indent=1, default=str))
-        logger = ckpt.MetricsLogger(out, acc.is_main_process, cfg.tensorboard, state["step"])
+        logger = ckpt.MetricsLogger(out, acc, state["step"], to_dict(cfg))
         summary = _train(cfg, acc, model, task, optimizer, scheduler, extras, lengths, steps,
                          state["step"], out, logger)
         if evaluate is not None:
             summary["eval"] = evaluate(acc.unwrap_model(model), acc)
             logger.log({"step": steps, **summary["eval"]})
-        logger.close()
         ckpt.save_final(cfg, acc, model, tokenizer, out, extras)
         summary.update(resumed_from=str(resume_from) if resume_from else None, steps=steps,
-                       is_main_process=acc.is_main_process)
+                       is_main_process=acc.is_main_process, data=getattr(task, "stats", None))
         if acc.is_main_process:
             (out / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
         acc.wait_for_everyone()
@@ -264,10 +269,9 @@ def fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=None
 
 
 def _train(cfg, acc, model, task, optimizer, scheduler, extras, lengths, steps, start, out, logger):
-    from tqdm.auto import tqdm
+    from ..console import progress
     per_epoch = len(lengths) // cfg.batch_size
-    bar = tqdm(total=steps, initial=start, desc=f"train {task.name}", unit="step",
-               disable=not acc.is_main_process, dynamic_ncols=True)
+    bar = progress(steps, f"train {task.name}", "step", initial=start, enabled=acc.is_main_process)
     history: list[dict] = []
     t0 = time.perf_counter()
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -20,13 +20,15 @@ from ..batching import pad
 from ..config import opt
 from ..errors import InputError
 from ..losses.reward import bradley_terry_loss
+from ..pairs import check_pairs_source, read_pairs
 from ..rewards.reward_model import last_token_rewards, rm_input_ids
-from ..shards import open_dataset
 from .loop import TrainConfig, fit
 
 
 @dataclasses.dataclass
 class RMTrainConfig(TrainConfig):
+    data: str = opt(help="pairs dataset, or a preference file (JSONL/JSON/Parquet in any layout "
+                    "`import-pairs` reads) imported on the fly")
     use_margin: bool = opt(False, "subtract the pairs' margin column inside the sigmoid (Llama 2)")
     center_coef: float = opt(0.0, "reward-centering weight: c * (r_chosen + r_rejected)^2")
     max_length: int = opt(2048, "input tokens kept (the last ones), as `score` does")
@@ -47,7 +49,8 @@ def load_reward_for_training(path, *, dtype="float32", bits=None, lora=None, dev
     """A one-label sequence classifier from a reward-model or causal-LM directory."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from ..models import _load, load_tokenizer
+    from ..models import _load, check_model_dir, load_tokenizer
+    check_model_dir(path, "policy")
     cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     cfg.num_labels = 1  # transformers 5 refuses from_pretrained(..., num_labels=1) with id2label set
     if cfg.pad_token_id is None:
@@ -66,10 +69,8 @@ class RMTask:
 
     def __init__(self, cfg: RMTrainConfig, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
-        ds = open_dataset(cfg.data, require_complete=True)
-        if ds.schema_name != "pairs":
-            raise InputError(f"{cfg.data}: is a {ds.schema_name} dataset; train rm reads pairs")
-        rows = ds.read(columns=["pair_id", "prompt", "chosen", "rejected", "margin"]).to_pylist()
+        rows = read_pairs(cfg.data, tokenizer, ["pair_id", "prompt", "chosen", "rejected", "margin"],
+                          "train rm")
         if cfg.use_margin and any(r["margin"] is None for r in rows):
             raise InputError(f"{cfg.data}: use_margin is set but some pairs have no margin")
         train, self.eval_rows = [], []
@@ -123,6 +124,7 @@ class RMTask:
 
 
 def train_rm(cfg: RMTrainConfig) -> dict:
+    check_pairs_source(cfg.data, "train rm")
     holder = {}
 
     def factory(model, tokenizer, acc):

@@ -66,6 +66,7 @@ def run_chunks(writer: ShardWriter, total_chunks: int, worker: int, num_workers:
                info: dict | None = None) -> dict:
     """Compute and write every uncommitted chunk this worker owns; return the manifest
     (with ``run`` timing figures of this process)."""
+    writer.claim(worker, num_workers)  # before looking: another live writer is refused
     mine = [c for c in range(total_chunks) if c % num_workers == worker]
     todo = [c for c in mine if not writer.committed(c)]
     progress = Progress(sum(units_per_chunk(c) for c in todo), desc, unit)

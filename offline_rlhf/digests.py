@@ -1,0 +1,115 @@
+"""Content digests of shards, for the shard store.
+
+- **Content hash**: a shard's sha256 changes with its ``created_at`` column (the time the
+  rows were made), so two runs of the same job never agree on it. The content hash is
+  a sha256 over the shard's Parquet bytes *except* the column chunks of run-time columns
+  and the footer (which holds their statistics): the bytes of the row data themselves,
+  taken in the same pass that computes the file's sha256. Same rows, same writer
+  settings -> same content hash, whenever and however often they are written.
+- **Key hashes**: 64 bits of blake2b per row over the table's unique key (e.g.
+  ``(prompt_id, sample_index)``), in row order, recorded in each shard's entry. Finding
+  a key written twice across the whole dataset then needs the entries only; a hash
+  match is confirmed against the real key values before anything is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+# Columns that say when a row was made, not what it is: left out of the content hash.
+RUNTIME_COLUMNS = frozenset({"created_at"})
+KEY_SEPARATOR = "\x1f"
+
+
+def content_ranges(meta: pq.FileMetaData, size: int) -> list[tuple[int, int]]:
+    """Byte ranges ``[start, end)`` of a Parquet file that hold its content: everything
+    between the leading magic and the footer, less the run-time columns' chunks."""
+    skip = []
+    for i in range(meta.num_row_groups):
+        rg = meta.row_group(i)
+        for j in range(rg.num_columns):
+            col = rg.column(j)
+            if col.path_in_schema.split(".")[0] in RUNTIME_COLUMNS:
+                start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+                skip.append((start, start + col.total_compressed_size))
+    footer_start = size - 8 - meta.serialized_size
+    keep, at = [], 4
+    for start, end in sorted(skip):
+        if start > at:
+            keep.append((at, start))
+        at = max(at, end)
+    if footer_start > at:
+        keep.append((at, footer_start))
+    return keep
+
+
+class RangeHasher:
+    """sha256 of the bytes of a stream that fall inside ``ranges``, fed block by block."""
+
+    def __init__(self, ranges: list[tuple[int, int]]):
+        self.ranges, self.pos, self.h = ranges, 0, hashlib.sha256()
+
+    def update(self, block) -> None:
+        lo, hi = self.pos, self.pos + len(block)
+        view = memoryview(block)
+        for start, end in self.ranges:
+            if end > lo and start < hi:
+                self.h.update(view[max(start, lo) - lo:min(end, hi) - lo])
+        self.pos = hi
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
+
+
+def key_strings(table: pa.Table, key: tuple[str, ...]) -> list[str]:
+    """Each row's key as one string (key columns joined by a unit separator)."""
+    parts = [pc.cast(table.column(k), pa.string()) for k in key]
+    if len(parts) == 1:
+        return parts[0].to_pylist()
+    return pc.binary_join_element_wise(*parts, KEY_SEPARATOR).to_pylist()
+
+
+def hash_strings(values: list[str]) -> np.ndarray:
+    """64 bits of blake2b of each string, in order."""
+    out = b"".join(hashlib.blake2b(v.encode(), digest_size=8).digest() for v in values)
+    return np.frombuffer(out, dtype="<u8")
+
+
+def key_hashes(table: pa.Table, key: tuple[str, ...]) -> np.ndarray:
+    """64-bit hash of each row's key, in row order."""
+    return hash_strings(key_strings(table, key))
+
+
+def encode_hashes(hashes: np.ndarray) -> str:
+    return base64.b64encode(hashes.astype("<u8").tobytes()).decode()
+
+
+def decode_hashes(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype="<u8")
+
+
+def colliding_rows(per_shard: list[np.ndarray]) -> list[tuple[int, int, int, int]]:
+    """``(shard, row, first_shard, first_row)`` for every row whose key hash was
+    already seen at an earlier (shard, row), in order of position."""
+    if not per_shard:
+        return []
+    hashes = np.concatenate(per_shard)
+    shard = np.concatenate([np.full(len(h), i, dtype=np.int64) for i, h in enumerate(per_shard)])
+    row = np.concatenate([np.arange(len(h), dtype=np.int64) for h in per_shard])
+    order = np.argsort(hashes, kind="stable")   # stable: earlier positions first
+    sorted_h = hashes[order]
+    repeat = np.flatnonzero(sorted_h[1:] == sorted_h[:-1]) + 1
+    if not len(repeat):
+        return []
+    # the first position of each run of equal hashes
+    run_start = np.maximum.accumulate(np.where(np.r_[True, sorted_h[1:] != sorted_h[:-1]],
+                                               np.arange(len(sorted_h)), 0))
+    out = [(int(shard[order[i]]), int(row[order[i]]),
+            int(shard[order[run_start[i]]]), int(row[order[run_start[i]]])) for i in repeat]
+    return sorted(out)

@@ -1,7 +1,8 @@
 """``offline-rlhf <command>``: the command-line interface.
 
-Bad input (an :class:`~offline_rlhf.errors.InputError`, a missing file) is printed as
-one line on stderr with exit status 2; ``--debug`` shows the traceback instead.
+Bad input (an :class:`~offline_rlhf.errors.InputError`) or a storage error (a missing
+file, a full disk) is printed as one line on stderr with exit status 2; ``--debug``
+shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ def _cmd_pipeline(args) -> int:
         if unknown:
             raise InputError(f"{args.file}: --only: no stage named {sorted(unknown)[0]}")
         p.stages = [s for s in p.stages if s.name in args.only or s.done()]
-    rows = run_pipeline(p, dry_run=args.dry_run)
+    rows = run_pipeline(p, dry_run=args.dry_run, wait=args.wait)
     print(render_plan(rows))
     if not args.dry_run:
         print(f"\nresolved config: {p.workdir / 'pipeline.resolved.json'}; log: {p.workdir / 'run.log'}")
@@ -320,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override keys, e.g. stages.generate.num_samples=8")
     r.add_argument("--dry-run", action="store_true", help="print the plan: what is reused, what runs")
     r.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages")
+    r.add_argument("--wait", action="store_true",
+                   help="if another run holds the workdir, wait for it (default: refuse)")
     r.set_defaults(fn=_cmd_pipeline)
 
     from .evaluate import EvalConfig, run_eval
@@ -341,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.fn(args)
-    except (InputError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+    except (InputError, OSError) as e:  # bad input, or storage (missing, full, denied)
         if args.debug:
             raise
         msg = str(e).replace("\n", " ")

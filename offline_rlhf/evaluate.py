@@ -23,6 +23,7 @@ from .generation import GenerateConfig, generate
 from .logprobs import LogprobsConfig, compute_logprobs
 from .rewards.score import ScoreConfig, score
 from .shards import is_complete, open_dataset
+from .storage import write_json_atomic
 
 
 @dataclasses.dataclass
@@ -91,6 +92,9 @@ def win_rate(policy: dict, baseline: dict) -> float:
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate ``cfg.policy`` (and the baseline); write results.json and report.md."""
+    missing = [m for m in cfg.metrics if not Path(m).is_file()]
+    if missing:  # refuse before any generation, not after
+        raise InputError(f"metrics: {missing[0]}: no such file")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     reference = cfg.reference or cfg.baseline
@@ -106,7 +110,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     write_report(results, out, cfg.metrics)
     slim = {k: ({kk: vv for kk, vv in v.items() if kk not in ("rewards", "by_prompt")}
                 if k in ("policy", "baseline") else v) for k, v in results.items()}
-    (out / "results.json").write_text(json.dumps(slim, indent=1, default=str))
+    write_json_atomic(out / "results.json", slim)  # its presence means done: atomic
     return slim
 
 

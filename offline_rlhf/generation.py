@@ -24,7 +24,7 @@ from .config import opt, to_dict
 from .errors import InputError, located
 from .lineage import code_version, config_hash, utc_now
 from .logprobs import processed_logps
-from .models import check_model_dir, fingerprint, load_policy, load_tokenizer
+from .models import apply_chat_template, check_model_dir, fingerprint, load_policy, load_tokenizer
 from .prompts import normalize_prompts
 from .schemas import load_schema
 from .shards import is_dataset, open_dataset, read_rows
@@ -224,16 +224,17 @@ def load_prompt_table(path: str) -> tuple[pa.Table, str]:
     return table, digest.hexdigest()
 
 
-def render_prompts(tokenizer, table: pa.Table) -> list[str]:
+def render_prompts(tokenizer, table: pa.Table, source: str | None = None) -> list[str]:
     """Prompt text as fed to the policy: chat messages go through its chat template."""
     out = []
-    for text, messages in zip(table.column("prompt").to_pylist(),
-                              table.column("messages").to_pylist()):
+    for i, (text, messages) in enumerate(zip(table.column("prompt").to_pylist(),
+                                             table.column("messages").to_pylist())):
         if messages is not None:
             if not tokenizer.chat_template:
                 raise InputError("the policy's tokenizer has no chat template, but some prompts "
                                  "are chat messages")
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = apply_chat_template(tokenizer, messages, (source, i, "messages"),
+                                       add_generation_prompt=True)
         out.append(text)
     return out
 
@@ -270,7 +271,7 @@ def generate(cfg: GenerateConfig) -> dict:
     check_model_dir(cfg.policy, "policy")
     tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code)
     prompts, prompts_fp = load_prompt_table(cfg.prompts)
-    texts = render_prompts(tokenizer, prompts)
+    texts = render_prompts(tokenizer, prompts, cfg.prompts)
     if cfg.overlong == "error":  # refuse before any work, not hours in
         encode_prompts(tokenizer, texts, cfg, cfg.prompts)
     policy_fp = fingerprint(cfg.policy)

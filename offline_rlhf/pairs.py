@@ -17,12 +17,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import math
 
 import pyarrow as pa
 
 from .config import opt, to_dict
 from .errors import InputError, located
 from .lineage import code_version, config_hash, utc_now
+from .models import apply_chat_template
 from .prompts import prompt_id_for
 from .schemas import load_schema
 from .shards import ShardWriter, open_dataset, read_rows
@@ -80,6 +82,9 @@ def pairs_from_rows(rows: list[dict], cfg: PairsConfig, source: str, where: str)
     for i, r in enumerate(rows):
         if r[cfg.reward_column] is None:
             raise InputError(located("row has no reward: run `offline-rlhf score` first",
+                                     where, i, cfg.reward_column))
+        if not math.isfinite(r[cfg.reward_column]):   # a dataset written by another tool
+            raise InputError(located(f"reward is {r[cfg.reward_column]} (not finite)",
                                      where, i, cfg.reward_column))
         groups.setdefault(r["prompt_id"], []).append(r)
     out = []
@@ -171,13 +176,29 @@ def _render(value, tokenizer, where, column, prompt_messages=None):
         raise InputError(located("chat messages need a tokenizer with a chat template "
                                  "(--tokenizer MODEL_DIR)", *where, column))
     msgs = [{"role": m["role"], "content": m["content"]} for m in value]
+    at = (*where, column)
     if prompt_messages is None:  # a prompt: render up to the assistant's turn
-        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), msgs
-    head = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(prompt_messages + msgs, tokenize=False)
+        return apply_chat_template(tokenizer, msgs, at, add_generation_prompt=True), msgs
+    head = apply_chat_template(tokenizer, prompt_messages, at, add_generation_prompt=True)
+    full = apply_chat_template(tokenizer, prompt_messages + msgs, at)
     if full.startswith(head):
         return full[len(head):], msgs
     return "".join(m["content"] for m in msgs), msgs
+
+
+# Numeric columns an imported pair may carry (the ref log-probs are checked <= 0 on write).
+NUMBER_COLUMNS = ("score_chosen", "score_rejected", "chosen_reward", "rejected_reward", "margin",
+                  "chosen_ref_logps_sum", "rejected_ref_logps_sum")
+
+
+def _number(row: dict, column: str, src: str, i: int) -> float | None:
+    """A numeric cell as a float; text (even "5"), booleans and the like are refused."""
+    v = row.get(column)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise InputError(located(f"expected a number, got {type(v).__name__} {v!r}", src, i, column))
+    return float(v)
 
 
 def _split_implicit(chosen, rejected):
@@ -217,11 +238,15 @@ def import_pairs(src: str, out: str, tokenizer_path: str | None = None, chunk_ro
             dropped += 1
             continue
         pid = str(r["prompt_id"]) if r.get("prompt_id") is not None else prompt_id_for(prompt_text)
-        cr, rr = r.get("score_chosen", r.get("chosen_reward")), r.get("score_rejected", r.get("rejected_reward"))
-        margin = r.get("margin", None if cr is None or rr is None else cr - rr)
+        num = {col: _number(r, col, src, i) for col in NUMBER_COLUMNS}
+        cr = num["score_chosen"] if "score_chosen" in r else num["chosen_reward"]
+        rr = num["score_rejected"] if "score_rejected" in r else num["rejected_reward"]
+        margin = num["margin"] if "margin" in r else None if cr is None or rr is None else cr - rr
         rows.append({"pair_id": pair_id(pid, chosen_text, rejected_text), "prompt_id": pid,
                      "prompt": prompt_text, "chosen": chosen_text, "rejected": rejected_text,
                      "chosen_reward": cr, "rejected_reward": rr, "margin": margin, "source": src,
+                     "chosen_ref_logps_sum": num["chosen_ref_logps_sum"],
+                     "rejected_ref_logps_sum": num["rejected_ref_logps_sum"],
                      "code_version": code_version(), "created_at": utc_now()})
     pairs = pa.Table.from_pylist(rows, schema=load_schema("pairs").arrow)
     writer = ShardWriter(out, "pairs", lineage={"source": src})

@@ -55,6 +55,12 @@ def normalize_prompts(data: pa.Table | list[dict], source: str, *, prompt_column
                 isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages)):
             raise InputError(located("messages must be a list of {role, content} objects",
                                      source, i, messages_column))
+        for j, m in enumerate(messages or []):
+            bad = [k for k in ("role", "content") if not isinstance(m[k], str)]
+            if bad:
+                raise InputError(located(f"messages[{j}].{bad[0]} must be text, got "
+                                         f"{type(m[bad[0]]).__name__} {m[bad[0]]!r}",
+                                         source, i, messages_column))
         pid = r.get(id_column)
         answer = r.get(answer_column)
         extra = {k: v for k, v in r.items() if k not in used and v is not None}

@@ -22,7 +22,7 @@ import torch
 from .batching import budget_batches, pad, positions
 from .config import opt, to_dict
 from .errors import InputError, located
-from .lineage import code_version, config_hash, utc_now
+from .lineage import canonical_json, code_version, config_hash, utc_now
 from .logprobs import processed_logps
 from .models import apply_chat_template, check_model_dir, fingerprint, load_policy, load_tokenizer
 from .prompts import normalize_prompts
@@ -219,8 +219,8 @@ def load_prompt_table(path: str) -> tuple[pa.Table, str]:
         return ds.read(), ds.fingerprint
     table = normalize_prompts(read_rows(path)[0], path)
     digest = hashlib.sha256()
-    for pid in table.column("prompt_id").to_pylist():
-        digest.update(pid.encode() + b"\n")
+    for row in table.to_pylist():   # the content, not only the ids
+        digest.update(canonical_json(row).encode() + b"\n")
     return table, digest.hexdigest()
 
 

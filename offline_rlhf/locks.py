@@ -163,7 +163,7 @@ def claim_slot(folder: str, worker: int, num_workers: int, busy: str) -> FileLoc
             "or give each writer its own --worker i --num-workers N")
     lock.acquire(message=f"{busy} (worker {worker} of {num_workers})", hint=hint)
     try:
-        for name in os.listdir(folder):
+        for name in sorted(os.listdir(folder)):
             m = re.fullmatch(r"(\d+)-of-(\d+)\.lock", name)
             if not m or name == mine:
                 continue

@@ -303,10 +303,8 @@ class ShardWriter:
             stats["quarantined_rows"] = quarantined.num_rows
         entry = {"name": name, "chunk": chunk, "rows": good.num_rows, "stats": stats,
                  "created_at": utc_now().isoformat()}
-        if keys is not None:
-            entry["key_hashes"] = keys
-        self._pending.append(self._committer.submit(self._commit, staged, entry))
-        return {k: v for k, v in entry.items() if k != "key_hashes"}
+        self._pending.append(self._committer.submit(self._commit, staged, entry, keys))
+        return entry
 
     def _quarantine(self, name: str, staged: Staged, good: pa.Table, bad: pa.Table) -> Staged:
         """Re-encode the good rows as the shard; commit the bad ones to the quarantine."""
@@ -319,12 +317,13 @@ class ShardWriter:
         q.commit()
         return staged
 
-    def _commit(self, staged: Staged, entry: dict) -> None:
+    def _commit(self, staged: Staged, entry: dict, keys: str | None) -> None:
         with storage_errors(self.store.display(entry["name"])):
             staged.commit()
             entry.update(bytes=staged.size, sha256=staged.sha256,
                          content_sha256=staged.content_sha256)
-            self.store.write_atomic(_entry_name(entry["chunk"]), _json_bytes(entry))
+            on_disk = entry if keys is None else {**entry, "key_hashes": keys}
+            self.store.write_atomic(_entry_name(entry["chunk"]), _json_bytes(on_disk))
         self._entries[entry["name"]] = entry
         with storage_errors(self.store.display(MANIFEST)):
             self._write_manifest(complete=False)

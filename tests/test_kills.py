@@ -9,7 +9,7 @@ import signal
 import time
 from pathlib import Path
 
-from cli_helpers import cli, popen
+from cli_helpers import SMALL_JOB, cli, popen
 
 from offline_rlhf.pipeline import load_pipeline, plan
 from offline_rlhf.shards import ShardWriter, is_complete
@@ -31,32 +31,16 @@ storage._fsync = stop_here
 sys.exit(cli.main(sys.argv[1:]))
 """
 
-JOB = """
-name = "killed"
-workdir = "{work}"
-[inputs]
-policy = "{policy}"
-prompts = "{prompts}"
-heldout = "{heldout}"
-[stages.generate]
-kind = "generate"
-prompts = "inputs.prompts"
-policy = "inputs.policy"
-num_samples = 4
-max_new_tokens = 5
-chunk_prompts = 4
-[stages.score]
-kind = "score"
-generations = "stages.generate"
-weights = {{ exact_match = 1.0, length_penalty = 0.1 }}
-[stages.pairs]
-kind = "pairs"
-generations = "stages.score"
+# SMALL_JOB (generate -> score -> pairs), scored by a reward model (distinct rewards make
+# pairs), then a model, its evaluation and a ReST run
+JOB = SMALL_JOB.replace("weights = {{ exact_match = 1.0, length_penalty = 0.1 }}",
+                        'reward_model = "{rm}"\nweights = {{ reward_model = 1.0 }}') + """
 [stages.train]
 kind = "train"
 algorithm = "dpo"
 data = "stages.pairs"
 policy = "inputs.policy"
+reference = "inputs.policy"
 max_steps = 2
 batch_size = 2
 micro_batch_size = 2
@@ -65,18 +49,18 @@ tensorboard = false
 kind = "eval"
 policy = "stages.train"
 baseline = "inputs.policy"
-prompts = "inputs.heldout"
+prompts = "inputs.prompts"
 weights = {{ exact_match = 1.0 }}
-max_new_tokens = 5
+max_new_tokens = 4
 [stages.rest]
 kind = "rest"
 policy = "inputs.policy"
-prompts = "inputs.heldout"
+prompts = "inputs.prompts"
 improve_steps = 1
 thresholds = [0.0]
 lrs = [1e-4]
 num_samples = 2
-max_new_tokens = 5
+max_new_tokens = 4
 weights = {{ exact_match = 1.0 }}
 steps_per_improve = 1
 batch_size = 2
@@ -84,14 +68,13 @@ micro_batch_size = 2
 """
 
 
-def make_job(tmp_path, policy_dir) -> Path:
-    for name, t in (("prompts", copy_prompts(12)), ("heldout", copy_prompts(4, split="test"))):
-        with ShardWriter(str(tmp_path / name), "prompts") as w:
-            w.write(0, t)
-            w.finish(total_chunks=1)
+def make_job(tmp_path, policy_dir, reward_dir) -> Path:
+    with ShardWriter(str(tmp_path / "prompts"), "prompts") as w:
+        w.write(0, copy_prompts(12))
+        w.finish(total_chunks=1)
     f = tmp_path / "job.toml"
     f.write_text(JOB.format(work=tmp_path / "w", policy=policy_dir, prompts=tmp_path / "prompts",
-                            heldout=tmp_path / "heldout"))
+                            rm=reward_dir))
     return f
 
 
@@ -117,8 +100,8 @@ def stage_dir(tmp_path, name: str) -> Path:
     return next((tmp_path / "w" / "stages").glob(f"{name}-*"))
 
 
-def test_kill_at_each_done_write_then_rerun_redoes_it(tmp_path, policy_dir):
-    job = make_job(tmp_path, policy_dir)
+def test_kill_at_each_done_write_then_rerun_redoes_it(tmp_path, policy_dir, reward_dir):
+    job = make_job(tmp_path, policy_dir, reward_dir)
 
     # 1. the manifest rename of the score stage's dataset
     run_until_killed(tmp_path, job, "/stages/score-", "/.offline-rlhf/.manifest.json.")
@@ -160,10 +143,10 @@ def test_kill_at_each_done_write_then_rerun_redoes_it(tmp_path, policy_dir):
     assert not [p for p in (tmp_path / "w").rglob("*") if p.is_file() and p.name.endswith(".tmp")]
 
 
-def test_done_files_cut_short_by_older_versions_are_not_reused(tmp_path, policy_dir):
+def test_done_files_cut_short_by_older_versions_are_not_reused(tmp_path, policy_dir, reward_dir):
     """A 0-byte or cut results.json / train_summary.json / report.json (left by a kill
     before done files were atomic) does not count as done."""
-    job = make_job(tmp_path, policy_dir)
+    job = make_job(tmp_path, policy_dir, reward_dir)
     p = load_pipeline(str(job))
     outputs = {s.name: s.output for s in p.stages}
     (outputs["train"] / "final").mkdir(parents=True)

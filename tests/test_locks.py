@@ -74,13 +74,14 @@ def test_two_concurrent_runs_one_refused_one_waits_third_reuses(tmp_path, job):
     assert "Traceback" not in line and not (tmp_path / "w" / "stages").exists()
 
     waiting = popen("pipeline", "run", job, "--wait")
-    time.sleep(2)
-    assert waiting.poll() is None                     # queued behind the first run
+    said = waiting.stderr.readline()                  # queued behind the first run
+    assert said.startswith(f"waiting for {tmp_path / 'w' / 'pipeline.lock'}: held by pid {first.pid}")
+    assert waiting.poll() is None
     gate.touch()
     assert first.wait(timeout=600) == 0, first.communicate()[1][-3000:]
     out, err = waiting.communicate(timeout=600)
     assert waiting.returncode == 0, err[-3000:]
-    assert "waiting for" in err and out.count(" reuse ") == 3   # it found everything done
+    assert out.count(" reuse ") == 3 and " run " not in out   # it found everything done
     before = shard_files(tmp_path / "w")
 
     third = cli("pipeline", "run", job)

@@ -69,12 +69,16 @@ class FileLock:
     """An exclusive flock on ``path`` with a holder record inside.
 
     :meth:`acquire` returns the record of a previous holder that died while holding
-    the lock (taken over), or None. :meth:`release` clears the record and unlocks.
+    the lock (taken over), or None. :meth:`release` clears the record and unlocks;
+    with ``remove`` it deletes the file first (for locks taken once, like a chunk's),
+    which is safe because :meth:`acquire` checks that the file it locked is still the
+    one at ``path``.
     """
 
-    def __init__(self, path: str | os.PathLike, record: dict | None = None):
+    def __init__(self, path: str | os.PathLike, record: dict | None = None, remove: bool = False):
         self.path = Path(path)
         self.record = record or holder_record()
+        self.remove = remove
         self._fd: int | None = None
 
     @property
@@ -93,26 +97,39 @@ class FileLock:
                                  f"({e.strerror}); use a local or lock-capable filesystem") from None
             raise
 
+    def _locked_fd(self, wait: bool, message: str | None, hint: str) -> int:
+        """An open descriptor of ``path``, flocked; refused while a live process holds it."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                got = self._try(fd)
+                for _ in range(3):  # a probe (is_held) holds a shared lock for a moment
+                    if got:
+                        break
+                    time.sleep(0.05)
+                    got = self._try(fd)
+                if not got and wait:
+                    print(f"waiting for {self.path}: held by {describe(read_holder(self.path))}",
+                          file=sys.stderr, flush=True)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    got = True
+                if not got:
+                    raise InputError(f"{message or f'{self.path}: locked'}: held by "
+                                     f"{describe(read_holder(self.path))}{hint}")
+                with contextlib.suppress(FileNotFoundError):
+                    if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                        return fd
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # its holder removed the file as we locked it: take the new one
+
     def acquire(self, wait: bool = False, message: str | None = None, hint: str = "") -> dict | None:
         """Take the lock. If a live process holds it, raise :class:`InputError`
         (``message: held by <holder><hint>``), or with ``wait`` block until it is free."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._locked_fd(wait, message, hint)
         try:
-            got = self._try(fd)
-            for _ in range(3):  # a probe (is_held) holds a shared lock for a moment
-                if got:
-                    break
-                time.sleep(0.05)
-                got = self._try(fd)
-            if not got and wait:
-                print(f"waiting for {self.path}: held by {describe(read_holder(self.path))}",
-                      file=sys.stderr, flush=True)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                got = True
-            if not got:
-                raise InputError(f"{message or f'{self.path}: locked'}: held by "
-                                 f"{describe(read_holder(self.path))}{hint}")
             previous = read_holder(self.path, tries=1)  # ours now: nobody is writing it
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(self.record).encode(), 0)
@@ -128,7 +145,11 @@ class FileLock:
             return
         fd, self._fd = self._fd, None
         try:
-            os.ftruncate(fd, 0)  # a clean exit leaves no holder record behind
+            if self.remove:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+            else:
+                os.ftruncate(fd, 0)  # a clean exit leaves no holder record behind
         finally:
             os.close(fd)  # closing drops the flock
 
@@ -153,25 +174,51 @@ def is_held(path: str | os.PathLike) -> bool:
         os.close(fd)
 
 
-def claim_slot(folder: str, worker: int, num_workers: int, busy: str) -> FileLock:
-    """Lock worker slot ``worker`` of ``num_workers`` (the chunks ``c % N == i``) in
-    ``folder``; refused while a live process holds this slot or any slot whose chunks
-    overlap it (``i % g == j % g`` with ``g = gcd(N, M)``). ``busy`` starts the error."""
-    mine = f"{worker}-of-{num_workers}.lock"
-    lock = FileLock(f"{folder}/{mine}", holder_record(worker=worker, num_workers=num_workers))
+# Claims on a dataset's chunks: a worker slot (chunks c % N == i) or a single chunk.
+SLOT = re.compile(r"(\d+)-of-(\d+)\.lock")
+CHUNK = re.compile(r"part-(\d+)\.lock")
+
+
+def claim_name(worker: int, num_workers: int | None) -> str:
+    """The lock file of a slot (``i-of-N.lock``) or, with ``num_workers`` None, of chunk
+    ``worker`` alone (``part-000003.lock``)."""
+    return f"part-{worker:06d}.lock" if num_workers is None else f"{worker}-of-{num_workers}.lock"
+
+
+def _what(name: str) -> str:
+    if m := SLOT.fullmatch(name):
+        return f"worker {m[1]} of {m[2]}"
+    return f"chunk {int(CHUNK.fullmatch(name)[1])}"
+
+
+def _overlap(name: str, worker: int, num_workers: int | None) -> bool:
+    """Whether the claim in file ``name`` covers a chunk of ours (slot or single chunk)."""
+    if m := SLOT.fullmatch(name):
+        j, m_workers = int(m[1]), int(m[2])
+        if num_workers is None:
+            return worker % m_workers == j
+        g = math.gcd(num_workers, m_workers)
+        return worker % g == j % g
+    if m := CHUNK.fullmatch(name):
+        return int(m[1]) == worker if num_workers is None else int(m[1]) % num_workers == worker
+    return False
+
+
+def claim(folder: str, worker: int, num_workers: int | None, busy: str) -> FileLock:
+    """Claim slot ``worker`` of ``num_workers`` (or, with ``num_workers`` None, chunk
+    ``worker`` alone) of a dataset whose claims live in ``folder``. Refused, naming the
+    holder, while a live process claims the same or overlapping chunks (slots overlap
+    when ``i % g == j % g``, ``g = gcd(N, M)``); ``busy`` starts the error."""
+    mine = claim_name(worker, num_workers)
+    lock = FileLock(f"{folder}/{mine}", holder_record(claim=_what(mine)),
+                    remove=num_workers is None)   # a chunk's lock goes with its write
     hint = ("; wait for it to finish (a killed writer's claim is freed when it dies), "
             "or give each writer its own --worker i --num-workers N")
-    lock.acquire(message=f"{busy} (worker {worker} of {num_workers})", hint=hint)
+    lock.acquire(message=f"{busy} ({_what(mine)})", hint=hint)
     try:
-        for name in sorted(os.listdir(folder)):
-            m = re.fullmatch(r"(\d+)-of-(\d+)\.lock", name)
-            if not m or name == mine:
-                continue
-            other, others = int(m[1]), int(m[2])
-            g = math.gcd(num_workers, others)
-            if other % g == worker % g and is_held(f"{folder}/{name}"):
-                raise InputError(f"{busy} (worker {other} of {others}, whose chunks overlap "
-                                 f"worker {worker} of {num_workers}): held by "
+        for name in sorted(os.listdir(folder)):   # the few slots, and chunks claimed alone
+            if name != mine and _overlap(name, worker, num_workers) and is_held(f"{folder}/{name}"):
+                raise InputError(f"{busy} ({_what(name)}, overlapping {_what(mine)}): held by "
                                  f"{describe(read_holder(f'{folder}/{name}'))}{hint}")
     except BaseException:
         lock.release()

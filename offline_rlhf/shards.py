@@ -164,9 +164,9 @@ class ShardWriter:
     and :meth:`close` wait for pending commits and raise their errors; a commit error
     also surfaces at the next :meth:`write`. Use the writer as a context manager.
 
-    The first :meth:`write` claims chunks for this process (all of them, unless
-    :meth:`claim` was called with a worker slot first); :meth:`finish` and
-    :meth:`close` let go.
+    Two processes never write one chunk at once: :meth:`write` claims its chunk until
+    the commit is done, unless the writer holds a worker slot (:meth:`claim`, as the
+    stage executors do before they look for work) that covers it.
     """
 
     url: str
@@ -202,7 +202,7 @@ class ShardWriter:
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-commit")
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-encode")
         self._pending: list[Future] = []
-        self._claim = None
+        self._claim, self._slot = None, (0, 1)
         self._file_meta = {b"offline_rlhf.schema": self.schema.name.encode(),
                            b"offline_rlhf.schema_version": self.schema.version.encode(),
                            b"offline_rlhf.lineage": json.dumps(self.lineage, default=str).encode(),
@@ -215,17 +215,29 @@ class ShardWriter:
         self.close()
 
     def claim(self, worker: int = 0, num_workers: int = 1) -> None:
-        """Lock the chunks ``c % num_workers == worker`` against other writers.
+        """Lock the chunks ``c % num_workers == worker`` against other writers until
+        :meth:`finish` or :meth:`close`.
 
         Refused (one line naming the holder: host, pid, start time) while a live process
-        holds a claim on any of the same chunks; a claim left by a killed writer is
-        taken over. Workers with disjoint slots (``--worker i --num-workers N``) share
-        the dataset. Local filesystems only: on object stores this does nothing.
+        claims any of the same chunks; a claim left by a killed writer is taken over.
+        Workers with disjoint slots (``--worker i --num-workers N``) share the dataset.
+        Local filesystems only: on object stores this does nothing.
         """
         if self._claim is None and self.store.local:
-            from .locks import claim_slot
-            self._claim = claim_slot(self.store.path(WRITERS), worker, num_workers,
-                                     f"{self.store.url}: dataset is being written by another process")
+            self._claim = self._lock(worker, num_workers)
+            self._slot = (worker, num_workers)
+
+    def _lock(self, worker: int, num_workers: int | None):
+        from .locks import claim
+        return claim(self.store.path(WRITERS), worker, num_workers,
+                     f"{self.store.url}: dataset is being written by another process")
+
+    def _claim_chunk(self, chunk: int):
+        """The lock of one chunk for one write, unless a slot of ours covers it."""
+        if not self.store.local or (self._claim is not None
+                                    and chunk % self._slot[1] == self._slot[0]):
+            return None
+        return self._lock(chunk, None)
 
     def _unclaim(self) -> None:
         if self._claim is not None:
@@ -274,7 +286,15 @@ class ShardWriter:
         until its good rows are encoded).
         """
         self._reap(wait=False)
-        self.claim()
+        held = self._claim_chunk(chunk)
+        try:
+            return self._write(chunk, table, stats, source, row_offset, held)
+        except BaseException:
+            if held is not None:
+                held.release()
+            raise
+
+    def _write(self, chunk, table, stats, source, row_offset, held) -> dict:
         name = shard_name(chunk)
         source = source or self.store.display(name)
         table = conform(table, self.schema, source)
@@ -303,7 +323,7 @@ class ShardWriter:
             stats["quarantined_rows"] = quarantined.num_rows
         entry = {"name": name, "chunk": chunk, "rows": good.num_rows, "stats": stats,
                  "created_at": utc_now().isoformat()}
-        self._pending.append(self._committer.submit(self._commit, staged, entry, keys))
+        self._pending.append(self._committer.submit(self._commit, staged, entry, keys, held))
         return entry
 
     def _quarantine(self, name: str, staged: Staged, good: pa.Table, bad: pa.Table) -> Staged:
@@ -317,13 +337,17 @@ class ShardWriter:
         q.commit()
         return staged
 
-    def _commit(self, staged: Staged, entry: dict, keys: str | None) -> None:
-        with storage_errors(self.store.display(entry["name"])):
-            staged.commit()
-            entry.update(bytes=staged.size, sha256=staged.sha256,
-                         content_sha256=staged.content_sha256)
-            on_disk = entry if keys is None else {**entry, "key_hashes": keys}
-            self.store.write_atomic(_entry_name(entry["chunk"]), _json_bytes(on_disk))
+    def _commit(self, staged: Staged, entry: dict, keys: str | None, held) -> None:
+        try:
+            with storage_errors(self.store.display(entry["name"])):
+                staged.commit()
+                entry.update(bytes=staged.size, sha256=staged.sha256,
+                             content_sha256=staged.content_sha256)
+                on_disk = entry if keys is None else {**entry, "key_hashes": keys}
+                self.store.write_atomic(_entry_name(entry["chunk"]), _json_bytes(on_disk))
+        finally:
+            if held is not None:   # the chunk is committed (or failed): let it go
+                held.release()
         self._entries[entry["name"]] = entry
         with storage_errors(self.store.display(MANIFEST)):
             self._write_manifest(complete=False)

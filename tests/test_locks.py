@@ -14,7 +14,7 @@ from cli_helpers import SMALL_JOB, cli, one_error_line, popen
 from conftest import generation_table
 
 from offline_rlhf.errors import InputError
-from offline_rlhf.locks import FileLock, read_holder
+from offline_rlhf.locks import FileLock, claim, read_holder
 from offline_rlhf.shards import ShardWriter, open_dataset
 from offline_rlhf.toy import copy_prompts
 
@@ -123,15 +123,38 @@ def test_dry_run_needs_no_lock(tmp_path, job):
 def test_second_writer_of_the_same_chunks_is_refused(tmp_path):
     url = str(tmp_path / "ds")
     a = ShardWriter(url, "generations")
+    a.claim()                                        # all chunks, as an executor does
     a.write(0, generation_table(4))
     b = ShardWriter(url, "generations")
     with pytest.raises(InputError, match=rf"^{url}: dataset is being written by another process "
-                       rf"\(worker 0 of 1\): held by pid {os.getpid()} on host "):
+                       rf"\(worker 0 of 1, overlapping chunk 1\): held by pid {os.getpid()} on host "):
         b.write(1, generation_table(4, start=4))
+    assert not (tmp_path / "ds" / "part-000001.parquet").exists()
     a.write(1, generation_table(4, start=4))
     assert a.finish(total_chunks=2)["complete"]      # finish lets go ...
     b.write(2, generation_table(4, start=8))         # ... and another writer may go on
     assert b.finish(total_chunks=3)["complete"]
+
+
+def test_writers_without_a_slot_share_a_dataset_chunk_by_chunk(tmp_path):
+    """Writers that claim no slot (an actor pool) lock each chunk only while writing it."""
+    url = str(tmp_path / "ds")
+    busy = claim(str(tmp_path / "ds" / ".offline-rlhf" / "writers"), 5, None, "test")
+    w = ShardWriter(url, "generations")
+    w.write(4, generation_table(4, start=16))        # another chunk: fine
+    with pytest.raises(InputError, match=rf"^{url}: dataset is being written by another process "
+                       rf"\(chunk 5\): held by pid {os.getpid()}"):
+        w.write(5, generation_table(4, start=20))
+    busy.release()
+    w.write(5, generation_table(4, start=20))
+    w.flush()
+    assert [e["chunk"] for e in open_dataset(url).shards] == [4, 5]
+    with pytest.raises(InputError, match=r"\(chunk 4, overlapping worker 0 of 2\)"):
+        held = claim(str(tmp_path / "ds" / ".offline-rlhf" / "writers"), 4, None, "test")
+        try:
+            ShardWriter(url, "generations").claim(0, 2)
+        finally:
+            held.release()
 
 
 def test_workers_share_a_dataset_overlapping_slots_do_not(tmp_path):
@@ -140,7 +163,7 @@ def test_workers_share_a_dataset_overlapping_slots_do_not(tmp_path):
     w0.claim(0, 2)
     w1.claim(1, 2)                                   # disjoint chunks: both hold a claim
     whole = ShardWriter(url, "generations")
-    with pytest.raises(InputError, match=r"worker 0 of 2, whose chunks overlap worker 0 of 1"):
+    with pytest.raises(InputError, match=r"worker 0 of 2, overlapping worker 0 of 1"):
         whole.claim(0, 1)
     w0.write(0, generation_table(4))
     w0.flush()

@@ -29,10 +29,11 @@ from these, so two runs of one job agree on it) and a 64-bit hash of every row's
 from which :meth:`ShardWriter.finish` refuses a key written twice anywhere in the
 dataset without reading the data again (see ``digests.py``).
 
-Writers claim their chunks first (:meth:`ShardWriter.claim`, a lock per worker slot under
-``.offline-rlhf/writers/``), so two processes never write the same chunk at once;
-workers ``--worker i --num-workers N`` own disjoint chunks and share the output freely.
-On object stores there are no locks: run one process per worker slot there.
+Writers claim chunks (locks under ``.offline-rlhf/writers/``, see ``locks.py``): a worker
+slot before looking for work (:meth:`ShardWriter.claim`), else each chunk while it is
+written, so two processes never write the same chunk at once; workers ``--worker i
+--num-workers N`` own disjoint chunks and share the output freely. On object stores
+there are no locks: run one process per worker slot there.
 
 Readers verify each shard's size and sha256 against its entry before use and name
 the file on any mismatch or decoding error.

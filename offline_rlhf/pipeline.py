@@ -303,8 +303,8 @@ def preflight(p: Pipeline) -> None:
                     if k == "reward_model":
                         check_reward_model(path, trust)
                     elif k in MODEL_OPTIONS:
-                        check_model_dir(path, MODEL_OPTIONS[k])
-                        load_config(path, trust)
+                        if (check_model_dir(path, MODEL_OPTIONS[k]) / "config.json").exists():
+                            load_config(path, trust)   # (an adapter directory has none)
                     elif k in PATH_OPTIONS and is_dataset(path):
                         open_dataset(path, require_complete=True)
                 except InputError as e:

@@ -123,25 +123,24 @@ def _check_unique_keys(store: Store, entries: list[dict], schema: Schema) -> Non
     if not schema.key or not entries:
         return
     key = tuple(schema.key)
-    cache: dict[str, list[str]] = {}
+    cache: dict[str, pa.Table] = {}
 
-    def keys_of(entry: dict) -> list[str]:
+    def keys_of(entry: dict) -> pa.Table:
         if entry["name"] not in cache:
             try:
-                table = pq.read_table(store.path(entry["name"]), columns=list(key),
-                                      filesystem=store.fs)
+                cache[entry["name"]] = pq.read_table(store.path(entry["name"]), columns=list(key),
+                                                     filesystem=store.fs)
             except (pa.ArrowException, OSError) as e:
                 raise InputError(f"{store.display(entry['name'])}: cannot read shard "
                                  f"({(str(e).splitlines() or [''])[0]})") from None
-            cache[entry["name"]] = digests.key_strings(table, key)
         return cache[entry["name"]]
 
     per_shard = [digests.decode_hashes(e["key_hashes"]) if "key_hashes" in e
-                 else digests.hash_strings(keys_of(e)) for e in entries]
+                 else digests.key_hashes(keys_of(e), key) for e in entries]
     for shard, row, first_shard, first_row in digests.colliding_rows(per_shard):
-        value = keys_of(entries[shard])[row]
-        if value == keys_of(entries[first_shard])[first_row]:   # not a hash collision
-            shown = "(" + ", ".join(value.split(digests.KEY_SEPARATOR)) + ")"
+        value = digests.key_value(keys_of(entries[shard]), key, row)
+        if value == digests.key_value(keys_of(entries[first_shard]), key, first_row):
+            shown = "(" + ", ".join(str(v) for v in value) + ")"   # (not a hash collision)
             raise InputError(located(
                 f"duplicate key ({', '.join(key)}) = {shown}, first at "
                 f"{store.display(entries[first_shard]['name'])} row {first_row}",

@@ -226,6 +226,11 @@ def test_nan_reward_in_another_tools_dataset(tmp_path):
     one_error_line(out, f"{tmp_path / 'gen'}/part-000000.parquet, row 5, column 'reward': "
                    "reward is nan (not finite)")
     assert not is_complete(str(tmp_path / "pairs"))
+    # the sample filters (ReST, rejection sampling) refuse it too, rather than keep it
+    from offline_rlhf.errors import InputError
+    from offline_rlhf.filters import SampleFilter, select
+    with pytest.raises(InputError, match=r"^row 5: reward is nan \(not finite\)$"):
+        select(rows, SampleFilter(threshold=0.0))
 
 
 def test_digit_strings_are_not_numbers(tmp_path):

@@ -342,7 +342,7 @@ class ShardWriter:
             with storage_errors(self.store.display(entry["name"])):
                 staged.commit()
                 entry.update(bytes=staged.size, sha256=staged.sha256,
-                             content_sha256=staged.content_sha256)
+                             content_hash=staged.content_hash)
                 on_disk = entry if keys is None else {**entry, "key_hashes": keys}
                 self.store.write_atomic(_entry_name(entry["chunk"]), _json_bytes(on_disk))
         finally:
@@ -514,7 +514,7 @@ class Dataset:
         written before content hashes existed count with their file sha256."""
         h = hashlib.sha256(f"{self.schema_name}:{self.schema_version}".encode())
         for e in self.shards:
-            h.update(f"\n{e['name']}:{e.get('content_sha256') or e['sha256']}".encode())
+            h.update(f"\n{e['name']}:{e.get('content_hash') or e['sha256']}".encode())
         return h.hexdigest()
 
     def unreadable(self, error: Exception) -> InputError:

@@ -113,7 +113,7 @@ class Staged:
 
     def __init__(self, store: Store, rel: str, parquet: bool = False):
         self.store, self.final, self.parquet = store, store.path(rel), parquet
-        self.size, self.sha256, self.content_sha256 = 0, None, None
+        self.size, self.sha256, self.content_hash = 0, None, None
         if store.local:
             folder, _, name = self.final.rpartition("/")
             os.makedirs(folder, exist_ok=True)
@@ -157,7 +157,7 @@ class Staged:
             self.abort()
             raise
         self.sha256 = h.hexdigest()
-        self.content_sha256 = content.hexdigest() if content is not None else None
+        self.content_hash = content.hexdigest() if content is not None else None
         if self.tmp is not None:
             dir_fd = os.open(self.final.rpartition("/")[0], os.O_RDONLY)
             try:

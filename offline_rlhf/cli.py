@@ -3,7 +3,8 @@
 Every command's options are the fields of a config dataclass: each is a flag (with
 its help and default), and a key of the TOML/YAML file given with ``--config FILE``
 (flags given on the command line win). Bad input (an
-:class:`~offline_rlhf.errors.InputError`, a missing file) is printed as one line on
+:class:`~offline_rlhf.errors.InputError`) or a storage error (a missing file, a full
+disk) is printed as one line on
 stderr with exit status 2; ``--debug`` shows the traceback instead. ``--quiet`` and
 ``--log-level`` set what the console shows (see :mod:`offline_rlhf.console`).
 """
@@ -76,6 +77,7 @@ class PipelineRunConfig:
                                "stages.generate.num_samples=8")
     dry_run: bool = opt(False, "print the plan (what is reused, what runs) and stop")
     only: list[str] = opt([], "run only these stages (finished ones are still reused)")
+    wait: bool = opt(False, "if another run holds the workdir, wait for it (default: refuse)")
 
 
 # --------------------------------------------------------------------------- commands
@@ -224,7 +226,7 @@ def _pipeline(cfg, _) -> int:
         if unknown:
             raise InputError(f"{cfg.file}: --only: no stage named {sorted(unknown)[0]}")
         p.stages = [s for s in p.stages if s.name in cfg.only or s.done()]
-    rows = run_pipeline(p, dry_run=cfg.dry_run)
+    rows = run_pipeline(p, dry_run=cfg.dry_run, wait=cfg.wait)
     print(render_plan(rows))
     if not cfg.dry_run:
         print(f"\nresolved config: {p.workdir / 'pipeline.resolved.json'}; log: {p.workdir / 'run.log'}")
@@ -407,7 +409,8 @@ def _fail(command: str, error: BaseException) -> int:
     return 2
 
 
-INPUT_ERRORS = (InputError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# bad input, or storage (missing, full, denied): one line, exit 2
+INPUT_ERRORS = (InputError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ from .generation import GenerateConfig, generate
 from .logprobs import LogprobsConfig, compute_logprobs
 from .rewards.score import ScoreConfig, score
 from .shards import is_complete, open_dataset
+from .storage import write_json_atomic
 
 
 @dataclasses.dataclass
@@ -185,7 +186,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     write_report(results, out, metrics)
     slim = {k: ({kk: vv for kk, vv in v.items() if kk not in ("rewards", "by_prompt")}
                 if k in ("policy", "baseline") else v) for k, v in results.items()}
-    (out / "results.json").write_text(json.dumps(slim, indent=1, default=str))
+    write_json_atomic(out / "results.json", slim)  # its presence means done: atomic
     return slim
 
 

@@ -9,6 +9,7 @@ are de-duplicated and ``max_per_prompt`` caps what each prompt keeps (best first
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -37,6 +38,8 @@ def select(rows: list[dict], f: SampleFilter) -> tuple[list[int], dict]:
     for i, r in enumerate(rows):
         if r.get(f.reward_column) is None:
             raise InputError(f"row {i}: no {f.reward_column}; run `offline-rlhf score` first")
+        if not math.isfinite(r[f.reward_column]):   # a dataset written by another tool
+            raise InputError(f"row {i}: {f.reward_column} is {r[f.reward_column]} (not finite)")
         groups.setdefault(r["prompt_id"], []).append(i)
     kept: list[int] = []
     stats = {"rows": len(rows), "duplicates": 0, "below_threshold": 0, "below_percentile": 0,

@@ -22,8 +22,8 @@ from .config import opt, to_dict
 from .errors import InputError, located
 from .executors import EXECUTOR_OPTIONS, ExecutorOptions
 from .layouts import prompt_ids
-from .lineage import code_version, config_hash, utc_now
-from .models import check_model_dir, fingerprint, load_tokenizer
+from .lineage import canonical_json, code_version, config_hash, utc_now
+from .models import apply_chat_template, check_model_dir, fingerprint, load_tokenizer
 from .prompts import normalize_prompts
 from .schemas import load_schema
 from .shards import is_dataset, open_dataset, read_rows
@@ -112,21 +112,22 @@ def load_prompt_table(path: str) -> tuple[pa.Table, str]:
         return ds.read(), ds.fingerprint
     table = normalize_prompts(read_rows(path)[0], path)
     digest = hashlib.sha256()
-    for pid in table.column("prompt_id").to_pylist():
-        digest.update(pid.encode() + b"\n")
+    for row in table.to_pylist():   # the content, not only the ids
+        digest.update(canonical_json(row).encode() + b"\n")
     return table, digest.hexdigest()
 
 
-def render_prompts(tokenizer, table: pa.Table) -> list[str]:
+def render_prompts(tokenizer, table: pa.Table, source: str | None = None) -> list[str]:
     """Prompt text as fed to the policy: chat messages go through its chat template."""
     out = []
-    for text, messages in zip(table.column("prompt").to_pylist(),
-                              table.column("messages").to_pylist()):
+    for i, (text, messages) in enumerate(zip(table.column("prompt").to_pylist(),
+                                             table.column("messages").to_pylist())):
         if messages is not None:
             if not tokenizer.chat_template:
                 raise InputError("the policy's tokenizer has no chat template, but some prompts "
                                  "are chat messages")
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = apply_chat_template(tokenizer, messages, (source, i, "messages"),
+                                       add_generation_prompt=True)
         out.append(text)
     return out
 
@@ -168,7 +169,7 @@ def plan_generate(cfg: GenerateConfig) -> StagePlan:
     check_model_dir(cfg.policy, "policy")
     tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code)
     prompts, prompts_fp = load_prompt_table(cfg.prompts)
-    texts = render_prompts(tokenizer, prompts)
+    texts = render_prompts(tokenizer, prompts, cfg.prompts)
     if cfg.overlong == "error":  # refuse before any work, not hours in
         encode_prompts(tokenizer, texts, cfg, cfg.prompts)
     policy_fp = fingerprint(cfg.policy)

@@ -77,9 +77,11 @@ def number(value, file, row, column) -> float | None:
 
 # --------------------------------------------------------------------------- chat rendering
 
-def render(tokenizer, msgs: list[dict], generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(msgs, add_generation_prompt=generation_prompt,
-                                         tokenize=False)
+def render(tokenizer, msgs: list[dict], generation_prompt: bool = False, where: tuple = ()) -> str:
+    """Chat messages as text through the tokenizer's template (a refused or failing
+    template is one line naming ``where``: file, row, column)."""
+    from .models import apply_chat_template
+    return apply_chat_template(tokenizer, msgs, where, add_generation_prompt=generation_prompt)
 
 
 def _need_template(tokenizer, file, row, column) -> None:
@@ -94,12 +96,13 @@ def chat_pieces(tokenizer, msgs: list[dict], trained: list[bool], file, row, col
     (from after the generation prompt to the end of its turn) and the text between.
     Text after the last trained message is left out."""
     _need_template(tokenizer, file, row, column)
-    full, pieces, at = render(tokenizer, msgs), [], 0
+    at_cell = (file, row, column)
+    full, pieces, at = render(tokenizer, msgs, where=at_cell), [], 0
     for i, keep in enumerate(trained):
         if not keep:
             continue
-        head = render(tokenizer, msgs[:i], True) if i else ""
-        upto = render(tokenizer, msgs[:i + 1])
+        head = render(tokenizer, msgs[:i], True, at_cell) if i else ""
+        upto = render(tokenizer, msgs[:i + 1], where=at_cell)
         if not (upto.startswith(head) and full.startswith(upto) and len(head) >= at):
             raise InputError(located(f"the chat template does not render message {i} as a "
                                      "continuation of the turns before it, so its tokens "
@@ -264,7 +267,8 @@ def preference_texts(tokenizer, prompt, chosen, rejected, file, row) -> tuple[st
         prompt_text = prompt
     else:
         _need_template(tokenizer, file, row, "prompt")
-        prompt_text = render(tokenizer, prompt, generation_prompt=True)
+        prompt_text = render(tokenizer, prompt, generation_prompt=True,
+                             where=(file, row, "prompt"))
     out = [prompt_text]
     for side, answer in (("chosen", chosen), ("rejected", rejected)):
         if isinstance(answer, str):

@@ -9,13 +9,14 @@ so the quantized path is exercised by the CPU test suite.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, located
 
 FINGERPRINT_FILES = ("config.json", "generation_config.json", "tokenizer.json",
                      "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -41,19 +42,27 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# The weights files transformers and peft load from a directory (safetensors only).
+WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+
+
 def check_model_dir(path: str | os.PathLike, what: str = "model") -> Path:
-    """Refuse anything but a local directory with config.json and safetensors weights."""
+    """Refuse anything but a local directory with config.json and safetensors weights
+    under the names that are loaded (another ``*.safetensors`` beside pickles is not)."""
     p = Path(path)
     if not p.is_dir():
         raise InputError(f"{path}: {what} directory not found (only local directories are "
                          "loaded; download models ahead of the job)")
     if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
         raise InputError(f"{path}: no config.json: not a transformers {what} directory")
-    if not list(p.glob("*.safetensors")):
-        if list(p.glob("*.bin")) or list(p.glob("*.pt")):
-            raise InputError(f"{path}: only pickle weights (.bin/.pt) found; convert them to "
-                             "safetensors (pickles can run code and are never loaded)")
-        raise InputError(f"{path}: no .safetensors weights found")
+    if not any((p / name).exists() for name in WEIGHTS_FILES):
+        pickles = sorted(x.name for x in list(p.glob("*.bin")) + list(p.glob("*.pt")))
+        if pickles:
+            raise InputError(f"{path}: only pickle weights ({', '.join(pickles)}) for the {what}; "
+                             "convert them to safetensors (pickles can run code and are never loaded)")
+        others = sorted(x.name for x in p.glob("*.safetensors"))
+        raise InputError(f"{path}: no {' or '.join(WEIGHTS_FILES[:2])} for the {what}"
+                         + (f" (found only {', '.join(others)})" if others else ""))
     return p
 
 
@@ -70,6 +79,39 @@ def check_tokenizer_dir(path: str | os.PathLike, what: str = "tokenizer") -> Pat
         raise InputError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}): not a "
                          f"transformers {what} directory")
     return p
+
+
+@contextlib.contextmanager
+def refusing_remote_code(path):
+    """transformers' refusal to run a model directory's own code, as one line."""
+    try:
+        yield
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise InputError(f"{path}: this model needs its own Python code to load (auto_map in "
+                         "its config); refused: pass --trust-remote-code only for a directory "
+                         "you trust") from None
+
+
+def load_config(path, trust_remote_code: bool = False):
+    """A model directory's transformers config (refusing custom code unless trusted)."""
+    from transformers import AutoConfig
+    with refusing_remote_code(path):
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def apply_chat_template(tokenizer, messages: list[dict], where: tuple = (), **kw) -> str:
+    """Render chat messages with the tokenizer's template (text, not ids). A template
+    that the sandbox refuses or that fails is one line; ``where`` is (file, row, column)."""
+    from jinja2.exceptions import TemplateError
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
+    except TemplateError as e:
+        raise InputError(located(
+            f"the chat template of {tokenizer.name_or_path} was refused ({type(e).__name__}: "
+            f"{(str(e).splitlines() or [''])[0]}); fix chat_template.jinja or "
+            "tokenizer_config.json", *where)) from None
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -127,7 +169,8 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False,
     once when the model config names a BOS token that the tokenizer does not add."""
     check_tokenizer_dir(path)
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    with refusing_remote_code(path):
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise InputError(f"{path}: tokenizer has neither a pad nor an eos token")
@@ -190,7 +233,8 @@ def _load(auto_cls, path, *, dtype: str = "auto", bits: int | None = None,
     qc = quantization_config(bits, torch_dtype)
     if qc is not None:
         kwargs.update(quantization_config=qc, device_map={"": device})
-    model = auto_cls.from_pretrained(str(path), **kwargs)
+    with refusing_remote_code(path):
+        model = auto_cls.from_pretrained(str(path), **kwargs)
     if qc is None:
         model.to(device)
     if lora is not None:
@@ -226,9 +270,8 @@ def load_reference(path, **kw):
 
 def check_reward_model(path, trust_remote_code: bool = False) -> None:
     """Refuse a reward-model directory that cannot give one scalar per sequence."""
-    from transformers import AutoConfig
     check_model_dir(path, "reward model")
-    cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    cfg = load_config(path, trust_remote_code)
     if cfg.num_labels != 1:
         raise InputError(f"{path}: reward model has {cfg.num_labels} labels; a scalar reward "
                          "model needs exactly one (config.json num_labels / id2label)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import math
 
 import pyarrow as pa
 
@@ -31,6 +32,7 @@ from .shards import ShardWriter, claim_output, is_dataset, open_dataset, open_da
 from .stage import LazyWorker, StagePlan, run_stage
 
 STRATEGIES = ("best_worst", "margin", "top_bottom")
+REF_SUM_COLUMNS = ("chosen_ref_logps_sum", "rejected_ref_logps_sum")
 PAIRS_MADE_BY = "`offline-rlhf pairs` or `offline-rlhf import-pairs`"
 GEN_COLUMNS = ["prompt_id", "prompt", "prompt_token_ids", "sample_index", "response",
                "response_token_ids", "reward", "reward_normalized", "ref_logps_sum",
@@ -83,6 +85,9 @@ def pairs_from_rows(rows: list[dict], cfg: PairsConfig, source: str, where: str)
     for i, r in enumerate(rows):
         if r[cfg.reward_column] is None:
             raise InputError(located("row has no reward: run `offline-rlhf score` first",
+                                     where, i, cfg.reward_column))
+        if not math.isfinite(r[cfg.reward_column]):   # a dataset written by another tool
+            raise InputError(located(f"reward is {r[cfg.reward_column]} (not finite)",
                                      where, i, cfg.reward_column))
         groups.setdefault(r["prompt_id"], []).append(r)
     out = []
@@ -227,6 +232,8 @@ def pairs_table(src: str, tokenizer=None) -> tuple[pa.Table, dict]:
         rows.append({"pair_id": pair_id(pid, chosen, rejected), "prompt_id": pid, "prompt": prompt,
                      "chosen": chosen, "rejected": rejected, "chosen_reward": cr,
                      "rejected_reward": rr, "margin": margin, "source": src,
+                     # carried when given, so that the schema checks them (<= 0, finite)
+                     **{c: number(r.get(c), src, i, c) for c in REF_SUM_COLUMNS},
                      "code_version": code_version(), "created_at": utc_now()})
     table = validate(pa.Table.from_pylist(rows, schema=load_schema("pairs").arrow), "pairs", src)
     return table, {"pairs_dropped_identical": dropped}

@@ -22,10 +22,18 @@ The other keys of a stage are the options of that command (``offline-rlhf KIND
 --help``); unknown keys and wrong types are refused with the key's name.
 
 Each stage's output is ``WORKDIR/stages/NAME-KEY`` where KEY hashes the stage's kind,
-its options and the keys (stages) or content fingerprints (inputs) of what it reads.
-So a rerun with nothing changed does nothing; a new reward model changes the key of
-score and of everything after it, never generate's; and a killed pipeline resumes at
-the unfinished stage (which itself resumes at its unfinished shard or checkpoint).
+its options and the keys (stages) or content keys (inputs: a dataset's
+:attr:`~offline_rlhf.shards.Dataset.fingerprint`, a model's or file's content hash) of
+what it reads: a pure function of the job and of content, never of paths, times or
+the workdir. So a rerun with nothing changed does nothing; a new reward model changes
+the key of score and of everything after it, never generate's; and a killed pipeline
+resumes at the unfinished stage (which itself resumes at its unfinished shard or
+checkpoint). Stage names are plain names (letters, digits, ``-``, ``_``).
+
+``run`` holds ``WORKDIR/pipeline.lock`` (see ``locks.py``): a second run on the same
+workdir is refused with the holder's host, pid and start time (or waits, with
+``wait``); a lock left by a killed run is taken over. Before anything runs, and on
+``--dry-run``, :func:`preflight` makes every check that needs no model output.
 Pipelines only compose stages: no tensor math here.
 """
 
@@ -33,7 +41,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
+import re
+import sys
 import time
 from pathlib import Path
 
@@ -41,11 +50,17 @@ from .config import apply_overrides, build, load_file
 from .errors import InputError
 from .executors import EXECUTOR_OPTIONS
 from .lineage import canonical_json, code_version, utc_now
+from .storage import read_json_file, write_json_atomic
 
 KINDS = ("generate", "score", "logprobs", "pairs", "train", "rest", "eval")
 # Options that name files, datasets or models: given literally, they are fingerprinted too.
 PATH_OPTIONS = ("policy", "reward_model", "reference", "prompts", "generations", "data",
-                "baseline", "eval_prompts", "ilql_heads")
+                "baseline", "eval_prompts", "ilql_heads", "checkpoints", "metrics")
+# Options naming models: preflight checks them (safetensors, loadable config).
+MODEL_OPTIONS = {"policy": "policy", "reference": "reference model", "baseline": "baseline policy",
+                 "checkpoints": "checkpoint model"}
+STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+LOCK = "pipeline.lock"
 
 
 def _kind_class(kind: str, algorithm: str | None, where: str):
@@ -101,18 +116,22 @@ class Stage:
         if self.kind == "train":
             return self.output / "final"
         if self.kind == "rest":
-            report = self.output / "report.json"
-            return Path(json.loads(report.read_text())["final_model"]) if report.exists() \
+            report = read_json_file(self.output / "report.json") or {}
+            return Path(report["final_model"]) if "final_model" in report \
                 else self.output / "final-model-pending"
         return self.output
 
     def done(self) -> bool:
+        """Whether the output is finished: a complete dataset, or a done file that
+        parses (written atomically; an empty or cut file from older versions is not done)."""
         from .shards import is_complete
         o = self.output
         if self.kind == "train":
-            return (o / "train_summary.json").exists() and (o / "final").is_dir()
-        if self.kind in ("rest", "eval"):
-            return (o / ("report.json" if self.kind == "rest" else "results.json")).exists()
+            return read_json_file(o / "train_summary.json") is not None and (o / "final").is_dir()
+        if self.kind == "rest":
+            return "final_model" in (read_json_file(o / "report.json") or {})
+        if self.kind == "eval":
+            return "policy" in (read_json_file(o / "results.json") or {})
         return is_complete(str(o))
 
 
@@ -149,62 +168,82 @@ def load_pipeline(path: str, overrides: list[str] | None = None) -> Pipeline:
     for k in ("workdir", "stages"):
         if k not in data:
             raise InputError(f"{path}: {k}: required key is missing")
+    for k in ("workdir", "name"):
+        if k in data and (not isinstance(data[k], str) or not data[k].strip()):
+            raise InputError(f"{path}: {k}: expected a non-empty string, got "
+                             f"{type(data[k]).__name__} {data[k]!r}")
     inputs = data.get("inputs") or {}
     if not isinstance(inputs, dict) or not all(isinstance(v, str) for v in inputs.values()):
         raise InputError(f"{path}: inputs: must be a table of paths")
     input_fp = {k: _fingerprint_input(v, f"{path}: inputs.{k}") for k, v in inputs.items()}
-    stages: list[Stage] = []
-    by_name: dict[str, Stage] = {}
     workdir = Path(data["workdir"])
     if not isinstance(data["stages"], dict) or not data["stages"]:
         raise InputError(f"{path}: stages: must be a non-empty table of stages")
+    by_name: dict[str, Stage] = {}
     for name, spec in data["stages"].items():
-        where = f"{path}: stages.{name}"
-        if not isinstance(spec, dict) or "kind" not in spec:
-            raise InputError(f"{where}.kind: required key is missing")
-        spec = dict(spec)
-        kind, algorithm = spec.pop("kind"), spec.pop("algorithm", None)
-        cls = _kind_class(kind, algorithm, where)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        refs, keyed = {}, {}
-        for k, v in spec.items():
-            if k not in fields or k == "output":
-                raise InputError(f"{where}.{k}: unknown key for a {kind} stage "
-                                 f"(known: {', '.join(sorted(fields - {'output'}))})")
-            if k in EXECUTOR_OPTIONS:
-                continue  # where rows are made, not which: kept out of the key
-            if isinstance(v, str) and v.startswith(("inputs.", "stages.")):
-                src, _, ref = v.partition(".")
-                if src == "inputs" and ref not in inputs:
-                    raise InputError(f"{where}.{k}: {v} is not defined in [inputs]")
-                if src == "stages" and ref not in by_name:
-                    raise InputError(f"{where}.{k}: {v} is not an earlier stage")
-                refs[k] = v
-                keyed[k] = input_fp[ref] if src == "inputs" else by_name[ref].key
-            elif isinstance(v, list) and v and all(isinstance(x, str) and x.startswith("stages.") for x in v):
-                for x in v:
-                    if x.partition(".")[2] not in by_name:
-                        raise InputError(f"{where}.{k}: {x} is not an earlier stage")
-                refs[k] = list(v)
-                keyed[k] = [by_name[x.partition(".")[2]].key for x in v]
-            elif k in PATH_OPTIONS and isinstance(v, str):
-                keyed[k] = _fingerprint_input(v, f"{where}.{k}")
-            else:
-                keyed[k] = v
-        # check the options' types now, with placeholders where references will go
-        trial = {k: ("/placeholder" if not isinstance(v, list) else ["/placeholder"]) if k in refs else v
-                 for k, v in spec.items()}
-        trial["output"] = "/placeholder"
-        build(cls, trial, where)
-        key = hashlib.sha256(canonical_json({"kind": kind, "algorithm": algorithm, **keyed})
-                             .encode()).hexdigest()[:12]
-        stage = Stage(name, kind, algorithm, spec, refs, key, workdir / "stages" / f"{name}-{key}")
-        stages.append(stage)
+        if not STAGE_NAME.fullmatch(name):
+            raise InputError(f"{path}: stages.{name}: a stage name is letters, digits, '-' and '_' "
+                             "only (it names a directory under WORKDIR/stages)")
+        stage = _stage(f"{path}: stages.{name}", name, spec, inputs, input_fp, by_name)
+        stage.output = workdir / "stages" / f"{name}-{stage.key}"
         by_name[name] = stage
+    stages = list(by_name.values())
     resolved = {"name": data.get("name", Path(path).stem), "workdir": str(workdir), "inputs": inputs,
                 "stages": {s.name: {"kind": s.kind, **({"algorithm": s.algorithm} if s.algorithm else {}),
                                     **s.options, "key": s.key, "output": str(s.output)} for s in stages}}
     return Pipeline(resolved["name"], workdir, inputs, stages, path, resolved)
+
+
+def _is_ref(v) -> bool:
+    return isinstance(v, str) and v.startswith(("inputs.", "stages."))
+
+
+def _ref_key(where: str, k: str, v: str, inputs: dict, input_fp: dict, by_name: dict) -> str:
+    """The key a reference contributes: an input's content key or a stage's key."""
+    src, _, ref = v.partition(".")
+    if src == "inputs" and ref not in inputs:
+        raise InputError(f"{where}.{k}: {v} is not defined in [inputs]")
+    if src == "stages" and ref not in by_name:
+        raise InputError(f"{where}.{k}: {v} is not an earlier stage")
+    return input_fp[ref] if src == "inputs" else by_name[ref].key
+
+
+def _stage(where: str, name: str, spec, inputs: dict, input_fp: dict, by_name: dict) -> Stage:
+    """One stage: options checked against its command's config, references resolved to
+    keys, path options fingerprinted, and its key."""
+    if not isinstance(spec, dict) or "kind" not in spec:
+        raise InputError(f"{where}.kind: required key is missing")
+    spec = dict(spec)
+    kind, algorithm = spec.pop("kind"), spec.pop("algorithm", None)
+    cls = _kind_class(kind, algorithm, where)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    refs, keyed = {}, {}
+    for k, v in spec.items():
+        if k not in fields or k == "output":
+            raise InputError(f"{where}.{k}: unknown key for a {kind} stage "
+                             f"(known: {', '.join(sorted(fields - {'output'}))})")
+        if k in EXECUTOR_OPTIONS:
+            continue  # where rows are made, not which: kept out of the key
+        if _is_ref(v):
+            refs[k] = v
+            keyed[k] = _ref_key(where, k, v, inputs, input_fp, by_name)
+        elif k in PATH_OPTIONS and isinstance(v, list) and all(isinstance(x, str) for x in v):
+            if any(_is_ref(x) for x in v):
+                refs[k] = list(v)
+            keyed[k] = [_ref_key(where, k, x, inputs, input_fp, by_name) if _is_ref(x)
+                        else _fingerprint_input(x, f"{where}.{k}") for x in v]
+        elif k in PATH_OPTIONS and isinstance(v, str):
+            keyed[k] = _fingerprint_input(v, f"{where}.{k}")
+        else:
+            keyed[k] = v
+    # check the options' types now, with placeholders where references will go
+    trial = {k: ("/placeholder" if not isinstance(v, list) else ["/placeholder"]) if k in refs else v
+             for k, v in spec.items()}
+    trial["output"] = "/placeholder"
+    build(cls, trial, where)
+    key = hashlib.sha256(canonical_json({"kind": kind, "algorithm": algorithm, **keyed})
+                         .encode()).hexdigest()[:12]
+    return Stage(name, kind, algorithm, spec, refs, key)
 
 
 def _resolve(p: Pipeline, stage: Stage) -> dict:
@@ -220,6 +259,8 @@ def _resolve(p: Pipeline, stage: Stage) -> dict:
 
 
 def _ref_path(p: Pipeline, by_name: dict, ref: str, option: str) -> Path:
+    if not _is_ref(ref):  # a literal path in a list that also holds references
+        return Path(ref)
     src, _, name = ref.partition(".")
     if src == "inputs":
         return Path(p.inputs[name])
@@ -244,32 +285,77 @@ def render_plan(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_pipeline(p: Pipeline, dry_run: bool = False) -> list[dict]:
-    """Run every unfinished stage in order; return the plan with timings."""
-    rows = plan(p)
+def preflight(p: Pipeline) -> None:
+    """Every check that needs no model output, before anything runs (and on --dry-run):
+    model directories given as inputs or paths (local, safetensors, a config that
+    loads without running custom code), a reward model's single label, and input
+    datasets complete with unique keys. Stage outputs are checked when they exist."""
+    from .models import check_model_dir, check_reward_model, load_config
+    from .shards import is_dataset, open_dataset
+    for stage in p.stages:
+        trust = bool(stage.options.get("trust_remote_code", False))
+        for k, value in stage.options.items():
+            values = value if isinstance(value, list) else [value]
+            refs = stage.refs.get(k)
+            refs = refs if isinstance(refs, list) else [refs] * len(values)
+            for v, ref in zip(values, refs):
+                if not isinstance(v, str) or (ref and ref.startswith("stages.")):
+                    continue
+                path = p.inputs[ref.partition(".")[2]] if ref else v
+                try:
+                    if k == "reward_model":
+                        check_reward_model(path, trust)
+                    elif k in MODEL_OPTIONS:
+                        if (check_model_dir(path, MODEL_OPTIONS[k]) / "config.json").exists():
+                            load_config(path, trust)   # (an adapter directory has none)
+                    elif k in PATH_OPTIONS and is_dataset(path):
+                        open_dataset(path, require_complete=True)
+                except InputError as e:
+                    raise InputError(f"{p.source}: stages.{stage.name}.{k}: {e}") from None
+
+
+def run_pipeline(p: Pipeline, dry_run: bool = False, wait: bool = False) -> list[dict]:
+    """Run every unfinished stage in order; return the plan with timings.
+
+    Holds the workdir lock while it runs: another run of this workdir is refused
+    (or, with ``wait``, waited for, and its finished stages are then reused)."""
+    preflight(p)
     if dry_run:
+        return plan(p)
+    from .locks import FileLock, describe, holder_record
+    lock = FileLock(p.workdir / LOCK, holder_record(pipeline=p.name))
+    previous = lock.acquire(wait=wait, message=f"{p.workdir}: workdir is in use by another "
+                            "pipeline run", hint="; let it finish, or pass --wait to queue behind it")
+    try:
+        log = p.workdir / "run.log"
+        if previous:
+            note = f"took over {p.workdir / LOCK} from {describe(previous)}, which died holding it"
+            print(f"note: {note}", file=sys.stderr)
+            _log(log, note)
+        rows = plan(p)   # after the lock: a run waited for may have finished stages
+        write_json_atomic(p.workdir / "pipeline.resolved.json",
+                          {**p.resolved, "source": p.source, "code_version": code_version()})
+        _log(log, f"start {p.name} ({p.source})")
+        for stage, row in zip(p.stages, rows):
+            row["seconds"] = _run_stage(p, stage, row, log)
+        _log(log, f"finished {p.name}")
         return rows
-    p.workdir.mkdir(parents=True, exist_ok=True)
-    (p.workdir / "pipeline.resolved.json").write_text(json.dumps(
-        {**p.resolved, "source": p.source, "code_version": code_version()}, indent=1, default=str))
-    log = p.workdir / "run.log"
-    with open(log, "a") as f:
-        f.write(f"{utc_now().isoformat()} start {p.name} ({p.source})\n")
-    for stage, row in zip(p.stages, rows):
-        if stage.done():
-            row["seconds"] = 0.0
-            _log(log, f"reuse {stage.name} {stage.output}")
-            continue
-        cls = _kind_class(stage.kind, stage.algorithm, stage.name)
-        cfg = build(cls, _resolve(p, stage), f"stages.{stage.name}")
-        _log(log, f"run {stage.name} ({row['kind']})")
-        t0 = time.perf_counter()
-        _run_kind(stage.kind, stage.algorithm)(cfg)
-        row["seconds"] = time.perf_counter() - t0
-        _log(log, f"done {stage.name} in {row['seconds']:.1f} s -> {stage.output}")
-    with open(log, "a") as f:
-        f.write(f"{utc_now().isoformat()} finished {p.name}\n")
-    return rows
+    finally:
+        lock.release()
+
+
+def _run_stage(p: Pipeline, stage: Stage, row: dict, log: Path) -> float:
+    if stage.done():
+        _log(log, f"reuse {stage.name} {stage.output}")
+        return 0.0
+    cls = _kind_class(stage.kind, stage.algorithm, stage.name)
+    cfg = build(cls, _resolve(p, stage), f"stages.{stage.name}")
+    _log(log, f"run {stage.name} ({row['kind']})")
+    t0 = time.perf_counter()
+    _run_kind(stage.kind, stage.algorithm)(cfg)
+    seconds = time.perf_counter() - t0
+    _log(log, f"done {stage.name} in {seconds:.1f} s -> {stage.output}")
+    return seconds
 
 
 def _log(path: Path, msg: str) -> None:

@@ -35,6 +35,7 @@ from .lineage import config_hash
 from .models import fingerprint
 from .rewards.score import ScoreConfig, score
 from .shards import is_complete, open_dataset
+from .storage import read_json_file, write_json_atomic
 from .train.sft import SFTTrainConfig, train_sft
 
 
@@ -142,7 +143,7 @@ def _improve(cfg: RestConfig, g: int, i: int, grow_dir: Path, start: str) -> dic
     if not kept:
         raise InputError(f"improve step {i + 1} of grow {g}: no sample passes threshold "
                          f"{cfg.thresholds[i]} ({cfg.threshold_mode}); lower it")
-    if not (d / "train_summary.json").exists():
+    if read_json_file(d / "train_summary.json") is None:
         steps = cfg.steps_per_improve or max(1, int(len(kept) * cfg.epochs_per_improve) // cfg.batch_size)
         train_sft(SFTTrainConfig(data=str(grow_dir / "scored"), output=str(d), policy=start,
                                  lr=cfg.lrs[i], max_steps=steps, batch_size=min(cfg.batch_size, len(kept)),
@@ -206,7 +207,7 @@ def write_report(report: dict, out: Path) -> None:
     md += [""] + [f"![{p.stem}]({p.name})" for p in pngs]
     (out / "report.md").write_text("\n".join(md) + "\n")
     slim = {**report, "grows": [{k: v for k, v in e.items() if k != "rewards"} for e in report["grows"]]}
-    (out / "report.json").write_text(json.dumps(slim, indent=1, default=str))
+    write_json_atomic(out / "report.json", slim)  # its presence means done: atomic
 
 
 def _f(v) -> str:

@@ -154,6 +154,24 @@ def _first_bad_utf8(arr: pa.Array) -> int | None:
     return None
 
 
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _text_as_number(src: pa.DataType, dst: pa.DataType) -> bool:
+    """Whether casting ``src`` to ``dst`` would parse text into numbers or booleans
+    (Arrow reads "5" as 5), at the top level or inside lists and structs."""
+    if _is_text(src):
+        return not (_is_text(dst) or pa.types.is_timestamp(dst) or pa.types.is_binary(dst))
+    if pa.types.is_list(src) or pa.types.is_large_list(src):
+        return (pa.types.is_list(dst) or pa.types.is_large_list(dst)) and \
+            _text_as_number(src.value_type, dst.value_type)
+    if pa.types.is_struct(src) and pa.types.is_struct(dst):
+        names = {f.name: f.type for f in dst}
+        return any(f.name in names and _text_as_number(f.type, names[f.name]) for f in src)
+    return False
+
+
 def _cast_column(arr: pa.ChunkedArray, col: Column, source: str | None) -> pa.ChunkedArray:
     if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
         if pa.types.is_string(col.type):
@@ -161,6 +179,15 @@ def _cast_column(arr: pa.ChunkedArray, col: Column, source: str | None) -> pa.Ch
             bad = _first_bad_utf8(arr)
             if bad is not None:
                 raise InputError(located("invalid UTF-8", source, bad, col.name))
+    if _text_as_number(arr.type, col.type):   # Arrow would parse "5" as 5: refused, not coerced
+        arr = arr.combine_chunks()
+        valid = arr.is_valid()
+        if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+            valid = pc.and_(valid, pc.greater(pc.list_value_length(arr), 0))
+        rows = np.flatnonzero(pc.fill_null(valid, False).to_numpy(zero_copy_only=False))
+        if len(rows):
+            raise InputError(located(f"expected {col.type}, got text: {arr[int(rows[0])].as_py()!r}"[:200],
+                                     source, int(rows[0]), col.name))
     try:
         out = arr.cast(col.type) if arr.type != col.type else arr
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:

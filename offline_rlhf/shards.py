@@ -15,15 +15,30 @@ and, when the caller asked for quarantine, a sibling ``<dataset>.quarantine/`` w
 refused rows and a reason column (outside the dataset: recursive ``**/*.parquet`` globs
 in duckdb and polars, and HF ``load_dataset(dir)``, would otherwise read them).
 
-Writes are atomic: a shard goes to a temporary name (``.part-000001.parquet.<id>.tmp``:
-a dot file not ending in ``.parquet``, so neither ``*.parquet`` globs nor
-``pyarrow.dataset`` see it), is fsynced and renamed; on object stores it is one PUT.
+Writes are atomic (``storage.py``): a shard goes to a temporary name
+(``.part-000001.parquet.<id>.tmp``: a dot file not ending in ``.parquet``, so neither
+``*.parquet`` globs nor ``pyarrow.dataset`` see it), is fsynced and renamed; on object
+stores it is one PUT.
 A shard counts as committed once its entry exists, so a rerun skips it. Entries are
 one file per shard, so workers writing disjoint chunks never contend; the aggregate
 manifest is rewritten atomically after each commit and on :meth:`ShardWriter.finish`.
 
+Each entry also holds the shard's *content hash* (its bytes less the run-time
+``created_at`` column: the dataset's content key, :attr:`Dataset.fingerprint`, is built
+from these, so two runs of one job agree on it) and a 64-bit hash of every row's key,
+from which :meth:`ShardWriter.finish` refuses a key written twice anywhere in the
+dataset without reading the data again (see ``digests.py``).
+
+Writers claim chunks (locks under ``.offline-rlhf/writers/``, see ``locks.py``): a worker
+slot before looking for work (:meth:`ShardWriter.claim`), else each chunk while it is
+written, so two processes never write the same chunk at once; workers ``--worker i
+--num-workers N`` own disjoint chunks and share the output freely. On object stores
+there are no locks: run one process per worker slot there.
+
 Readers verify each shard's size and sha256 against its entry before use and name
 the file on any mismatch or decoding error.
+
+Users' JSONL/JSON/Parquet files are read by ``datafiles.py`` (re-exported here).
 """
 
 from __future__ import annotations
@@ -31,8 +46,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,21 +53,22 @@ from dataclasses import dataclass, field
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import digests
 from .errors import InputError, located
 from .lineage import code_version, utc_now
 from .schemas import Schema, conform, find_violations, load_schema
+from .storage import HASH_BLOCK, Staged, Store, storage_errors
 
 FORMAT = "offline-rlhf-dataset"
 FORMAT_VERSION = 1
 META = ".offline-rlhf"
 MANIFEST = f"{META}/manifest.json"
 ENTRIES = f"{META}/shards"
+WRITERS = f"{META}/writers"
 # Row groups of about this many Arrow bytes: streaming readers hold one at a time.
 ROW_GROUP_BYTES = 64 << 20
-HASH_BLOCK = 8 << 20
 
 
 def shard_name(chunk: int) -> str:
@@ -65,143 +79,11 @@ def _entry_name(chunk: int) -> str:
     return f"{ENTRIES}/part-{chunk:06d}.json"
 
 
-def _fsync(fd: int) -> None:
-    # A seam of its own so that crash tests can stop a writer exactly here.
-    os.fsync(fd)
-
-
-class _Store:
-    """File operations on a dataset root, local or any fsspec filesystem."""
-
-    def __init__(self, url: str):
-        self.url = str(url).rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple)
-                                else (self.fs.protocol,))
-
-    def path(self, rel: str) -> str:
-        return f"{self.root}/{rel}"
-
-    def display(self, rel: str) -> str:
-        return f"{self.url}/{rel}"
-
-    def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.path(rel))
-
-    def size(self, rel: str) -> int:
-        return self.fs.size(self.path(rel))
-
-    def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.path(rel))
-
-    def listdir(self, rel: str = "") -> list[str]:
-        target = self.path(rel) if rel else self.root
-        if not self.fs.exists(target):
-            return []
-        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(target, detail=False))
-
-    def stale_tmp(self, folders: tuple[str, ...] = ("", ENTRIES)) -> set[str]:
-        """Temporary files present now (left by killed writers), as relative paths.
-
-        Listed once when a writer opens: a stale temporary file of a chunk can only come
-        from a run that died before, while files that appear later belong to live
-        workers writing other chunks."""
-        return {f"{folder}/{n}" if folder else n for folder in folders
-                for n in self.listdir(folder) if n.startswith(".") and n.endswith(".tmp")}
-
-    def remove_stale_tmp(self, rel: str, stale: set[str]) -> None:
-        """Delete the stale temporary files of ``rel`` (this chunk only)."""
-        folder, _, name = rel.rpartition("/")
-        prefix = f"{folder}/.{name}." if folder else f".{name}."
-        for other in [t for t in stale if t.startswith(prefix)]:
-            self.fs.rm_file(self.path(other))
-            stale.discard(other)
-
-    def write_atomic(self, rel: str, data: bytes) -> None:
-        staged = _Staged(self, rel)
-        staged.write(data)
-        staged.commit()
-
-    @contextlib.contextmanager
-    def lock(self):
-        """Exclusive lock for manifest rewrites (local filesystems; a no-op elsewhere)."""
-        if not self.local:
-            yield
-            return
-        import fcntl
-        os.makedirs(self.path(META), exist_ok=True)
-        with open(self.path(f"{META}/lock"), "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-
-class _Staged:
-    """A file written under a temporary name; :meth:`commit` hashes it and makes it
-    visible at its final name (fsync + rename locally, one PUT elsewhere).
-
-    ``sink`` is an Arrow output stream, so pyarrow encodes Parquet straight into it
-    from C++; the sha256 is taken at commit time from the page cache.
-    """
-
-    def __init__(self, store: _Store, rel: str):
-        self.store, self.final = store, store.path(rel)
-        self.size, self.sha256 = 0, None
-        if store.local:
-            folder, _, name = self.final.rpartition("/")
-            os.makedirs(folder, exist_ok=True)
-            self.tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
-            self.sink = pa.OSFile(self.tmp, "wb")
-        else:
-            self.tmp, self.sink = None, pa.BufferOutputStream()
-
-    def write(self, data) -> None:
-        self.sink.write(data)
-
-    def commit(self) -> None:
-        h = hashlib.sha256()
-        try:
-            if self.tmp is None:
-                data = self.sink.getvalue()
-                h.update(memoryview(data))
-                self.size = data.size
-                self.store.fs.makedirs(self.final.rsplit("/", 1)[0], exist_ok=True)
-                self.store.fs.pipe_file(self.final, data.to_pybytes())
-            else:
-                self.sink.close()
-                with open(self.tmp, "rb") as f:
-                    while block := f.read(HASH_BLOCK):
-                        h.update(block)
-                        self.size += len(block)
-                    _fsync(f.fileno())
-                os.replace(self.tmp, self.final)
-        except BaseException:
-            self.abort()
-            raise
-        self.sha256 = h.hexdigest()
-        if self.tmp is not None:
-            dir_fd = os.open(self.final.rpartition("/")[0], os.O_RDONLY)
-            try:
-                _fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-
-    def abort(self) -> None:
-        with contextlib.suppress(OSError, pa.ArrowException):
-            if not self.sink.closed:
-                self.sink.close()
-        if self.tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.tmp)
-
-
 def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode()
 
 
-def _read_json(store: _Store, rel: str) -> dict | None:
+def _read_json(store: Store, rel: str) -> dict | None:
     try:
         return json.loads(store.read_bytes(rel))
     except FileNotFoundError:
@@ -210,7 +92,7 @@ def _read_json(store: _Store, rel: str) -> dict | None:
         raise InputError(f"{store.display(rel)}: not a valid JSON manifest ({e})") from None
 
 
-def _read_entries(store: _Store) -> dict[str, dict]:
+def _read_entries(store: Store) -> dict[str, dict]:
     names = [n for n in store.listdir(ENTRIES) if n.endswith(".json") and not n.startswith(".")]
     paths = [store.path(f"{ENTRIES}/{n}") for n in names]
     blobs = store.fs.cat(paths) if paths else {}
@@ -224,13 +106,46 @@ def _read_entries(store: _Store) -> dict[str, dict]:
 
 
 def _aggregate(header: dict, entries: dict[str, dict]) -> dict:
+    """The manifest: the header plus every entry (less its row key hashes) and totals."""
     totals: dict[str, int] = {}
     for e in entries.values():
         for k, v in e.get("stats", {}).items():
             totals[k] = totals.get(k, 0) + v
-    return {**header, "shards": [entries[k] for k in sorted(entries)],
+    return {**header, "shards": [{k: v for k, v in entries[n].items() if k != "key_hashes"}
+                                 for n in sorted(entries)],
             "num_rows": sum(e["rows"] for e in entries.values()),
             "num_shards": len(entries), "stats": totals}
+
+
+def _check_unique_keys(store: Store, entries: list[dict], schema: Schema) -> None:
+    """Refuse a key (e.g. ``(prompt_id, sample_index)``) present in two rows of the
+    dataset, naming the file and row of the second; uses the entries' key hashes (a
+    shard written without them has its key columns read)."""
+    if not schema.key or not entries:
+        return
+    key = tuple(schema.key)
+    cache: dict[str, pa.Table] = {}
+
+    def keys_of(entry: dict) -> pa.Table:
+        if entry["name"] not in cache:
+            try:
+                cache[entry["name"]] = pq.read_table(store.path(entry["name"]), columns=list(key),
+                                                     filesystem=store.fs)
+            except (pa.ArrowException, OSError) as e:
+                raise InputError(f"{store.display(entry['name'])}: cannot read shard "
+                                 f"({(str(e).splitlines() or [''])[0]})") from None
+        return cache[entry["name"]]
+
+    per_shard = [digests.decode_hashes(e["key_hashes"]) if "key_hashes" in e
+                 else digests.key_hashes(keys_of(e), key) for e in entries]
+    for shard, row, first_shard, first_row in digests.colliding_rows(per_shard):
+        value = digests.key_value(keys_of(entries[shard]), key, row)
+        if value == digests.key_value(keys_of(entries[first_shard]), key, first_row):
+            shown = "(" + ", ".join(str(v) for v in value) + ")"   # (not a hash collision)
+            raise InputError(located(
+                f"duplicate key ({', '.join(key)}) = {shown}, first at "
+                f"{store.display(entries[first_shard]['name'])} row {first_row}",
+                store.display(entries[shard]["name"]), row, key[-1]))
 
 
 # --------------------------------------------------------------------------- writing
@@ -249,6 +164,10 @@ class ShardWriter:
     order, so encoding the next chunk overlaps the disk. :meth:`flush`, :meth:`finish`
     and :meth:`close` wait for pending commits and raise their errors; a commit error
     also surfaces at the next :meth:`write`. Use the writer as a context manager.
+
+    Two processes never write one chunk at once: :meth:`write` claims its chunk until
+    the commit is done, unless the writer holds a worker slot (:meth:`claim`, as the
+    stage executors do before they look for work) that covers it.
     """
 
     url: str
@@ -264,8 +183,8 @@ class ShardWriter:
             self.schema = load_schema(self.schema)
         if self.on_invalid not in ("error", "quarantine"):
             raise ValueError(f"on_invalid must be 'error' or 'quarantine', not {self.on_invalid!r}")
-        self.store = _Store(self.url)
-        self.quarantine_store = _Store(self.store.url + ".quarantine")
+        self.store = Store(self.url)
+        self.quarantine_store = Store(self.store.url + ".quarantine")
         self.header = {"format": FORMAT, "format_version": FORMAT_VERSION,
                        "schema": self.schema.name, "schema_version": self.schema.version,
                        "config_hash": self.config_hash, "lineage": self.lineage,
@@ -279,11 +198,12 @@ class ShardWriter:
                         f"{old.get(key)!r}, this run has {self.header[key]!r}; "
                         "write to a new path or delete the old dataset")
         self._entries = _read_entries(self.store)
-        self._stale = self.store.stale_tmp()
+        self._stale = self.store.stale_tmp(("", ENTRIES))
         self._stale_quarantine = self.quarantine_store.stale_tmp(("",))
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-commit")
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-encode")
         self._pending: list[Future] = []
+        self._claim, self._slot = None, (0, 1)
         self._file_meta = {b"offline_rlhf.schema": self.schema.name.encode(),
                            b"offline_rlhf.schema_version": self.schema.version.encode(),
                            b"offline_rlhf.lineage": json.dumps(self.lineage, default=str).encode(),
@@ -295,6 +215,36 @@ class ShardWriter:
     def __exit__(self, *exc):
         self.close()
 
+    def claim(self, worker: int = 0, num_workers: int = 1) -> None:
+        """Lock the chunks ``c % num_workers == worker`` against other writers until
+        :meth:`finish` or :meth:`close`.
+
+        Refused (one line naming the holder: host, pid, start time) while a live process
+        claims any of the same chunks; a claim left by a killed writer is taken over.
+        Workers with disjoint slots (``--worker i --num-workers N``) share the dataset.
+        Local filesystems only: on object stores this does nothing.
+        """
+        if self._claim is None and self.store.local:
+            self._claim = self._lock(worker, num_workers)
+            self._slot = (worker, num_workers)
+
+    def _lock(self, worker: int, num_workers: int | None):
+        from .locks import claim
+        return claim(self.store.path(WRITERS), worker, num_workers,
+                     f"{self.store.url}: dataset is being written by another process")
+
+    def _claim_chunk(self, chunk: int):
+        """The lock of one chunk for one write, unless a slot of ours covers it."""
+        if not self.store.local or (self._claim is not None
+                                    and chunk % self._slot[1] == self._slot[0]):
+            return None
+        return self._lock(chunk, None)
+
+    def _unclaim(self) -> None:
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
+
     def committed(self, chunk: int) -> bool:
         """Whether chunk ``chunk`` is already written (its entry and shard both exist)."""
         name = shard_name(chunk)
@@ -302,7 +252,7 @@ class ShardWriter:
         return entry is not None and self.store.exists(name) and \
             self.store.size(name) == entry["bytes"]
 
-    def _encode(self, table: pa.Table, staged: _Staged) -> None:
+    def _encode(self, table: pa.Table, staged: Staged) -> None:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self._file_meta})
         per_row = max(1, table.nbytes // max(1, table.num_rows))
         pq.write_table(table, staged.sink, compression=self.compression,
@@ -337,18 +287,31 @@ class ShardWriter:
         until its good rows are encoded).
         """
         self._reap(wait=False)
+        held = self._claim_chunk(chunk)
+        try:
+            return self._write(chunk, table, stats, source, row_offset, held)
+        except BaseException:
+            if held is not None:
+                held.release()
+            raise
+
+    def _write(self, chunk, table, stats, source, row_offset, held) -> dict:
         name = shard_name(chunk)
         source = source or self.store.display(name)
         table = conform(table, self.schema, source)
-        self.store.remove_stale_tmp(name, self._stale)
-        self.store.remove_stale_tmp(_entry_name(chunk), self._stale)
-        staged = _Staged(self.store, name)
+        with storage_errors(self.store.display(name)):
+            self.store.remove_stale_tmp(name, self._stale)
+            self.store.remove_stale_tmp(_entry_name(chunk), self._stale)
+            staged = Staged(self.store, name, parquet=True)
         # Encode on the helper thread while the checks run here (both release the GIL);
         # a refused chunk's temporary file is deleted, never renamed.
         encoding = self._encoder.submit(self._encode, table, staged)
         try:
             good, quarantined = self._split_invalid(table, source, row_offset)
-            encoding.result()
+            keys = digests.encode_hashes(digests.key_hashes(good, self.schema.key)) \
+                if self.schema.key else None
+            with storage_errors(self.store.display(name)):
+                encoding.result()
         except BaseException:
             with contextlib.suppress(BaseException):
                 encoding.result()
@@ -356,25 +319,39 @@ class ShardWriter:
             raise
         stats = dict(stats or {})
         if quarantined is not None:
-            staged.abort()
-            staged = _Staged(self.store, name)
-            self._encode(good, staged)
-            self.quarantine_store.remove_stale_tmp(name, self._stale_quarantine)
-            q = _Staged(self.quarantine_store, name)
-            self._encode(quarantined, q)
-            q.commit()
+            with storage_errors(self.store.display(name)):
+                staged = self._quarantine(name, staged, good, quarantined)
             stats["quarantined_rows"] = quarantined.num_rows
         entry = {"name": name, "chunk": chunk, "rows": good.num_rows, "stats": stats,
                  "created_at": utc_now().isoformat()}
-        self._pending.append(self._committer.submit(self._commit, staged, entry))
+        self._pending.append(self._committer.submit(self._commit, staged, entry, keys, held))
         return entry
 
-    def _commit(self, staged: _Staged, entry: dict) -> None:
-        staged.commit()
-        entry.update(bytes=staged.size, sha256=staged.sha256)
-        self.store.write_atomic(_entry_name(entry["chunk"]), _json_bytes(entry))
+    def _quarantine(self, name: str, staged: Staged, good: pa.Table, bad: pa.Table) -> Staged:
+        """Re-encode the good rows as the shard; commit the bad ones to the quarantine."""
+        staged.abort()
+        staged = Staged(self.store, name, parquet=True)
+        self._encode(good, staged)
+        self.quarantine_store.remove_stale_tmp(name, self._stale_quarantine)
+        q = Staged(self.quarantine_store, name)
+        self._encode(bad, q)
+        q.commit()
+        return staged
+
+    def _commit(self, staged: Staged, entry: dict, keys: str | None, held) -> None:
+        try:
+            with storage_errors(self.store.display(entry["name"])):
+                staged.commit()
+                entry.update(bytes=staged.size, sha256=staged.sha256,
+                             content_hash=staged.content_hash)
+                on_disk = entry if keys is None else {**entry, "key_hashes": keys}
+                self.store.write_atomic(_entry_name(entry["chunk"]), _json_bytes(on_disk))
+        finally:
+            if held is not None:   # the chunk is committed (or failed): let it go
+                held.release()
         self._entries[entry["name"]] = entry
-        self._write_manifest(complete=False)
+        with storage_errors(self.store.display(MANIFEST)):
+            self._write_manifest(complete=False)
 
     def _reap(self, wait: bool) -> None:
         still = []
@@ -395,9 +372,12 @@ class ShardWriter:
         finally:
             self._committer.shutdown(wait=True)
             self._encoder.shutdown(wait=True)
+            self._unclaim()
 
     def _write_manifest(self, complete: bool) -> dict:
-        with self.store.lock():
+        with self.store.lock(f"{META}/lock"):
+            if self.store.local:  # under the lock no live writer has a manifest temp open
+                self.store.remove_stale_tmp(MANIFEST, self.store.stale_tmp((META,)))
             manifest = {**_aggregate(self.header, self._entries), "complete": complete,
                         "updated_at": utc_now().isoformat()}
             self.store.write_atomic(MANIFEST, _json_bytes(manifest))
@@ -405,18 +385,25 @@ class ShardWriter:
 
     def finish(self, total_chunks: int | None = None, info: dict | None = None) -> dict:
         """Commit everything, rewrite the manifest from every worker's entries, and mark
-        it complete when all chunks are in.
+        it complete when all chunks are in. A key present in two rows anywhere in the
+        dataset is refused here (file and row named) and the dataset stays incomplete.
 
         With ``total_chunks`` the dataset is complete only once chunks 0..total-1 are
         all committed (by any worker); without it, the caller vouches for completeness.
         """
-        self.flush()
-        self._entries = _read_entries(self.store)
-        done = {e["chunk"] for e in self._entries.values()}
-        complete = total_chunks is None or done.issuperset(range(total_chunks))
-        if info:
-            self.header = {**self.header, "info": info}
-        return self._write_manifest(complete=complete)
+        try:
+            self.flush()
+            self._entries = _read_entries(self.store)
+            _check_unique_keys(self.store, [self._entries[n] for n in sorted(self._entries)],
+                               self.schema)
+            done = {e["chunk"] for e in self._entries.values()}
+            complete = total_chunks is None or done.issuperset(range(total_chunks))
+            if info:
+                self.header = {**self.header, "info": info}
+            with storage_errors(self.store.display(MANIFEST)):
+                return self._write_manifest(complete=complete)
+        finally:
+            self._unclaim()
 
 
 # --------------------------------------------------------------------------- reading
@@ -426,20 +413,31 @@ class Dataset:
 
     Every reader checks each shard's size and sha256 against the manifest first
     (``verify=False`` skips the hash, not the size) and names the file on failure.
+    ``require_complete`` refuses a dataset whose writing stage did not finish, or
+    (written by another tool or an older version) with a key in two rows.
     """
 
     def __init__(self, url: str, require_complete: bool = False):
-        self.store = _Store(url)
+        self.store = Store(url)
         self.url = self.store.url
         header = _read_json(self.store, MANIFEST)
         if header is None:
             raise InputError(f"{self.url}: not an offline-rlhf dataset (no {MANIFEST})")
         if header.get("format") != FORMAT:
             raise InputError(f"{self.store.display(MANIFEST)}: unknown format {header.get('format')!r}")
-        self.manifest = {**header, **_aggregate(header, _read_entries(self.store))}
+        self._entries = _read_entries(self.store)
+        self.manifest = {**header, **_aggregate(header, self._entries)}
         if require_complete and not self.complete:
             raise InputError(f"{self.url}: dataset is incomplete (a stage did not finish); "
                              "rerun the stage that writes it")
+        if require_complete:
+            self.check_keys()
+
+    def check_keys(self) -> None:
+        """Refuse a key (e.g. ``(prompt_id, sample_index)``) present in two rows, naming
+        the file and row (from the entries' key hashes; no data is read for them)."""
+        _check_unique_keys(self.store, [self._entries[n] for n in sorted(self._entries)],
+                           load_schema(self.schema_name))
 
     schema_name = property(lambda self: self.manifest["schema"])
     schema_version = property(lambda self: self.manifest["schema_version"])
@@ -512,11 +510,23 @@ class Dataset:
 
     @property
     def fingerprint(self) -> str:
-        """Content fingerprint: sha256 over the schema and every shard's sha256."""
+        """The content key: sha256 over the schema and every shard's content hash (its
+        rows, less when they were made), so two runs of one job agree on it. Shards
+        written before content hashes existed count with their file sha256."""
         h = hashlib.sha256(f"{self.schema_name}:{self.schema_version}".encode())
         for e in self.shards:
-            h.update(f"\n{e['name']}:{e['sha256']}".encode())
+            h.update(f"\n{e['name']}:{e.get('content_hash') or e['sha256']}".encode())
         return h.hexdigest()
+
+    def unreadable(self, error: Exception) -> InputError:
+        """The one-line error for a failure while reading (e.g. in polars): the first
+        shard that does not decode, named; else the error itself."""
+        for entry in self.shards:
+            try:
+                self._read_file(entry, None)
+            except InputError as e:
+                return e
+        return InputError(f"{self.url}: cannot read ({(str(error).splitlines() or [''])[0]})")
 
     def entry(self, chunk: int) -> dict:
         for e in self.shards:
@@ -593,7 +603,7 @@ def open_dataset(url: str, require_complete: bool = False) -> Dataset:
 
 
 def is_dataset(url: str) -> bool:
-    return _Store(url).exists(MANIFEST)
+    return Store(url).exists(MANIFEST)
 
 
 def is_complete(url: str) -> bool:
@@ -631,86 +641,5 @@ def claim_output(url: str, overwrite: bool) -> None:
         fs.rm(quarantine, recursive=True)
 
 
-# --------------------------------------------------------------------------- external files
-
-def _open_input(path: str):
-    fs, p = fsspec.core.url_to_fs(str(path))
-    if not fs.exists(p):
-        raise InputError(f"{path}: no such file")
-    if fs.isdir(p) and not fs.exists(f"{p}/{MANIFEST}"):
-        raise InputError(f"{path}: is a directory, not a dataset or a data file")
-    return fs, p
-
-
-def read_rows(path: str) -> tuple[list[dict], list[str]]:
-    """A user's JSONL/JSON/Parquet file (or a dataset) as Python rows and column names.
-
-    JSON rows stay plain Python values, so a column may mix text and lists (prompts
-    given as strings in some rows and chat messages in others).
-    """
-    fs, p = _open_input(path)
-    if p.lower().endswith((".jsonl", ".json", ".ndjson")):
-        rows = _read_json_rows(fs, p, str(path))
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-        return rows, columns
-    table = read_table_file(path)
-    return table.to_pylist(), table.column_names
-
-
-def read_table_file(path: str) -> pa.Table:
-    """Read a user's Parquet, JSONL or JSON-array file (or a dataset) as an Arrow table.
-
-    Errors name the file (and, for JSONL, the line).
-    """
-    fs, p = _open_input(path)
-    if fs.isdir(p):
-        return Dataset(str(path)).read()
-    lower = p.lower()
-    try:
-        if lower.endswith(".parquet"):
-            return pq.read_table(p, filesystem=fs)
-        if lower.endswith((".jsonl", ".json", ".ndjson")):
-            rows = _read_json_rows(fs, p, str(path))
-            # pa.array infers the type from every row (from_pylist looks at the first only)
-            return pa.Table.from_struct_array(pa.array(rows)) if rows else pa.table({})
-    except (pa.ArrowException, OSError, TypeError) as e:
-        if isinstance(e, InputError):
-            raise
-        raise InputError(f"{path}: cannot read ({str(e).splitlines()[0]})") from None
-    raise InputError(f"{path}: unknown file type (expected .parquet, .jsonl or .json)")
-
-
-def _read_json_rows(fs, p: str, display: str) -> list[dict]:
-    with fs.open(p, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise InputError(f"{display}: line {line}: invalid UTF-8") from None
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{display}: line {e.lineno}: invalid JSON ({e.msg})") from None
-    else:
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{display}: line {i}: invalid JSON ({e.msg})") from None
-    for i, r in enumerate(rows):
-        if not isinstance(r, dict):
-            raise InputError(located("each row must be a JSON object", display, i))
-    return rows
-
-
-def column_stats(values: pa.Array) -> dict:
-    """count / mean / std / min / max of a numeric column (nulls ignored)."""
-    arr = pc.drop_null(values)
-    if len(arr) == 0:
-        return {"count": 0}
-    return {"count": len(arr), "mean": pc.mean(arr).as_py(), "std": pc.stddev(arr).as_py(),
-            "min": pc.min(arr).as_py(), "max": pc.max(arr).as_py()}
+# users' files, read by datafiles.py; re-exported where the readers always lived
+from .datafiles import column_stats, read_rows, read_table_file  # noqa: E402,F401

@@ -20,14 +20,23 @@ def _stats(frame: pl.LazyFrame, expr: pl.Expr) -> dict:
 
 
 def summarize(ds: Dataset, verify: bool = True) -> dict:
-    """Everything ``inspect`` shows, as JSON-able data."""
+    """Everything ``inspect`` shows, as JSON-able data. A key in two rows, or a shard
+    that does not decode, is refused in one line naming the file (and row)."""
+    ds.check_keys()
     out = {"dataset": ds.url, "schema": ds.schema_name, "schema_version": ds.schema_version,
            "complete": ds.complete, "rows": ds.num_rows, "shards": len(ds.shards),
-           "config_hash": ds.config_hash, "code_version": ds.manifest.get("code_version"),
+           "content_key": ds.fingerprint, "config_hash": ds.config_hash,
+           "code_version": ds.manifest.get("code_version"),
            "lineage": ds.lineage, "counts": ds.stats, "reward_stats": {}}
     if ds.num_rows == 0:
         return out
-    lf = ds.to_polars(verify=verify)
+    try:
+        return _statistics(ds, ds.to_polars(verify=verify), out)
+    except pl.exceptions.PolarsError as e:   # a shard that decodes badly (--no-verify)
+        raise ds.unreadable(e) from None
+
+
+def _statistics(ds: Dataset, lf: pl.LazyFrame, out: dict) -> dict:
     for col in STAT_COLUMNS.get(ds.schema_name, []):
         out["reward_stats"][col] = _stats(lf, pl.col(col))
     if ds.schema_name == "generations":
@@ -64,6 +73,7 @@ def render(summary: dict) -> str:
           ("schema", f"{summary['schema']} {summary['schema_version']}"),
           ("status", "complete" if summary["complete"] else "INCOMPLETE (a stage did not finish)"),
           ("rows", summary["rows"]), ("shards", summary["shards"]),
+          ("content key", summary["content_key"]),
           ("config hash", summary["config_hash"]), ("code version", summary["code_version"])]
     kv += [(f"lineage.{k}", v) for k, v in sorted(summary["lineage"].items())]
     kv += [(f"count.{k}", v) for k, v in sorted(summary["counts"].items())]

@@ -98,14 +98,19 @@ def test_validate_names_file_row_column(table, message):
     assert str(e.value).startswith(message)
 
 
-def test_validate_accepts_numbers_as_text_only_when_castable():
-    # Arrow casts 3.5 to "3.5": a number in a text column is accepted as text.
+@pytest.mark.parametrize("value", ["zero", "3", "1e3"])
+def test_numbers_given_as_text_are_refused_never_parsed(value):
+    # Arrow casts 3.5 to "3.5": a number in a text column is accepted as text ...
     out = validate(pa.table({"prompt_id": ["a"], "prompt": [3.5]}), "prompts", "f")
     assert out.column("prompt").to_pylist() == ["3.5"]
-    with pytest.raises(InputError, match=r"f, column 'sample_index': cannot read string"):
-        validate(pa.table({"prompt_id": ["a"], "prompt": ["x"], "sample_index": ["zero"],
-                           "response": ["r"], "response_token_ids": [[1]],
-                           "finish_reason": ["eos"]}), "generations", "f")
+    # ... but it would also parse "3" as 3: text in a number column is refused, digits or not
+    rows = {"prompt_id": ["a", "a"], "prompt": ["x", "x"], "sample_index": [None, value],
+            "response": ["r", "r"], "response_token_ids": [[1], [1]], "finish_reason": ["eos", "eos"]}
+    with pytest.raises(InputError, match=rf"^f, row 1, column 'sample_index': expected int32, got text: '{value}'$"):
+        validate(pa.table(rows), "generations", "f")
+    rows = {**rows, "sample_index": [0, 1], "response_token_ids": [[], [value]]}
+    with pytest.raises(InputError, match=r"^f, row 1, column 'response_token_ids': expected list"):
+        validate(pa.table(rows), "generations", "f")
 
 
 def test_timestamps_are_utc():

@@ -15,10 +15,10 @@ CHILD = r"""
 import os, sys, time
 sys.path.insert(0, {tests!r})
 from conftest import generation_table
-from offline_rlhf import shards
+from offline_rlhf import shards, storage
 
 mode, url, marker = sys.argv[1:4]
-real_fsync = shards._fsync
+real_fsync = storage._fsync
 
 def stop_here(fd):
     target = os.readlink(f"/proc/self/fd/{{fd}}")
@@ -32,7 +32,7 @@ def stop_here(fd):
         time.sleep(600)
     real_fsync(fd)
 
-shards._fsync = stop_here
+storage._fsync = stop_here
 w = shards.ShardWriter(url, "generations", config_hash="crash")
 for c in range(5):
     if not w.committed(c):

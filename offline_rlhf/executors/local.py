@@ -13,6 +13,7 @@ from ..stage import Progress, StagePlan, resolve_worker
 def run(plan: StagePlan, options) -> dict:
     worker, num_workers = resolve_worker(options.worker, options.num_workers)
     writer = plan.open_writer()
+    writer.claim(worker, num_workers)  # before looking: another live writer is refused
     mine = [c for c in range(plan.total_chunks) if c % num_workers == worker]
     todo = [c for c in mine if not writer.committed(c)]
     progress = Progress(sum(plan.units[c] for c in todo), plan.name, plan.unit)

@@ -87,6 +87,21 @@ def _load_into(module, path: Path) -> None:
             params[n].copy_(t)
 
 
+def load_pt(path: Path):
+    """One of our own ``.pt`` state files, read with ``weights_only=True``: anything
+    beyond tensors and plain containers (a pickled object could run code) is refused
+    in one line naming the file."""
+    import pickle
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = next((line.strip() for line in str(e).splitlines()
+                       if "GLOBAL" in line or "Unsupported" in line), "not plain tensors")
+        raise InputError(f"{path}: refused: the file holds pickled objects, not only tensors "
+                         f"({detail}); it was not written by this package: delete this "
+                         "checkpoint to resume from an earlier one") from None
+
+
 def load(path: Path, acc, model, optimizer, scheduler, extras) -> dict:
     state = json.loads((path / "state.json").read_text())
     if state["num_processes"] != acc.num_processes:
@@ -96,11 +111,11 @@ def load(path: Path, acc, model, optimizer, scheduler, extras) -> dict:
     _load_into(acc.unwrap_model(model), path / "trainable.safetensors")
     if extras is not None:
         _load_into(acc.unwrap_model(extras), path / "extras.safetensors")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    optimizer.load_state_dict(load_pt(path / "optimizer.pt"))
+    scheduler.load_state_dict(load_pt(path / "scheduler.pt"))
     rng_file = path / f"rng-{acc.process_index}.pt"
     if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=True)
+        rng = load_pt(rng_file)
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])

@@ -30,6 +30,7 @@ import torch
 from ..config import opt, to_dict
 from ..errors import InputError
 from ..lineage import code_version, config_hash
+from ..storage import write_json_atomic
 from . import checkpoint as ckpt
 
 
@@ -255,7 +256,7 @@ def fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=None
         summary.update(resumed_from=str(resume_from) if resume_from else None, steps=steps,
                        is_main_process=acc.is_main_process, data=getattr(task, "stats", None))
         if acc.is_main_process:
-            (out / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+            write_json_atomic(out / "train_summary.json", summary)  # presence means done
         acc.wait_for_everyone()
         return summary
     finally:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .common import masked_mean  # noqa: F401  (re-exported: the ILQL terms are averaged with it)
+
 
 def td_targets(rewards: torch.Tensor, v_next: torch.Tensor, done: torch.Tensor,
                gamma: float = 0.99) -> torch.Tensor:
@@ -51,12 +53,6 @@ def awac_loss(logp_taken: torch.Tensor, advantage: torch.Tensor, beta: float = 1
     """Per-token advantage-weighted log-likelihood; beta = 0 is behaviour cloning."""
     weight = torch.exp(beta * advantage.detach()).clamp(max=max_weight)
     return -weight * logp_taken
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-row mean of ``x`` over ``mask`` (rows of shape [B, T])."""
-    m = mask.to(x.dtype)
-    return (x * m).sum(-1) / m.sum(-1).clamp(min=1)
 
 
 @torch.no_grad()

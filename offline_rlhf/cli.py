@@ -178,6 +178,9 @@ def _eval_command(cls, run):
 
 
 def _cmd_pipeline(args) -> int:
+    from .nights import has_nights
+    if args.nights is not None or has_nights(args.file, args.overrides):
+        return _cmd_nights(args)
     from .pipeline import load_pipeline, render_plan, run_pipeline
     p = load_pipeline(args.file, args.overrides)
     if args.only:
@@ -189,6 +192,18 @@ def _cmd_pipeline(args) -> int:
     print(render_plan(rows))
     if not args.dry_run:
         print(f"\nresolved config: {p.workdir / 'pipeline.resolved.json'}; log: {p.workdir / 'run.log'}")
+    return 0
+
+
+def _cmd_nights(args) -> int:
+    from .nights import render_nights, run_nights
+    if args.only:
+        raise InputError(f"{args.file}: --only: cannot be combined with nights")
+    records = run_nights(args.file, args.overrides, args.nights, args.dry_run)
+    for r in records:
+        print(f"night {r['night']}: " + (r["pending"] if "pending" in r else
+              ", ".join(f"{x['stage']} {x['action']}" for x in r["stages"])))
+    print("\n" + render_nights(records))
     return 0
 
 
@@ -320,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override keys, e.g. stages.generate.num_samples=8")
     r.add_argument("--dry-run", action="store_true", help="print the plan: what is reused, what runs")
     r.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages")
+    r.add_argument("--nights", type=int, metavar="N", default=None,
+                   help="run the job N nights, each from the last night's policy (see docs/grpo.md; "
+                        "a [nights] table in the file sets the rest)")
     r.set_defaults(fn=_cmd_pipeline)
 
     from .evaluate import EvalConfig, run_eval

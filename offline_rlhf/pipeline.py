@@ -141,7 +141,7 @@ def _fingerprint_input(path: str, where: str) -> str:
 def load_pipeline(path: str, overrides: list[str] | None = None) -> Pipeline:
     """Parse, validate and key a job file (nothing runs)."""
     data = apply_overrides(load_file(path), overrides or [])
-    known = {"name", "workdir", "inputs", "stages", "description"}
+    known = {"name", "workdir", "inputs", "stages", "description", "nights"}  # nights: nights.py
     for k in data:
         if k not in known:
             raise InputError(f"{path}: {k}: unknown key (known: {', '.join(sorted(known))})")

@@ -279,6 +279,8 @@ def fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=None
         ckpt.save_final(cfg, acc, model, tokenizer, out, extras)
         summary.update(resumed_from=str(resume_from) if resume_from else None, steps=steps,
                        is_main_process=acc.is_main_process)
+        if hasattr(task, "stats"):  # the task's data counts, kept in train_summary.json too
+            summary["data"] = task.stats
         if acc.is_main_process:
             (out / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
         acc.wait_for_everyone()

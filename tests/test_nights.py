@@ -1,12 +1,10 @@
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import kill_when
 
 from offline_rlhf.errors import InputError
 from offline_rlhf.nights import NightsConfig, NightsPlan, load_plan, night_overrides, run_nights
@@ -118,13 +116,8 @@ def test_killed_nights_run_resumes_and_keeps_every_nights_lineage(tmp_path, inpu
     work = tmp_path / "job"
     cli = [sys.executable, "-m", "offline_rlhf.cli", "pipeline", "run", f]
     proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while not list((work / "night-001" / "stages").glob("train-*/checkpoints/step-0000004/state.json")):
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.time() < deadline
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, lambda: any((work / "night-001" / "stages").glob("train-*/checkpoints/step-0000004/state.json")),
+              timeout=600)
     assert not list((work / "night-001" / "stages").glob("eval-*/results.json"))
     out = subprocess.run(cli, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -1,15 +1,14 @@
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from conftest import kill_when
 from safetensors.torch import load_file
 
 from offline_rlhf.errors import InputError
@@ -182,13 +181,7 @@ def test_killed_after_checkpoint_resumes_to_identical_weights(tmp_path, gens, po
     full = _run(cli + _train_args(gens["ref"], tmp_path / "full", policy_dir, *extra))
     assert full.wait(timeout=300) == 0, full.stderr.read()
     killed = _run(cli + _train_args(gens["ref"], tmp_path / "k", policy_dir, *extra))
-    ckpt = tmp_path / "k" / "checkpoints" / "step-0000008"
-    deadline = time.time() + 300
-    while not (ckpt / "state.json").exists():
-        assert killed.poll() is None and time.time() < deadline
-        time.sleep(0.005)
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
+    kill_when(killed, (tmp_path / "k" / "checkpoints" / "step-0000008" / "state.json").exists)
     assert not (tmp_path / "k" / "final").exists(), "the run finished before it could be killed"
     resumed = _run(cli + _train_args(gens["ref"], tmp_path / "k", policy_dir, *extra))
     out, err = resumed.communicate(timeout=300)

@@ -250,7 +250,7 @@ def grpo_loss(logps: torch.Tensor, behaviour_logps: torch.Tensor, advantages: to
         clipped = clip_active(ratio.detach(), adv, eps_low, eps_high)
     else:
         per_token = truncated_surrogate(ratio, adv, logps, ratio_cap)
-        clipped = ratio.detach() > ratio_cap
+        clipped = ratio.detach() > ratio_cap * (1 + 1e-6)  # not float noise around a cap of 1
     keep = band_mask(ratio.detach(), band_low, band_high)
     per_token = per_token * keep
     if kl_coef:

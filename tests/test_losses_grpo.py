@@ -39,6 +39,10 @@ def test_group_statistics_hand_computed():
     assert mean.tolist() == [0.5] * 4 + [2.0] * 3 + [5.0]
     assert std[:4].tolist() == pytest.approx([math.sqrt(1 / 3)] * 4)  # Bessel: sum 4 * 0.25 / 3
     assert std[4:].tolist() == [0.0] * 4 and count.tolist() == [4] * 4 + [3] * 3 + [1]
+    _, pair_std, _ = group_mean_std(t(1.0, 3.0), torch.tensor([0, 0]))   # (1 + 1) / (2 - 1)
+    assert pair_std.tolist() == pytest.approx([math.sqrt(2)] * 2)
+    assert rloo_advantages(t(1.0, 3.0), torch.tensor([0, 0])).tolist() == [-2.0, 2.0]
+    assert reinforce_pp_advantages(t(4.0), torch.tensor([0])).tolist() == [0.0]
 
 
 def test_advantages_hand_computed():
@@ -120,6 +124,9 @@ def test_clipped_surrogate_hand_computed_with_clip_higher_and_cap():
     assert capped[-1].item() == pytest.approx(3.0) and capped[:-1].tolist() == pytest.approx(got[:-1].tolist())
     active = clip_active(ratio, adv, 0.2, 0.28)
     assert active.tolist() == [False, False, False, False, True, True, False, False]
+    # at the bounds themselves both branches agree: not clipped
+    assert clip_active(t(0.8, 1.28), t(-1.0, 1.0), 0.2, 0.28).tolist() == [False, False]
+    assert clip_active(t(0.79, 1.29), t(-1.0, 1.0), 0.2, 0.28).tolist() == [True, True]
 
 
 def test_clipped_tokens_have_no_gradient_and_the_others_the_ratio_gradient():

@@ -78,6 +78,8 @@ class PipelineRunConfig:
     dry_run: bool = opt(False, "print the plan (what is reused, what runs) and stop")
     only: list[str] = opt([], "run only these stages (finished ones are still reused)")
     wait: bool = opt(False, "if another run holds the workdir, wait for it (default: refuse)")
+    nights: int | None = opt(None, "run the job N nights, each from the last night's policy "
+                             "(see docs/grpo.md; a [nights] table in the file sets the rest)")
 
 
 # --------------------------------------------------------------------------- commands
@@ -219,7 +221,10 @@ def _tiny_model(cfg, _) -> int:
 
 
 def _pipeline(cfg, _) -> int:
+    from .nights import has_nights
     from .pipeline import load_pipeline, render_plan, run_pipeline
+    if cfg.nights is not None or has_nights(cfg.file, cfg.overrides):
+        return _nights(cfg)
     p = load_pipeline(cfg.file, cfg.overrides)
     if cfg.only:
         unknown = set(cfg.only) - {s.name for s in p.stages}
@@ -230,6 +235,18 @@ def _pipeline(cfg, _) -> int:
     print(render_plan(rows))
     if not cfg.dry_run:
         print(f"\nresolved config: {p.workdir / 'pipeline.resolved.json'}; log: {p.workdir / 'run.log'}")
+    return 0
+
+
+def _nights(cfg) -> int:
+    from .nights import render_nights, run_nights
+    if cfg.only:
+        raise InputError(f"{cfg.file}: --only: cannot be combined with nights")
+    records = run_nights(cfg.file, cfg.overrides, cfg.nights, cfg.dry_run)
+    for r in records:
+        print(f"night {r['night']}: " + (r["pending"] if "pending" in r else
+              ", ".join(f"{x['stage']} {x['action']}" for x in r["stages"])))
+    print("\n" + render_nights(records))
     return 0
 
 

@@ -55,7 +55,7 @@ from .storage import read_json_file, write_json_atomic
 KINDS = ("generate", "score", "logprobs", "pairs", "train", "rest", "eval")
 # Options that name files, datasets or models: given literally, they are fingerprinted too.
 PATH_OPTIONS = ("policy", "reward_model", "reference", "prompts", "generations", "data",
-                "baseline", "eval_prompts", "ilql_heads", "checkpoints", "metrics")
+                "baseline", "eval_prompts", "ilql_heads", "checkpoints", "metrics", "previous_data")
 # Options naming models: preflight checks them (safetensors, loadable config).
 MODEL_OPTIONS = {"policy": "policy", "reference": "reference model", "baseline": "baseline policy",
                  "checkpoints": "checkpoint model"}
@@ -161,7 +161,7 @@ def _fingerprint_input(path: str, where: str) -> str:
 def load_pipeline(path: str, overrides: list[str] | None = None) -> Pipeline:
     """Parse, validate and key a job file (nothing runs)."""
     data = apply_overrides(load_file(path), overrides or [])
-    known = {"name", "workdir", "inputs", "stages", "description"}
+    known = {"name", "workdir", "inputs", "stages", "description", "nights"}  # nights: nights.py
     for k in data:
         if k not in known:
             raise InputError(f"{path}: {k}: unknown key (known: {', '.join(sorted(known))})")

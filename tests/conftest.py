@@ -87,3 +87,16 @@ def generation_table(n: int, start: int = 0, **kw) -> pa.Table:
     from offline_rlhf.schemas import load_schema
     return pa.Table.from_pylist(generation_rows(n, start, **kw),
                                 schema=load_schema("generations").arrow)
+
+
+def kill_when(proc, ready, timeout: float = 300) -> None:
+    """SIGKILL ``proc`` as soon as ``ready()`` is true (it must still be running then)."""
+    import signal
+    import time
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline, "timed out waiting to kill"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

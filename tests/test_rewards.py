@@ -134,3 +134,32 @@ def test_bad_score_inputs(tmp_path, reward_dir):
         ScoreConfig(generations=gen, output="x", weights={"bogus": 1.0})
     with pytest.raises(InputError, match="nothing to score"):
         ScoreConfig(generations=gen, output="x")
+
+
+def test_kimi_length_reward_hand_computed():
+    # lengths 2..6: lambda = 0.5 - (n - 2) / 4 = 0.5, 0.25, 0, -0.25, -0.5
+    got = rules.kimi_length([2, 3, 4, 5, 6], [True, False, True, True, False])
+    assert got == [0.5, 0.0, 0.0, -0.25, -0.5]  # incorrect: min(0, lambda)
+    assert rules.kimi_length([4, 4, 4], [True, False, True]) == [0.0, 0.0, 0.0]
+
+
+def test_kimi_length_is_relative_to_each_prompts_group(tmp_path):
+    from conftest import generation_rows
+    rows = generation_rows(6, k=3)  # prompts p00000 and p00001, three samples each
+    lengths = [2, 4, 6, 5, 5, 9]
+    for r, n, ok in zip(rows, lengths, [True, True, False, False, True, True]):
+        r["response_token_ids"] = list(range(n))
+        r["behaviour_logps"], r["ref_logps"] = [-0.5] * n, [-0.5] * n
+        r["response"], r["reference_answer"] = (" 7", "7") if ok else (" 8", "7")
+    with ShardWriter(str(tmp_path / "gen"), "generations") as w:
+        w.write(0, pa.Table.from_pylist(rows, schema=load_schema("generations").arrow))
+        w.finish(total_chunks=1)
+    score(ScoreConfig(generations=str(tmp_path / "gen"), output=str(tmp_path / "s"),
+                      weights={"exact_match": 1.0, "kimi_length": 0.5}))
+    out = open_dataset(str(tmp_path / "s")).read().to_pylist()
+    kimi = [{c["name"]: c["value"] for c in r["reward_components"]}["kimi_length"] for r in out]
+    # group 1: lengths 2 4 6 -> 0.5, 0, -0.5 (the last is wrong: min(0, -0.5)); group 2: 5 5 9
+    assert kimi == pytest.approx([0.5, 0.0, -0.5, 0.0, 0.5, -0.5])
+    assert [r["reward"] for r in out] == pytest.approx([1.25, 1.0, -0.25, 0.0, 1.25, 0.75])
+    with pytest.raises(InputError, match="length_correct: must be one of"):
+        ScoreConfig(generations="g", output="o", weights={"kimi_length": 1.0}, length_correct="f1")

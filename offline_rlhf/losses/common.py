@@ -20,3 +20,9 @@ def masked_sums(per_token: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
     in the completion), and the number of such tokens, per row."""
     m = mask[:, 1:].to(per_token.dtype)
     return (per_token * m).sum(-1), m.sum(-1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row mean of ``x`` ``[B, T]`` over ``mask``; 0 for an empty row."""
+    m = mask.to(x.dtype)
+    return (x * m).sum(-1) / m.sum(-1).clamp(min=1)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .common import masked_mean  # noqa: F401  (re-exported: the ILQL terms are averaged with it)
+
 
 def next_values(v: torch.Tensor) -> torch.Tensor:
     """``V(s_{t+1})`` at each position t of per-token values ``v`` [B, T]: ``v`` shifted one
@@ -64,12 +66,6 @@ def awac_loss(logp_taken: torch.Tensor, advantage: torch.Tensor, beta: float,
     """Per-token advantage-weighted log-likelihood; beta = 0 is behaviour cloning."""
     weight = torch.exp(beta * advantage.detach()).clamp(max=max_weight)
     return -weight * logp_taken
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-row mean of ``x`` over ``mask`` (rows of shape [B, T])."""
-    m = mask.to(x.dtype)
-    return (x * m).sum(-1) / m.sum(-1).clamp(min=1)
 
 
 @torch.no_grad()

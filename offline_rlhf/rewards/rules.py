@@ -1,4 +1,5 @@
-"""Rule-based (verifiable) rewards. Each returns one float per response.
+"""Rule-based (verifiable) rewards. Each returns one float per response, except the
+group-relative :func:`kimi_length`, which scores the K responses of one prompt together.
 
 Answers are read from ``<answer>...</answer>`` when the response has those tags,
 else from the whole response.
@@ -56,3 +57,16 @@ def format_match(response: str, pattern: str) -> float:
 def length_penalty(n_tokens: int, target: int) -> float:
     """-(tokens beyond ``target``): weight it to set tokens' price (e.g. 0.01)."""
     return -float(max(0, n_tokens - target))
+
+
+def kimi_length(lengths: list[int], correct: list[bool]) -> list[float]:
+    """Kimi k1.5's length reward within one prompt's group (Kimi Team 2025, "Kimi k1.5",
+    sec. 2.3.3, length penalty): ``lambda_i = 0.5 - (len_i - min_len) / (max_len - min_len)``;
+    a correct response gets ``lambda_i``, an incorrect one ``min(0, lambda_i)``. So the
+    shortest correct answers gain up to +0.5, the longest lose up to -0.5, and length never
+    rewards a wrong answer. When every response has the same length, all get 0."""
+    lo, hi = min(lengths), max(lengths)
+    if hi == lo:
+        return [0.0] * len(lengths)
+    lam = [0.5 - (n - lo) / (hi - lo) for n in lengths]
+    return [x if ok else min(0.0, x) for x, ok in zip(lam, correct)]

@@ -20,8 +20,9 @@ from ..shards import open_dataset
 from ..stage import LazyWorker, StagePlan, run_stage
 from . import rules
 
-COMPONENTS = ("reward_model", "exact_match", "numeric_match", "format", "length_penalty")
-NEEDS_REFERENCE = ("exact_match", "numeric_match")
+COMPONENTS = ("reward_model", "exact_match", "numeric_match", "format", "length_penalty", "kimi_length")
+NEEDS_REFERENCE = ("exact_match", "numeric_match", "kimi_length")
+CORRECTNESS = ("exact_match", "numeric_match")
 
 
 @dataclasses.dataclass
@@ -34,6 +35,9 @@ class ScoreConfig(ExecutorOptions):
     format_pattern: str = opt(rules.DEFAULT_FORMAT, "regex the whole response must match for 'format'")
     length_target: int = opt(0, "'length_penalty' is -(response tokens beyond this)")
     numeric_tolerance: float = opt(1e-6, "relative tolerance of 'numeric_match'")
+    length_correct: str = opt("exact_match", "'kimi_length' (group-relative length reward of Kimi "
+                              "k1.5): the rule that decides which answers are correct: "
+                              "exact_match | numeric_match")
     max_length: int = opt(2048, "reward-model input tokens kept (the last ones)")
     token_budget: int = opt(16384, "reward-model tokens per batch")
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")
@@ -54,15 +58,15 @@ class ScoreConfig(ExecutorOptions):
             raise InputError("weights.reward_model: set, but no reward_model path was given")
         if self.reward_model and "reward_model" not in self.weights:
             raise InputError("reward_model: given, but weights has no reward_model entry")
+        if self.length_correct not in CORRECTNESS:
+            raise InputError(f"length_correct: must be one of {', '.join(CORRECTNESS)}, "
+                             f"got {self.length_correct!r}")
 
 
 def group_normalize(prompt_ids: list[str], rewards: np.ndarray) -> np.ndarray:
     """(r - mean) / std over the samples of each prompt (population std; 0 when it is 0)."""
     out = np.zeros_like(rewards, dtype=np.float64)
-    groups: dict[str, list[int]] = {}
-    for i, p in enumerate(prompt_ids):
-        groups.setdefault(p, []).append(i)
-    for idx in groups.values():
+    for idx in _groups(prompt_ids).values():
         r = rewards[idx]
         std = r.std()
         out[idx] = (r - r.mean()) / std if std > 1e-8 else 0.0
@@ -89,7 +93,33 @@ def rule_components(cfg: ScoreConfig, table: pa.Table, source: str) -> dict[str,
         elif name == "length_penalty":
             lengths = table.column("response_token_ids").to_pylist()
             out[name] = np.array([rules.length_penalty(len(x), cfg.length_target) for x in lengths])
+        elif name == "kimi_length":
+            out[name] = kimi_length_component(cfg, table)
     return out
+
+
+def _correct(cfg: ScoreConfig, responses: list[str], refs: list[str]) -> list[bool]:
+    if cfg.length_correct == "numeric_match":
+        return [rules.numeric_match(r, a, cfg.numeric_tolerance) == 1.0 for r, a in zip(responses, refs)]
+    return [rules.exact_match(r, a) == 1.0 for r, a in zip(responses, refs)]
+
+
+def kimi_length_component(cfg: ScoreConfig, table: pa.Table) -> np.ndarray:
+    """Kimi k1.5's length reward, relative to each prompt's group of samples (the K
+    samples of a prompt share a shard: generate writes them together)."""
+    lengths = [len(x) for x in table.column("response_token_ids").to_pylist()]
+    correct = _correct(cfg, table.column("response").to_pylist(), table.column("reference_answer").to_pylist())
+    out = np.zeros(table.num_rows)
+    for idx in _groups(table.column("prompt_id").to_pylist()).values():
+        out[idx] = rules.kimi_length([lengths[i] for i in idx], [correct[i] for i in idx])
+    return out
+
+
+def _groups(prompt_ids: list[str]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompt_ids):
+        groups.setdefault(p, []).append(i)
+    return groups
 
 
 def score(cfg: ScoreConfig) -> dict:
@@ -107,7 +137,8 @@ def plan_score(cfg: ScoreConfig) -> StagePlan:
     scorer_spec = {"reward_model": rm_fp, "weights": cfg.weights,
                    "format_pattern": cfg.format_pattern if "format" in cfg.weights else None,
                    "length_target": cfg.length_target if "length_penalty" in cfg.weights else None,
-                   "numeric_tolerance": cfg.numeric_tolerance, "max_length": cfg.max_length}
+                   "numeric_tolerance": cfg.numeric_tolerance, "max_length": cfg.max_length,
+                   "length_correct": cfg.length_correct if "kimi_length" in cfg.weights else None}
     reward_fp = hashlib.sha256(canonical_json(scorer_spec).encode()).hexdigest()
     chash = config_hash({"generations": src.fingerprint, "scorer": reward_fp, "dtype": cfg.dtype,
                          "bits": cfg.bits})

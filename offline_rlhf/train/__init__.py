@@ -7,6 +7,7 @@ CLI and pipelines use; there is no plugin registry.
 from __future__ import annotations
 
 from .dpo import DPOTrainConfig, train_dpo
+from .grpo import GRPOTrainConfig, train_grpo
 from .ilql import ILQLTrainConfig, train_ilql
 from .rm import RMTrainConfig, train_rm
 from .sft import SFTTrainConfig, train_sft
@@ -18,4 +19,6 @@ ALGORITHMS = {
              "saves V/Q heads for value-guided decoding"),
     "sft": (SFTTrainConfig, train_sft, "NLL on answer tokens: filtered generations (rejection "
             "sampling), or a file in a TRL layout (prompt/completion, messages, text; text or chat)"),
+    "grpo": (GRPOTrainConfig, train_grpo, "off-policy group policy gradient (GRPO, Dr. GRPO, RLOO, "
+             "REINFORCE++-baseline) on scored generations, against their stored behaviour log-probs"),
 }

@@ -99,7 +99,12 @@ class Task(Protocol):
         """A padded batch of the examples ``indices`` on ``device``."""
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-example losses ``[n]`` and per-example metrics."""
+        """Per-example losses ``[n]`` and per-example metrics (averaged over the step's
+        examples; those named ``*/max`` or ``*/min`` are reduced by max or min)."""
+
+    # Optional hooks: ``begin_step(examples)`` before a step's micro-batches (every
+    # process gets the whole step's example list); ``finish_record(record)`` may derive
+    # metrics from the reduced record in place; ``after_step(step)`` after the update.
 
 
 # --------------------------------------------------------------------------- planning
@@ -207,9 +212,34 @@ def _step(acc, model, task: Task, mine: list[list[int]], n_step: int):
             losses, metrics = task.loss(model, batch)
             acc.backward(losses.sum() * scale)
         for k, v in {"loss": losses, **metrics}.items():
-            v = v.detach().float().sum()
-            sums[k] = sums[k] + v if k in sums else v
+            sums[k] = _combine(k, sums.get(k), v.detach().float())
     return sums
+
+
+EXTREMA = ("/max", "/min")  # metrics reduced by max / min over the step, not averaged
+
+
+def _combine(key: str, acc_value, v: torch.Tensor) -> torch.Tensor:
+    if key.endswith("/max"):
+        v = v.max()
+        return v if acc_value is None else torch.maximum(acc_value, v)
+    if key.endswith("/min"):
+        v = v.min()
+        return v if acc_value is None else torch.minimum(acc_value, v)
+    v = v.sum()
+    return v if acc_value is None else acc_value + v
+
+
+def _reduce(acc, sums: dict, n: int) -> dict:
+    """The step's metrics over all processes: per-example means, and the maximum or
+    minimum of ``*/max`` and ``*/min`` metrics."""
+    keys = sorted(k for k in sums if not k.endswith(EXTREMA))
+    totals = acc.reduce(torch.stack([sums[k] for k in keys]), reduction="sum")
+    record = {k: float(v) / n for k, v in zip(keys, totals.tolist())}
+    for k in sorted(set(sums) - set(keys)):
+        gathered = acc.gather(sums[k][None])
+        record[k] = float(gathered.max() if k.endswith("/max") else gathered.min())
+    return record
 
 
 def fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=None,
@@ -284,6 +314,8 @@ def _train(cfg, acc, model, task, optimizer, scheduler, extras, lengths, steps, 
         mbs = micro_batches(examples, lengths, cfg.micro_batch_size,
                             cfg.max_tokens_per_micro_batch, acc.num_processes, cfg.group_by_length)
         mine = mbs[acc.process_index::acc.num_processes]
+        if hasattr(task, "begin_step"):
+            task.begin_step(examples)
         model.train()
         sums = _step(acc, model, task, mine, len(examples))
         grad_norm = acc.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0 \
@@ -294,9 +326,9 @@ def _train(cfg, acc, model, task, optimizer, scheduler, extras, lengths, steps, 
         optimizer.zero_grad(set_to_none=True)
         if hasattr(task, "after_step"):
             task.after_step(step + 1)
-        keys = sorted(sums)
-        totals = acc.reduce(torch.stack([sums[k] for k in keys]), reduction="sum")
-        record = {k: float(v) / len(examples) for k, v in zip(keys, totals.tolist())}
+        record = _reduce(acc, sums, len(examples))
+        if hasattr(task, "finish_record"):
+            task.finish_record(record)
         record.update(step=step + 1, epoch=epoch, lr=lr,
                       examples=len(examples), seconds=time.perf_counter() - t0)
         if grad_norm is not None:

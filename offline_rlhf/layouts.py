@@ -54,10 +54,13 @@ def messages(value, file, row, column) -> list[dict]:
                                  file, row, column))
     out = []
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                or not isinstance(m.get("content"), str):
-            raise InputError(located(f"message {i}: expected {{role, content}} with text "
-                                     "values", file, row, column))
+        if not isinstance(m, dict) or not {"role", "content"} <= set(m):
+            raise InputError(located(f"messages[{i}]: expected a {{role, content}} object",
+                                     file, row, column))
+        bad = next((k for k in ("role", "content") if not isinstance(m[k], str)), None)
+        if bad:
+            raise InputError(located(f"messages[{i}].{bad} must be text, got "
+                                     f"{type(m[bad]).__name__} {m[bad]!r}", file, row, column))
         extra = sorted(k for k, v in m.items() if k not in ("role", "content") and v is not None)
         if extra:
             raise InputError(located(f"message {i}: key '{extra[0]}' is not supported "
@@ -71,7 +74,8 @@ def number(value, file, row, column) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InputError(located(f"expected a number, got {type(value).__name__}", file, row, column))
+        raise InputError(located(f"expected a number, got {type(value).__name__} {value!r}", file, row,
+                                 column))
     return float(value)
 
 

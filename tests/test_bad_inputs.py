@@ -17,7 +17,7 @@ from cli_helpers import cli, one_error_line
 from conftest import generation_rows
 
 from offline_rlhf.schemas import load_schema
-from offline_rlhf.shards import is_complete, open_dataset
+from offline_rlhf.shards import ShardWriter, is_complete, open_dataset
 
 
 def write(path: Path, text: str) -> Path:
@@ -154,7 +154,7 @@ def test_pickled_optimizer_state_refused_in_one_line(tmp_path, policy_dir):
     from offline_rlhf.train.sft import SFTTrainConfig, train_sft
     data = jsonl(tmp_path / "sft.jsonl", [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(8)])
     common = dict(data=str(data), output=str(tmp_path / "out"), policy=str(policy_dir),
-                  batch_size=2, micro_batch_size=2, save_steps=2, tensorboard=False)
+                  batch_size=2, micro_batch_size=2, save_steps=2, report_to="none")
     train_sft(SFTTrainConfig(max_steps=4, **common))
     ckpt = tmp_path / "out" / "checkpoints" / "step-0000002"
     ran = tmp_path / "PICKLE_RAN"
@@ -165,7 +165,7 @@ def test_pickled_optimizer_state_refused_in_one_line(tmp_path, policy_dir):
     torch.save({"state": Payload()}, ckpt / "optimizer.pt")
     out = cli("train", "sft", "--data", data, "--output", tmp_path / "out", "--policy", policy_dir,
               "--batch-size", 2, "--micro-batch-size", 2, "--save-steps", 2, "--max-steps", 6,
-              "--no-tensorboard")
+              "--report-to", "none")
     one_error_line(out, f"{ckpt / 'optimizer.pt'}: refused: the file holds pickled objects")
     assert not ran.exists()
 
@@ -212,7 +212,7 @@ def test_missing_metrics_path_refused_by_dry_run(tmp_path, policy_dir, reward_di
                    f"{job}: stages.ev.metrics: path not found: {missing}")
     out = cli("eval", "--policy", policy_dir, "--prompts", tmp_path / "p.jsonl", "--output",
               tmp_path / "ev", "--weights", "length_penalty=1", "--metrics", missing)
-    one_error_line(out, f"metrics: {missing}: no such file")
+    one_error_line(out, f"metrics: {missing}: neither a metrics.jsonl file nor a training output")
     assert not (tmp_path / "ev" / "policy").exists()   # refused before generating
 
 
@@ -284,7 +284,8 @@ def test_stale_manifest_temp_is_swept(tmp_path):
     stale = meta / ".manifest.json.0123456789ab.tmp"
     stale.write_text('{"complete": tru')   # a kill between writing and renaming
     os.utime(stale)
-    assert cli("import-prompts", f, tmp_path / "ds", "--chunk-rows", "2").returncode == 0
+    with ShardWriter(str(tmp_path / "ds"), "prompts", lineage={"source": str(f)}) as w:  # a rerun
+        w.finish(total_chunks=2)
     assert not stale.exists() and not list(meta.glob(".*.tmp"))
     assert open_dataset(str(tmp_path / "ds"), require_complete=True).num_rows == 3
 

@@ -44,7 +44,7 @@ reference = "inputs.policy"
 max_steps = 2
 batch_size = 2
 micro_batch_size = 2
-tensorboard = false
+report_to = "none"
 [stages.eval]
 kind = "eval"
 policy = "stages.train"

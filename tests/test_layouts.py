@@ -115,7 +115,7 @@ def test_sft_text_layout(tmp_path, policy_dir, tokenizer, trained_batches):
     ({"prompt": "a", "completion": 7}, "row 1, column 'completion'", "expected text or a list of {role, content} messages, got int"),
     ({"prompt": {"x": 1}, "completion": "b"}, "row 1, column 'prompt'", "expected text or a list of {role, content} messages, got dict"),
     ({"prompt": [user("a")], "completion": "b"}, "row 1, column 'completion'", "prompt and completion must both be text or both be chat"),
-    ({"prompt": [{"role": "user"}], "completion": [assistant("b")]}, "row 1, column 'prompt'", "message 0: expected {role, content}"),
+    ({"prompt": [{"role": "user"}], "completion": [assistant("b")]}, "row 1, column 'prompt'", "messages[0]: expected a {role, content} object"),
     ({"prompt": "a", "completion": ""}, "row 1, column 'completion'", "empty completion"),
 ])
 def test_sft_refuses_bad_cells_in_one_line(tmp_path, policy_dir, capsys, row, where, message):

@@ -50,7 +50,7 @@ batch_size = 8
 micro_batch_size = 4
 save_steps = 2
 kl_coef = 0.05
-tensorboard = false
+report_to = "none"
 [stages.eval]
 kind = "eval"
 policy = "stages.train"

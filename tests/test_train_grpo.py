@@ -48,7 +48,7 @@ def gens(tmp_path_factory, policy_dir):
 
 def cfg(data, out, policy, **kw):
     base = dict(data=data, output=str(out), policy=str(policy), lr=1e-3, max_steps=5, batch_size=16,
-                micro_batch_size=8, tensorboard=False)
+                micro_batch_size=8, report_to="none")
     base.update(kw)
     return GRPOTrainConfig(**base)
 
@@ -172,7 +172,7 @@ def _run(args, **kw):
 def _train_args(data, out, policy, *extra):
     return ["train", "grpo", "--data", data, "--output", str(out), "--policy", str(policy), "--lr", "1e-3",
             "--batch-size", "8", "--micro-batch-size", "2", "--kl-coef", "0.05", "--clip-high", "0.28",
-            "--no-tensorboard", *extra]
+            "--report-to", "none", *extra]
 
 
 def test_killed_after_checkpoint_resumes_to_identical_weights(tmp_path, gens, policy_dir):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from .backends import GENERATORS, Sampling, backend_module
+from .backends import SPEED_OPTIONS, BackendOptions, Sampling, backend_module, check_backend
 from .config import opt, to_dict
 from .errors import InputError, located
 from .lineage import code_version, config_hash, utc_now
@@ -30,11 +30,11 @@ from .stage import LazyWorker, StagePlan, resolve_worker, run_stage
 OVERLONG = ("error", "truncate", "skip")
 # Settings that change how fast rows are made, not which rows: left out of the config hash.
 # (the backend is hashed: engines may differ in the last bits of their arithmetic)
-NOT_HASHED = ("output", "worker", "num_workers", "token_budget", "device")
+NOT_HASHED = ("output", "worker", "num_workers", "token_budget", "device", *SPEED_OPTIONS)
 
 
 @dataclasses.dataclass
-class GenerateConfig:
+class GenerateConfig(BackendOptions):
     prompts: str = opt(help="prompts dataset (directory/URL), or a JSONL/JSON/Parquet prompt file")
     output: str = opt(help="output generations dataset (directory or URL)")
     policy: str = opt(help="policy model directory (transformers, safetensors)")
@@ -51,9 +51,9 @@ class GenerateConfig:
     max_prompt_tokens: int = opt(1024, "longest prompt accepted, in policy tokens")
     overlong: str = opt("error", "prompts over max_prompt_tokens: error | truncate (keep the "
                         "last tokens) | skip; truncated and skipped prompts are counted in the manifest")
-    backend: str = opt("hf", f"generation engine: {' | '.join(GENERATORS)} (hf: the built-in "
-                       "transformers decode loop)")
-    token_budget: int = opt(32768, "tokens per batch: prompts x K x (longest prompt + max_new_tokens)")
+    token_budget: int | None = opt(None, "hf backend: tokens per batch, prompts x K x (longest "
+                                   "prompt + max_new_tokens) (default: 32768 on CPU; on CUDA "
+                                   "sized from free memory and printed)")
     chunk_prompts: int = opt(256, "prompts per output shard: the unit of resume and of work sharing")
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")
     bits: int | None = opt(None, "load the policy in 4 (NF4) or 8 bits with bitsandbytes")
@@ -67,6 +67,7 @@ class GenerateConfig:
     ilql_top_k: int = opt(0, "ILQL: perturb only the policy's top-k tokens (0: all)")
 
     def __post_init__(self):
+        super().__post_init__()
         checks = [("num_samples", self.num_samples >= 1, "must be >= 1"),
                   ("temperature", self.temperature > 0, "must be > 0"),
                   ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
@@ -74,7 +75,8 @@ class GenerateConfig:
                   ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
                   ("max_prompt_tokens", self.max_prompt_tokens >= 1, "must be >= 1"),
                   ("overlong", self.overlong in OVERLONG, f"must be one of {', '.join(OVERLONG)}"),
-                  ("token_budget", self.token_budget >= 1, "must be >= 1"),
+                  ("token_budget", self.token_budget is None or self.token_budget >= 1,
+                   "must be >= 1"),
                   ("chunk_prompts", self.chunk_prompts >= 1, "must be >= 1")]
         for name, ok, why in checks:
             if not ok:
@@ -164,7 +166,7 @@ def generate(cfg: GenerateConfig) -> dict:
 
 def plan_generate(cfg: GenerateConfig) -> StagePlan:
     """Check everything that can be checked before a model loads; describe the stage."""
-    backend_module(cfg.backend)
+    check_backend(cfg, "generate")
     check_model_dir(cfg.policy, "policy")
     tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code)
     prompts, prompts_fp = load_prompt_table(cfg.prompts)

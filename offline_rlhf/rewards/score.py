@@ -10,6 +10,7 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 
+from ..backends import BackendOptions, backend_module, check_backend
 from ..config import opt, to_dict
 from ..errors import InputError, located
 from ..lineage import canonical_json, config_hash
@@ -24,7 +25,7 @@ NEEDS_REFERENCE = ("exact_match", "numeric_match")
 
 
 @dataclasses.dataclass
-class ScoreConfig:
+class ScoreConfig(BackendOptions):
     generations: str = opt(help="input generations dataset (never modified)")
     output: str = opt(help="output dataset: the same rows with reward columns filled")
     reward_model: str | None = opt(None, "reward model directory (sequence classification, one label)")
@@ -43,6 +44,7 @@ class ScoreConfig:
     trust_remote_code: bool = opt(False, "allow custom model code from the model directory")
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.weights:
             if not self.reward_model:
                 raise InputError("weights: nothing to score: give a reward_model or rule weights")
@@ -104,6 +106,7 @@ def plan_score(cfg: ScoreConfig) -> StagePlan:
         raise InputError(f"{cfg.generations}: is a {src.schema_name} dataset, not generations")
     if cfg.reward_model:
         check_reward_model(cfg.reward_model, cfg.trust_remote_code)
+        check_backend(cfg, "score")
     rm_fp = fingerprint(cfg.reward_model) if cfg.reward_model else None
     scorer_spec = {"reward_model": rm_fp, "weights": cfg.weights,
                    "format_pattern": cfg.format_pattern if "format" in cfg.weights else None,
@@ -111,7 +114,7 @@ def plan_score(cfg: ScoreConfig) -> StagePlan:
                    "numeric_tolerance": cfg.numeric_tolerance, "max_length": cfg.max_length}
     reward_fp = hashlib.sha256(canonical_json(scorer_spec).encode()).hexdigest()
     chash = config_hash({"generations": src.fingerprint, "scorer": reward_fp, "dtype": cfg.dtype,
-                         "bits": cfg.bits})
+                         "bits": cfg.bits, **({"backend": cfg.backend} if cfg.reward_model else {})})
     return StagePlan(name="score", unit="rows", units=[e["rows"] for e in src.shards],
                      writer={"url": cfg.output, "schema": "generations", "config_hash": chash,
                              "lineage": {**src.lineage, "reward_fingerprint": reward_fp,
@@ -129,11 +132,7 @@ class ScoreWorker(LazyWorker):
     def load(self):
         cfg, rm = self.cfg, None
         if cfg.reward_model:
-            from .reward_model import RewardModelScorer
-            rm = RewardModelScorer(cfg.reward_model, dtype=cfg.dtype, bits=cfg.bits,
-                                   device=cfg.device, token_budget=cfg.token_budget,
-                                   max_length=cfg.max_length,
-                                   trust_remote_code=cfg.trust_remote_code)
+            rm = backend_module(cfg.backend).RewardModel(cfg)
         return open_dataset(cfg.generations, require_complete=True), rm
 
     def compute(self, chunk: int, progress) -> tuple[pa.Table, dict]:

@@ -116,6 +116,10 @@ def engine_spec(path: str, cfg, runner: str = "generate") -> tuple[EngineSpec, s
     rank = None
     if base is not None:
         acfg = json.loads((Path(path) / "adapter_config.json").read_text())
+        if acfg.get("modules_to_save"):
+            raise InputError(f"{path}: the adapter also saves whole modules "
+                             f"({', '.join(acfg['modules_to_save'])}), which vLLM's LoRA does "
+                             "not load; use --backend hf or the merged model (OUTPUT/final)")
         r = max([acfg.get("r", 8), *(acfg.get("rank_pattern") or {}).values()])
         rank = next((x for x in LORA_RANKS if x >= r), None)
         if rank is None:

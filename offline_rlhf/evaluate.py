@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends import BackendOptions, backend_options
 from .config import opt, to_dict
 from .errors import InputError
 from .generation import GenerateConfig, generate
@@ -36,7 +37,10 @@ from .storage import write_json_atomic
 
 
 @dataclasses.dataclass
-class EvalConfig:
+class EvalConfig(BackendOptions):
+    """Options of ``eval``; ``backend`` is the engine that generates the evaluated responses
+    (scoring and reference log-probs run on the built-in one)."""
+
     policy: str = opt(help="model to evaluate")
     prompts: str = opt(help="held-out prompts (dataset or file)")
     output: str = opt(help="output directory (results.json, report.md, plots, datasets)")
@@ -136,7 +140,8 @@ def _scored(cfg: EvalConfig, model: str, out: Path, reference: str | None) -> di
         generate(GenerateConfig(prompts=cfg.prompts, output=str(out / "generations"), policy=model,
                                 num_samples=cfg.num_samples, greedy=cfg.greedy,
                                 temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                                stop=list(cfg.stop), seed=cfg.seed, overlong="truncate"))
+                                stop=list(cfg.stop), seed=cfg.seed, overlong="truncate",
+                                **backend_options(cfg)))
         kw = {"format_pattern": cfg.format_pattern} if cfg.format_pattern else {}
         score(ScoreConfig(generations=str(out / "generations"), output=str(out / "scored"),
                           reward_model=cfg.reward_model, weights=dict(cfg.weights), **kw))

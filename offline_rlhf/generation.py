@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from .backends import GENERATORS, Sampling, backend_module
+from .backends import SPEED_OPTIONS, BackendOptions, Sampling, backend_module, check_backend
 from .config import opt, to_dict
 from .errors import InputError, located
 from .executors import EXECUTOR_OPTIONS, ExecutorOptions
@@ -32,11 +32,11 @@ from .stage import LazyWorker, StagePlan, run_stage
 OVERLONG = ("error", "truncate", "skip")
 # Settings that change how fast rows are made, not which rows: left out of the config hash.
 # (the backend is hashed: engines may differ in the last bits of their arithmetic)
-NOT_HASHED = ("output", "token_budget", "device", *EXECUTOR_OPTIONS)
+NOT_HASHED = ("output", "token_budget", "device", *EXECUTOR_OPTIONS, *SPEED_OPTIONS)
 
 
 @dataclasses.dataclass
-class GenerateConfig(ExecutorOptions):
+class GenerateConfig(BackendOptions, ExecutorOptions):
     prompts: str = opt(help="prompts dataset (directory/URL), or a JSONL/JSON/Parquet prompt file")
     output: str = opt(help="output generations dataset (directory or URL)")
     policy: str = opt(help="policy model directory (transformers, safetensors)")
@@ -53,9 +53,9 @@ class GenerateConfig(ExecutorOptions):
     max_prompt_tokens: int = opt(1024, "longest prompt accepted, in policy tokens")
     overlong: str = opt("error", "prompts over max_prompt_tokens: error | truncate (keep the "
                         "last tokens) | skip; truncated and skipped prompts are counted in the manifest")
-    backend: str = opt("hf", f"generation engine: {' | '.join(GENERATORS)} (hf: the built-in "
-                       "transformers decode loop)")
-    token_budget: int = opt(32768, "tokens per batch: prompts x K x (longest prompt + max_new_tokens)")
+    token_budget: int | None = opt(None, "hf backend: tokens per batch, prompts x K x (longest "
+                                   "prompt + max_new_tokens) (default: 32768 on CPU; on CUDA "
+                                   "sized from free memory and printed)")
     chunk_prompts: int = opt(256, "prompts per output shard: the unit of resume and of work sharing")
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")
     bits: int | None = opt(None, "load the policy in 4 (NF4) or 8 bits with bitsandbytes")
@@ -75,7 +75,8 @@ class GenerateConfig(ExecutorOptions):
                   ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
                   ("max_prompt_tokens", self.max_prompt_tokens >= 1, "must be >= 1"),
                   ("overlong", self.overlong in OVERLONG, f"must be one of {', '.join(OVERLONG)}"),
-                  ("token_budget", self.token_budget >= 1, "must be >= 1"),
+                  ("token_budget", self.token_budget is None or self.token_budget >= 1,
+                   "must be >= 1"),
                   ("chunk_prompts", self.chunk_prompts >= 1, "must be >= 1")]
         for name, ok, why in checks:
             if not ok:
@@ -165,7 +166,7 @@ def generate(cfg: GenerateConfig) -> dict:
 
 def plan_generate(cfg: GenerateConfig) -> StagePlan:
     """Check everything that can be checked before a model loads; describe the stage."""
-    backend_module(cfg.backend)
+    check_backend(cfg, "generate")
     check_model_dir(cfg.policy, "policy")
     tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code)
     prompts, prompts_fp = load_prompt_table(cfg.prompts)

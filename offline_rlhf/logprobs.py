@@ -16,12 +16,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from .backends import SPEED_OPTIONS, BackendOptions, backend_module, check_backend
 from .batching import budget_batches, pad
 from .config import opt, to_dict
 from .errors import InputError
 from .executors import EXECUTOR_OPTIONS, ExecutorOptions
 from .lineage import config_hash
-from .models import check_model_dir, fingerprint, load_reference, load_tokenizer
+from .models import check_model_dir, fingerprint, load_tokenizer
 from .schemas import replace_column
 from .shards import open_dataset
 from .stage import LazyWorker, StagePlan, run_stage
@@ -85,11 +86,12 @@ def sequence_logps(model, prompts: Sequence[Sequence[int]], responses: Sequence[
 # --------------------------------------------------------------------------- the stage
 
 @dataclasses.dataclass
-class LogprobsConfig(ExecutorOptions):
+class LogprobsConfig(BackendOptions, ExecutorOptions):
     generations: str = opt(help="input generations dataset (directory or URL)")
     output: str = opt(help="output dataset: the input rows with ref_logps and ref_logps_sum")
     reference: str = opt(help="reference model directory (usually the starting policy)")
-    token_budget: int = opt(16384, "tokens per forward batch (rows x longest prompt+response)")
+    token_budget: int = opt(16384, "hf backend: tokens per forward batch (rows x longest "
+                            "prompt+response)")
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")
     bits: int | None = opt(None, "load the reference in 4 or 8 bits (bitsandbytes)")
     device: str | None = opt(None, "cuda | cpu (default: cuda when available)")
@@ -111,9 +113,11 @@ def plan_logprobs(cfg: LogprobsConfig) -> StagePlan:
     if src.schema_name != "generations":
         raise InputError(f"{cfg.generations}: is a {src.schema_name} dataset, not generations")
     check_model_dir(cfg.reference, "reference model")
+    check_backend(cfg, "logprobs")
     ref_fp = fingerprint(cfg.reference)
     hashed = {k: v for k, v in to_dict(cfg).items()
-              if k not in ("output", "token_budget", "device", *EXECUTOR_OPTIONS)}
+              if k not in ("output", "token_budget", "device", *EXECUTOR_OPTIONS,
+                           *SPEED_OPTIONS)}
     hashed.update(generations=src.fingerprint, reference=ref_fp)
     lineage = {**src.lineage, "reference_fingerprint": ref_fp, "generations": src.fingerprint}
     return StagePlan(name="logprobs", unit="rows", units=[e["rows"] for e in src.shards],
@@ -130,10 +134,9 @@ class LogprobsWorker(LazyWorker):
 
     def load(self):
         cfg = self.cfg
-        model = load_reference(cfg.reference, dtype=cfg.dtype, bits=cfg.bits, device=cfg.device,
-                               trust_remote_code=cfg.trust_remote_code)
-        return (open_dataset(cfg.generations, require_complete=True),
-                load_tokenizer(cfg.reference, cfg.trust_remote_code), model)
+        tokenizer = load_tokenizer(cfg.reference, cfg.trust_remote_code)
+        return (open_dataset(cfg.generations, require_complete=True), tokenizer,
+                backend_module(cfg.backend).ReferenceModel(cfg, tokenizer))
 
     def compute(self, chunk: int, progress) -> tuple[pa.Table, dict]:
         src, tok, model = self.loaded
@@ -144,8 +147,7 @@ class LogprobsWorker(LazyWorker):
             raise InputError(f"{src.url}: chunk {chunk} has rows without prompt_token_ids; "
                              "the logprobs stage needs the generator's token ids")
         _check_vocab(tok, prompts, responses, self.cfg.reference)
-        logps = sequence_logps(model, prompts, responses, pad_id=tok.pad_token_id,
-                               token_budget=self.cfg.token_budget)
+        logps = model.sequence_logps(prompts, responses)
         progress.update(units=table.num_rows, samples=table.num_rows,
                         tokens=sum(len(r) for r in responses))
         table = replace_column(table, "ref_logps", pa.array([x.tolist() for x in logps],

@@ -133,12 +133,28 @@ def _file_sha256(path: Path, cache: dict) -> str:
     return cache[key]
 
 
+def adapter_base(path: str | os.PathLike) -> Path | None:
+    """The base model directory of a LoRA adapter directory (peft's ``adapter_config.json``
+    ``base_model_name_or_path``); None for an ordinary model directory."""
+    cfg_file = Path(path) / "adapter_config.json"
+    if not cfg_file.exists() or (Path(path) / "config.json").exists():
+        return None
+    base = json.loads(cfg_file.read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise InputError(f"{cfg_file}: base_model_name_or_path {base!r} is not a local model "
+                         "directory (adapters load on top of a local base model only)")
+    return Path(base)
+
+
 def fingerprint(path: str | os.PathLike) -> str:
     """Content fingerprint of a model directory: sha256 over its weights, config and
-    tokenizer files (names and contents). Independent of path and timestamps; file
-    hashes are cached by (path, size, mtime) so large models are hashed once."""
+    tokenizer files (names and contents), and for a LoRA adapter directory over its base
+    model's fingerprint too. Independent of path and timestamps; file hashes are cached
+    by (path, size, mtime) so large models are hashed once."""
     p = Path(path)
     files = sorted(p.glob("*.safetensors")) + [p / n for n in FINGERPRINT_FILES if (p / n).exists()]
+    base = adapter_base(p)
+    base_fp = fingerprint(base) if base is not None else None
     if not files:
         raise InputError(f"{path}: nothing to fingerprint (no safetensors or config files)")
     cache_path = _cache_file()
@@ -150,6 +166,8 @@ def fingerprint(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     for f in sorted(files, key=lambda f: f.name):
         h.update(f.name.encode() + b"\0" + _file_sha256(f, cache).encode() + b"\n")
+    if base_fp is not None:
+        h.update(b"base\0" + base_fp.encode() + b"\n")
     if len(cache) != size:
         try:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,7 +231,8 @@ def quantization_config(bits: int | None, compute_dtype=None):
     raise InputError(f"quantization bits must be 4 or 8, not {bits}")
 
 
-def _resolve_dtype(dtype: str, device: str):
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """The torch dtype that ``dtype`` means on ``device`` (auto: bf16 on CUDA, else fp32)."""
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
     import torch
@@ -228,7 +247,7 @@ def _load(auto_cls, path, *, dtype: str = "auto", bits: int | None = None,
           device: str | None = None, train: bool = False, what: str = "model"):
     check_model_dir(path, what)
     device = device or default_device()
-    torch_dtype = _resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, device)
     kwargs = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     qc = quantization_config(bits, torch_dtype)
     if qc is not None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends import BackendOptions, backend_options
 from .config import build, load_file, opt, to_dict
 from .errors import InputError
 from .filters import SampleFilter, select
@@ -40,7 +41,10 @@ from .train.sft import SFTTrainConfig, train_sft
 
 
 @dataclasses.dataclass
-class RestConfig:
+class RestConfig(BackendOptions):
+    """A ReST job; ``backend`` is the engine of the grow step's sampling and of the held-out
+    evaluations (scoring runs on the built-in one)."""
+
     policy: str = opt(help="starting (base) policy directory")
     prompts: str = opt(help="training prompts (dataset or file)")
     output: str = opt(help="run directory")
@@ -69,6 +73,7 @@ class RestConfig:
     bits: int | None = opt(None, "4 or 8 with lora_r: QLoRA")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.threshold_mode not in ("absolute", "percentile"):
             raise InputError(f"threshold_mode: must be absolute or percentile, got {self.threshold_mode!r}")
         if len(self.thresholds) < self.improve_steps:
@@ -98,13 +103,13 @@ def _grow(cfg: RestConfig, g: int, policy: str, out: Path) -> Path:
     settings = {"policy": fingerprint(policy), "prompts": cfg.prompts, "k": cfg.num_samples,
                 "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
                 "stop": cfg.stop, "seed": cfg.seed + g, "reward_model": cfg.reward_model,
-                "weights": cfg.weights, "format": cfg.format_pattern}
+                "weights": cfg.weights, "format": cfg.format_pattern, "backend": cfg.backend}
     d = out / f"grow-{g}-{_key(settings)}"
     if not is_complete(str(d / "scored")):
         generate(GenerateConfig(prompts=cfg.prompts, output=str(d / "generations"), policy=policy,
                                 num_samples=cfg.num_samples, temperature=cfg.temperature,
                                 top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, stop=list(cfg.stop),
-                                seed=cfg.seed + g, overlong="truncate"))
+                                seed=cfg.seed + g, overlong="truncate", **backend_options(cfg)))
         score(_score_cfg(cfg, d / "generations", d / "scored"))
     (d / "lineage.json").write_text(json.dumps({"grow": g, "policy": policy, **settings}, indent=1))
     return d
@@ -116,7 +121,7 @@ def _evaluate(cfg: RestConfig, model: str, out: Path) -> float | None:
     if not is_complete(str(out / "scored")):
         generate(GenerateConfig(prompts=cfg.eval_prompts, output=str(out / "generations"), policy=model,
                                 num_samples=1, greedy=True, max_new_tokens=cfg.max_new_tokens,
-                                stop=list(cfg.stop), overlong="truncate"))
+                                stop=list(cfg.stop), overlong="truncate", **backend_options(cfg)))
         score(_score_cfg(cfg, out / "generations", out / "scored"))
     return float(np.mean(open_dataset(str(out / "scored")).read(columns=["reward"])
                          .column("reward").to_pylist()))

@@ -89,6 +89,9 @@ class ChunkWorker(Protocol):
     def compute(self, chunk: int, progress) -> tuple[pa.Table, dict]:
         """The output table of ``chunk`` and counters for its shard entry."""
 
+    def close(self) -> None:
+        """Release models and engines once the executor is done with this worker."""
+
 
 class LazyWorker:
     """Base of chunk workers: ``self.loaded`` holds what ``load()`` returned (models,
@@ -108,6 +111,14 @@ class LazyWorker:
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_loaded"}
+
+    def close(self) -> None:
+        """Drop what ``load()`` made, calling ``close()`` on the parts that have one (an
+        engine hands its device memory back); the next ``compute`` loads again."""
+        loaded, self._loaded = self._loaded, None
+        for part in loaded if isinstance(loaded, tuple) else (loaded,):
+            if callable(getattr(part, "close", None)):
+                part.close()
 
 
 @dataclasses.dataclass

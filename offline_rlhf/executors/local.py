@@ -25,5 +25,6 @@ def run(plan: StagePlan, options) -> dict:
             manifest = writer.finish(total_chunks=plan.total_chunks, info=plan.info)
     finally:
         run = progress.close()
+        plan.worker.close()
     run.update(chunks_done=len(todo), chunks_skipped=len(mine) - len(todo))
     return {**manifest, "run": run}

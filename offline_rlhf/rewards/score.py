@@ -10,6 +10,7 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 
+from ..backends import BackendOptions, backend_module, check_backend
 from ..config import opt, to_dict
 from ..errors import InputError, located
 from ..executors import ExecutorOptions
@@ -26,7 +27,7 @@ CORRECTNESS = ("exact_match", "numeric_match")
 
 
 @dataclasses.dataclass
-class ScoreConfig(ExecutorOptions):
+class ScoreConfig(BackendOptions, ExecutorOptions):
     generations: str = opt(help="input generations dataset (never modified)")
     output: str = opt(help="output dataset: the same rows with reward columns filled")
     reward_model: str | None = opt(None, "reward model directory (sequence classification, one label)")
@@ -39,7 +40,7 @@ class ScoreConfig(ExecutorOptions):
                               "k1.5): the rule that decides which answers are correct: "
                               "exact_match | numeric_match")
     max_length: int = opt(2048, "reward-model input tokens kept (the last ones)")
-    token_budget: int = opt(16384, "reward-model tokens per batch")
+    token_budget: int = opt(16384, "hf backend: reward-model tokens per batch")
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")
     bits: int | None = opt(None, "load the reward model in 4 or 8 bits (bitsandbytes)")
     device: str | None = opt(None, "cuda | cpu (default: cuda when available)")
@@ -133,6 +134,7 @@ def plan_score(cfg: ScoreConfig) -> StagePlan:
         raise InputError(f"{cfg.generations}: is a {src.schema_name} dataset, not generations")
     if cfg.reward_model:
         check_reward_model(cfg.reward_model, cfg.trust_remote_code)
+        check_backend(cfg, "score")
     rm_fp = fingerprint(cfg.reward_model) if cfg.reward_model else None
     scorer_spec = {"reward_model": rm_fp, "weights": cfg.weights,
                    "format_pattern": cfg.format_pattern if "format" in cfg.weights else None,
@@ -141,7 +143,7 @@ def plan_score(cfg: ScoreConfig) -> StagePlan:
                    "length_correct": cfg.length_correct if "kimi_length" in cfg.weights else None}
     reward_fp = hashlib.sha256(canonical_json(scorer_spec).encode()).hexdigest()
     chash = config_hash({"generations": src.fingerprint, "scorer": reward_fp, "dtype": cfg.dtype,
-                         "bits": cfg.bits})
+                         "bits": cfg.bits, **({"backend": cfg.backend} if cfg.reward_model else {})})
     return StagePlan(name="score", unit="rows", units=[e["rows"] for e in src.shards],
                      writer={"url": cfg.output, "schema": "generations", "config_hash": chash,
                              "lineage": {**src.lineage, "reward_fingerprint": reward_fp,
@@ -159,11 +161,7 @@ class ScoreWorker(LazyWorker):
     def load(self):
         cfg, rm = self.cfg, None
         if cfg.reward_model:
-            from .reward_model import RewardModelScorer
-            rm = RewardModelScorer(cfg.reward_model, dtype=cfg.dtype, bits=cfg.bits,
-                                   device=cfg.device, token_budget=cfg.token_budget,
-                                   max_length=cfg.max_length,
-                                   trust_remote_code=cfg.trust_remote_code)
+            rm = backend_module(cfg.backend).RewardModel(cfg)
         return open_dataset(cfg.generations, require_complete=True), rm
 
     def compute(self, chunk: int, progress) -> tuple[pa.Table, dict]:

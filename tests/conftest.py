@@ -13,6 +13,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def cpu_env(**extra) -> dict:
+    """Environment for a child process that must run on CPU even where a GPU is visible
+    (gloo process groups, bit-exact resume checks): no CUDA device is shown to it."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -178,5 +178,7 @@ def merge_adapter(base_path, adapter_dir: Path, out: Path, trust_remote_code: bo
         base = AutoModelForSequenceClassification.from_pretrained(str(base_path), **kw)
     else:
         base = AutoModelForCausalLM.from_pretrained(str(base_path), **kw)
-    merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    from ..models import quiet_peft
+    with quiet_peft():
+        merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)

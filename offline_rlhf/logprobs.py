@@ -20,7 +20,14 @@ from .batching import budget_batches, pad
 from .config import opt, to_dict
 from .errors import InputError
 from .lineage import config_hash
-from .models import check_model_dir, fingerprint, load_reference, load_tokenizer
+from .models import (
+    check_model_dir,
+    fingerprint,
+    free_memory,
+    frozen_forward,
+    load_reference,
+    load_tokenizer,
+)
 from .schemas import replace_column
 from .shards import ShardWriter, open_dataset
 from .stage import resolve_worker, run_chunks
@@ -90,7 +97,8 @@ class LogprobsConfig:
     reference: str = opt(help="reference model directory (usually the starting policy)")
     token_budget: int = opt(16384, "tokens per forward batch (rows x longest prompt+response)")
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")
-    bits: int | None = opt(None, "load the reference in 4 or 8 bits (bitsandbytes)")
+    bits: int | None = opt(None, "load the reference in 4 or 8 bits (bitsandbytes); for a QLoRA "
+                           "policy, its --bits: the reference is then the base its adapter starts from")
     device: str | None = opt(None, "cuda | cpu (default: cuda when available)")
     worker: int | None = opt(None, "this worker's index (default: RANK from the launcher, else 0)")
     num_workers: int | None = opt(None, "number of workers (default: WORLD_SIZE, else 1)")
@@ -128,8 +136,9 @@ def compute_logprobs(cfg: LogprobsConfig) -> dict:
             raise InputError(f"{src.url}: chunk {chunk} has rows without prompt_token_ids; "
                              "the logprobs stage needs the generator's token ids")
         _check_vocab(tok, prompts, responses, cfg.reference)
-        logps = sequence_logps(model[0], prompts, responses, pad_id=tok.pad_token_id,
-                               token_budget=cfg.token_budget)
+        with frozen_forward(model[0]):   # 4-bit: computed as a QLoRA policy's base computes
+            logps = sequence_logps(model[0], prompts, responses, pad_id=tok.pad_token_id,
+                                   token_budget=cfg.token_budget)
         n_tok = sum(len(r) for r in responses)
         progress.update(units=table.num_rows, samples=table.num_rows, tokens=n_tok)
         table = replace_column(table, "ref_logps", pa.array([x.tolist() for x in logps], pa.list_(pa.float32())))
@@ -137,9 +146,13 @@ def compute_logprobs(cfg: LogprobsConfig) -> dict:
         table = replace_column(table, "reference_fingerprint", pa.array([ref_fp] * table.num_rows))
         return table, {}
 
-    return run_chunks(writer, len(src.shards), worker, num_workers, compute,
-                      units_per_chunk=lambda c: src.entry(c)["rows"], desc="logprobs",
-                      unit="rows", info={"config": to_dict(cfg)})
+    try:
+        return run_chunks(writer, len(src.shards), worker, num_workers, compute,
+                          units_per_chunk=lambda c: src.entry(c)["rows"], desc="logprobs",
+                          unit="rows", info={"config": to_dict(cfg)})
+    finally:
+        model.clear()
+        free_memory()   # the next stage (pairs, training) gets the reference's memory
 
 
 def _check_vocab(tok, prompts, responses, where) -> None:

@@ -32,7 +32,7 @@ from .errors import InputError
 from .filters import SampleFilter, select
 from .generation import GenerateConfig, generate
 from .lineage import config_hash
-from .models import fingerprint
+from .models import fingerprint, free_memory
 from .rewards.score import ScoreConfig, score
 from .shards import is_complete, open_dataset
 from .train.sft import SFTTrainConfig, train_sft
@@ -66,6 +66,8 @@ class RestConfig:
     micro_batch_size: int = opt(16, "examples per forward pass")
     lora_r: int = opt(0, "LoRA rank (0: full fine-tuning)")
     bits: int | None = opt(None, "4 or 8 with lora_r: QLoRA")
+    gradient_checkpointing: bool = opt(False, "improve steps recompute activations in the backward "
+                                       "pass to save memory")
 
     def __post_init__(self):
         if self.threshold_mode not in ("absolute", "percentile"):
@@ -104,7 +106,9 @@ def _grow(cfg: RestConfig, g: int, policy: str, out: Path) -> Path:
                                 num_samples=cfg.num_samples, temperature=cfg.temperature,
                                 top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, stop=list(cfg.stop),
                                 seed=cfg.seed + g, overlong="truncate"))
+        free_memory()   # the sampling policy is gone before the reward model loads
         score(_score_cfg(cfg, d / "generations", d / "scored"))
+        free_memory()
     (d / "lineage.json").write_text(json.dumps({"grow": g, "policy": policy, **settings}, indent=1))
     return d
 
@@ -116,7 +120,9 @@ def _evaluate(cfg: RestConfig, model: str, out: Path) -> float | None:
         generate(GenerateConfig(prompts=cfg.eval_prompts, output=str(out / "generations"), policy=model,
                                 num_samples=1, greedy=True, max_new_tokens=cfg.max_new_tokens,
                                 stop=list(cfg.stop), overlong="truncate"))
+        free_memory()
         score(_score_cfg(cfg, out / "generations", out / "scored"))
+        free_memory()
     return float(np.mean(open_dataset(str(out / "scored")).read(columns=["reward"])
                          .column("reward").to_pylist()))
 
@@ -148,7 +154,7 @@ def _improve(cfg: RestConfig, g: int, i: int, grow_dir: Path, start: str) -> dic
                                  lr=cfg.lrs[i], max_steps=steps, batch_size=min(cfg.batch_size, len(kept)),
                                  micro_batch_size=cfg.micro_batch_size, schedule="constant",
                                  seed=cfg.seed, lora_r=cfg.lora_r, bits=cfg.bits, tensorboard=False,
-                                 **flt))
+                                 gradient_checkpointing=cfg.gradient_checkpointing, **flt))
     return {"dir": str(d), "model": str(d / "final"), "kept": len(kept),
             "kept_fraction": len(kept) / max(1, len(rows)), "threshold": cfg.thresholds[i],
             "lr": cfg.lrs[i], "filter": stats}

@@ -239,7 +239,7 @@ def test_flex_packed_layout_equals_separate_rows(tmp_path, pairs_ds, policy_dir)
     backward pass on CPU (the gpu tests train with it)."""
     pytest.importorskip("torch.nn.attention.flex_attention")
     idx = [3, 0, 7, 12, 5]
-    task, out = _layout_logps(pairs_ds, policy_dir, tmp_path, ("flex", "rows"), idx)
+    task, out = _layout_logps(pairs_ds, policy_dir, tmp_path, ("rows", "flex"), idx)
     batch = task.collate(idx, "cpu")
     assert batch["input_ids"].shape == (1, sum(len(task.prompts[i]) + len(task.chosen[i]) +
                                                len(task.rejected[i]) for i in idx))   # no padding

@@ -64,6 +64,21 @@ def reward_dir(tmp_path_factory, tokenizer):
                             tokenizer=tokenizer, seed=1)
 
 
+@pytest.fixture(scope="session")
+def pairs_ds(tmp_path_factory, policy_dir):
+    """48 imported text pairs (prompt/chosen/rejected), without reference log-probs."""
+    import json
+
+    from offline_rlhf.pairs import import_pairs
+    d = tmp_path_factory.mktemp("pairs")
+    src = d / "prefs.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"What is {i}+{i % 5}? Answer:",
+                                       "chosen": f" {i + i % 5}", "rejected": f" {i * 3} maybe"}) + "\n"
+                           for i in range(48)))
+    import_pairs(str(src), str(d / "pairs"))
+    return str(d / "pairs")
+
+
 def generation_rows(n: int, start: int = 0, k: int = 4, tokens: int = 6) -> list[dict]:
     """``n`` valid generation rows: prompt (start + i) // k, sample (start + i) % k."""
     import datetime as dt

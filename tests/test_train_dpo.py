@@ -12,20 +12,7 @@ from conftest import cpu_env
 from safetensors.torch import load_file
 
 from offline_rlhf.errors import InputError
-from offline_rlhf.pairs import import_pairs
 from offline_rlhf.train.dpo import DPOTrainConfig, train_dpo
-
-
-@pytest.fixture(scope="module")
-def pairs_ds(tmp_path_factory, policy_dir):
-    """Imported text pairs, with reference log-probs filled by a first short run."""
-    d = tmp_path_factory.mktemp("pairs")
-    src = d / "prefs.jsonl"
-    src.write_text("".join(json.dumps({"prompt": f"What is {i}+{i % 5}? Answer:",
-                                       "chosen": f" {i + i % 5}", "rejected": f" {i * 3} maybe"}) + "\n"
-                           for i in range(48)))
-    import_pairs(str(src), str(d / "pairs"))
-    return str(d / "pairs")
 
 
 def cfg(pairs, out, policy, **kw):

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 WARMUP = 3
 
 
-def _hwm_mib() -> float:
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (VmHWM), MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
@@ -63,7 +64,7 @@ def child_ours(tmp: Path, steps: int, out_name: str, share_prompt: bool = True) 
     layout = train_dpo(cfg)["data"]["layout"]
     hist = [json.loads(x) for x in (tmp / out_name / "metrics.jsonl").read_text().splitlines()]
     times = [b["seconds"] - a["seconds"] for a, b in zip(hist, hist[1:])][WARMUP:]
-    return {"step_seconds": statistics.median(times), "peak_rss_mib": _hwm_mib(), "layout": layout,
+    return {"step_seconds": statistics.median(times), "peak_rss_mib": peak_rss_mib(), "layout": layout,
             "loss_first": hist[0]["loss"], "loss_last": hist[-1]["loss"]}
 
 
@@ -93,11 +94,12 @@ def child_trl(tmp: Path, steps: int, precompute: bool) -> dict:
                          callbacks=[Clock()])
     trainer.train()
     times = [b - a for a, b in zip(stamps, stamps[1:])][WARMUP:]
-    return {"step_seconds": statistics.median(times), "peak_rss_mib": _hwm_mib()}
+    return {"step_seconds": statistics.median(times), "peak_rss_mib": peak_rss_mib()}
 
 
-def run_child(kind: str, tmp: Path, steps: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", kind, "--tmp", str(tmp),
+def run_child(kind: str, tmp: Path, steps: int, script: str = __file__) -> dict:
+    """Run ``script --child kind`` in its own process; its last stdout line is JSON."""
+    out = subprocess.run([sys.executable, script, "--child", kind, "--tmp", str(tmp),
                           "--steps", str(steps)], capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{out.stderr[-3000:]}")

@@ -2,7 +2,9 @@
 
     python bench/dpo_memory.py [--hidden 1024] [--layers 8] [--pairs 128] [--out ...]
 
-Three runs of `offline-rlhf train dpo --lora-r 8 --bits 4`, each in its own process
+Three runs of `offline-rlhf train dpo --lora-r 8 --bits 4 --gradient-checkpointing` (8 pairs
+per step, 2 per micro-batch, as QLoRA users run it, so that activations do not hide the
+models' memory), each in its own process
 (the command's arguments parsed by its parser, run in-process by a child), on the same
 pairs (bench/dpo.py's: prompts 20-200 tokens, completions 10-120):
 
@@ -20,21 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dpo import make_data, peak_rss_mib, run_child  # noqa: E402  bench/dpo.py: same model and pairs
 
 RUNS = ("reference_policy", "stored", "separate_fp32")
-
-
-def _hwm_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def child(kind: str, tmp: Path, steps: int) -> dict:
@@ -46,7 +41,7 @@ def child(kind: str, tmp: Path, steps: int) -> dict:
     data = tmp / ("pairs_ref" if kind == "stored" else "pairs_text")
     args = ["train", "dpo", "--data", str(data), "--output", str(tmp / kind), "--policy",
             str(tmp / "model"), "--lora-r", "8", "--bits", "4", "--max-steps", str(steps),
-            "--batch-size", "8", "--micro-batch-size", "8", "--nll-alpha", "0",
+            "--batch-size", "8", "--micro-batch-size", "2", "--gradient-checkpointing", "--nll-alpha", "0",
             "--no-tensorboard", "--no-save-merged", "--resume", "never", "--device", "cpu"]
     if kind != "stored":
         args += ["--reference", str(tmp / "model")]
@@ -54,17 +49,9 @@ def child(kind: str, tmp: Path, steps: int) -> dict:
         args += ["--reference-bits", "0"]
     t0 = time.perf_counter()    # the command's own parsing, then the run it starts
     summary = train_dpo(from_namespace(DPOTrainConfig, build_parser().parse_args(args)))
-    return {"peak_rss_mib": _hwm_mib(), "seconds": time.perf_counter() - t0,
+    return {"peak_rss_mib": peak_rss_mib(), "seconds": time.perf_counter() - t0,
             "reference": summary["data"].get("reference"),
             "ref_logps_computed": summary["data"]["ref_logps_computed"]}
-
-
-def run_child(kind: str, tmp: Path, steps: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", kind, "--tmp", str(tmp),
-                          "--steps", str(steps)], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"{kind} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -84,22 +71,20 @@ def main() -> None:
         return
     import shutil
 
-    from dpo import make_data  # bench/dpo.py: the same model and pair shapes
-
     from offline_rlhf.train.reference import pairs_with_reference
     tmp = Path(tempfile.mkdtemp(prefix="bench-dpo-mem-"))
     try:
         make_data(tmp, args.pairs, args.hidden, args.layers)
-        res = {"reference_policy": run_child("reference_policy", tmp, args.steps)}
+        res = {"reference_policy": run_child("reference_policy", tmp, args.steps, __file__)}
         pairs_with_reference(str(tmp / "pairs_text"), str(tmp / "reference_policy"), str(tmp / "pairs_ref"))
-        res.update({k: run_child(k, tmp, args.steps) for k in RUNS[1:]})
+        res.update({k: run_child(k, tmp, args.steps, __file__) for k in RUNS[1:]})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res["ratio_reference_policy_vs_stored"] = \
         res["reference_policy"]["peak_rss_mib"] / res["stored"]["peak_rss_mib"]
     res["setup"] = {"pairs": args.pairs, "steps": args.steps, "hidden": args.hidden,
                     "layers": args.layers, "lora_r": 8, "bits": 4}
-    print(f"\ntrain dpo --lora-r 8 --bits 4 on CPU: model hidden {args.hidden} x {args.layers} layers, "
+    print(f"\ntrain dpo --lora-r 8 --bits 4 --gradient-checkpointing on CPU: model hidden {args.hidden} x {args.layers} layers, "
           f"{args.pairs} pairs, {args.steps} steps\n")
     print(f"{'run':<20}{'peak RSS MiB':>14}{'seconds':>9}  reference")
     for k in RUNS:

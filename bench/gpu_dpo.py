@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dpo import peak_rss_mib  # noqa: E402  bench/dpo.py
 
 WARMUP = 3
 RUNS = ("ours", "ours_rows", "ours_mask", "trl_default", "trl_precompute")
@@ -103,19 +104,12 @@ def _memory(t0: float) -> dict:
     import torch
 
     from offline_rlhf.models import free_memory
-    out = {"total_seconds": time.perf_counter() - t0, "peak_rss_mib": _hwm_mib()}
+    out = {"total_seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}
     if torch.cuda.is_available():
         out.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
                    peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
     free_memory()
     return out
-
-
-def _hwm_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def child_ours(work: Path, shape: dict, variant: str) -> dict:

@@ -56,8 +56,8 @@ class DPOTrainConfig(TrainConfig):
     prefix_attention: str = opt("auto", "how a shared row hides chosen from rejected: mask (a "
                                 "dense 4D mask, eager/sdpa attention), flex (FlexAttention, the "
                                 "micro-batch's pairs packed into one row; trains on GPUs only) or "
-                                "auto: mask on CPU; on a GPU flex where torch and the model support "
-                                "it, else two rows per pair (the dense mask is slower there)")
+                                "auto: mask on CPU; on a GPU flex where torch, the model and the "
+                                "GPU support it, else two rows per pair (the dense mask is slower there)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -307,31 +307,42 @@ def _floats(values) -> np.ndarray:
 
 # --------------------------------------------------------------------------- layouts
 
-def flex_supported(model) -> bool:
-    """Whether torch and the model's attention code take FlexAttention block masks."""
+def flex_supported(model, device) -> bool:
+    """Whether torch and the model's attention code take FlexAttention block masks, and,
+    on CUDA, whether its compiled kernels can run: Triton present, compute capability 8.0+."""
+    import importlib.util
+
     from transformers.utils import is_torch_flex_attn_available
 
     from ..models import base_model
-    return is_torch_flex_attn_available() and bool(getattr(base_model(model), "_supports_flex_attn", False))
+    if not (is_torch_flex_attn_available() and getattr(base_model(model), "_supports_flex_attn", False)):
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return importlib.util.find_spec("triton") is not None and \
+            torch.cuda.get_device_capability(device) >= (8, 0)
+    return True
 
 
 def resolve_layout(cfg: DPOTrainConfig, device, model) -> str:
     """``rows`` (two rows per pair), ``mask`` (a shared row under a dense mask) or ``flex``
     (pairs packed under a FlexAttention block mask) for this device and model."""
+    from ..models import base_model
     if not cfg.share_prompt:
         return "rows"
     gpu = torch.device(device).type != "cpu"
     if cfg.prefix_attention == "auto":
         if not gpu:
             return "mask"      # measured: bench/dpo.py
-        return "flex" if flex_supported(model) else "rows"
+        return "flex" if flex_supported(model, device) else "rows"
     if cfg.prefix_attention == "flex":
         if not gpu:
             raise InputError("prefix_attention: flex trains only on a GPU (FlexAttention has no "
                              "backward pass on CPU); use auto or mask")
-        if not flex_supported(model):
+        if not flex_supported(model, device):
             raise InputError(f"prefix_attention: flex needs FlexAttention in torch and in the model "
-                             f"({type(model).__name__}); use auto or mask")
+                             f"({type(base_model(model)).__name__}) and, on CUDA, Triton and a GPU "
+                             "of compute capability 8.0+; use auto or mask")
     return cfg.prefix_attention
 
 

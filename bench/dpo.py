@@ -5,10 +5,8 @@
 Same tiny model (4 layers, hidden 256), same 512 pairs (prompts 20-200 tokens,
 completions 10-120 tokens), 8 pairs per optimizer step, no gradient accumulation,
 gradient checkpointing off on both sides (TRL turns it on by default), CPU. TRL runs
-with and without `precompute_ref_log_probs`. Ours computes the reference log-probs once
-before training (the policy itself is the reference: no second model), like TRL's
-precompute; neither is timed. Ours runs in its default layout for the device (on CPU the
-prompt shared under a dense 4D mask) and with two rows per pair (`--no-share-prompt`).
+with and without `precompute_ref_log_probs`. Ours reads the reference log-probs from
+the pairs dataset (computed before training, like TRL's precompute; neither is timed).
 Step time is the median wall time between consecutive optimizer steps, the first
 steps skipped; peak memory is each run's peak RSS in its own process. Targets
 (issue 4): <= 0.6x TRL's default step time, <= 0.9x TRL with precompute.
@@ -31,8 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 WARMUP = 3
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident set size (VmHWM), MiB."""
+def _hwm_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
@@ -53,18 +50,17 @@ def make_data(tmp: Path, n: int, hidden: int, layers: int) -> None:
     import_pairs(str(tmp / "pairs.jsonl"), str(tmp / "pairs_text"))
 
 
-def child_ours(tmp: Path, steps: int, out_name: str, share_prompt: bool = True) -> dict:
+def child_ours(tmp: Path, steps: int, out_name: str) -> dict:
     from offline_rlhf.train.dpo import DPOTrainConfig, train_dpo
     cfg = DPOTrainConfig(data=str(tmp / "pairs_text"), output=str(tmp / out_name),
                          policy=str(tmp / "model"), reference=str(tmp / "model"), lr=1e-5,
                          max_steps=steps, batch_size=8, micro_batch_size=8,
                          max_tokens_per_micro_batch=2400, nll_alpha=0.0, tensorboard=False,
-                         max_grad_norm=1.0, schedule="linear", resume="never",
-                         share_prompt=share_prompt)
-    layout = train_dpo(cfg)["data"]["layout"]
+                         max_grad_norm=1.0, schedule="linear", resume="never")
+    train_dpo(cfg)
     hist = [json.loads(x) for x in (tmp / out_name / "metrics.jsonl").read_text().splitlines()]
     times = [b["seconds"] - a["seconds"] for a, b in zip(hist, hist[1:])][WARMUP:]
-    return {"step_seconds": statistics.median(times), "peak_rss_mib": peak_rss_mib(), "layout": layout,
+    return {"step_seconds": statistics.median(times), "peak_rss_mib": _hwm_mib(),
             "loss_first": hist[0]["loss"], "loss_last": hist[-1]["loss"]}
 
 
@@ -94,12 +90,11 @@ def child_trl(tmp: Path, steps: int, precompute: bool) -> dict:
                          callbacks=[Clock()])
     trainer.train()
     times = [b - a for a, b in zip(stamps, stamps[1:])][WARMUP:]
-    return {"step_seconds": statistics.median(times), "peak_rss_mib": peak_rss_mib()}
+    return {"step_seconds": statistics.median(times), "peak_rss_mib": _hwm_mib()}
 
 
-def run_child(kind: str, tmp: Path, steps: int, script: str = __file__) -> dict:
-    """Run ``script --child kind`` in its own process; its last stdout line is JSON."""
-    out = subprocess.run([sys.executable, script, "--child", kind, "--tmp", str(tmp),
+def run_child(kind: str, tmp: Path, steps: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, "--tmp", str(tmp),
                           "--steps", str(steps)], capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{out.stderr[-3000:]}")
@@ -121,7 +116,6 @@ def main() -> None:
     if args.child:
         tmp = Path(args.tmp)
         res = {"ours": lambda: child_ours(tmp, args.steps, "ours"),
-               "ours_rows": lambda: child_ours(tmp, args.steps, "ours_rows", share_prompt=False),
                "trl_default": lambda: child_trl(tmp, args.steps, False),
                "trl_precompute": lambda: child_trl(tmp, args.steps, True)}[args.child]()
         print(json.dumps(res))
@@ -130,8 +124,7 @@ def main() -> None:
     try:
         make_data(tmp, args.pairs, args.hidden, args.layers)
         # ours: reference log-probs computed once (like the logprobs stage), then trained
-        res = {k: run_child(k, tmp, args.steps)
-               for k in ("ours", "ours_rows", "trl_default", "trl_precompute")}
+        res = {k: run_child(k, tmp, args.steps) for k in ("ours", "trl_default", "trl_precompute")}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res["ratio_vs_trl_default"] = res["ours"]["step_seconds"] / res["trl_default"]["step_seconds"]
@@ -142,9 +135,7 @@ def main() -> None:
     print(f"\nDPO: {args.pairs} pairs, 8 pairs/step, model hidden {args.hidden} x {args.layers} "
           f"layers, CPU, gradient checkpointing off on both sides\n")
     print(f"{'':<34}{'s/step':>10}{'peak RSS MiB':>15}")
-    for name, key in ((f"offline-rlhf train dpo ({res['ours']['layout']})", "ours"),
-                      ("offline-rlhf, two rows per pair", "ours_rows"),
-                      ("TRL DPOTrainer (default)", "trl_default"),
+    for name, key in (("offline-rlhf train dpo", "ours"), ("TRL DPOTrainer (default)", "trl_default"),
                       ("TRL DPOTrainer (precompute ref)", "trl_precompute")):
         print(f"{name:<34}{res[key]['step_seconds']:>10.3f}{res[key]['peak_rss_mib']:>15.0f}")
     print(f"\nstep time vs TRL default     {res['ratio_vs_trl_default']:.2f}x  (target <= 0.6)")

@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dpo import make_data, peak_rss_mib, run_child  # noqa: E402  bench/dpo.py: same model and pairs
+# bench/dpo.py's model, pairs and RSS probe
+from dpo import _hwm_mib as peak_rss_mib  # noqa: E402
+from dpo import make_data  # noqa: E402
 
 RUNS = ("reference_policy", "stored", "separate_fp32")
 
@@ -54,6 +57,14 @@ def child(kind: str, tmp: Path, steps: int) -> dict:
             "ref_logps_computed": summary["data"]["ref_logps_computed"]}
 
 
+def run_child(kind: str, tmp: Path, steps: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, "--tmp", str(tmp),
+                          "--steps", str(steps)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", type=int, default=32)
@@ -75,9 +86,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-dpo-mem-"))
     try:
         make_data(tmp, args.pairs, args.hidden, args.layers)
-        res = {"reference_policy": run_child("reference_policy", tmp, args.steps, __file__)}
+        res = {"reference_policy": run_child("reference_policy", tmp, args.steps)}
         pairs_with_reference(str(tmp / "pairs_text"), str(tmp / "reference_policy"), str(tmp / "pairs_ref"))
-        res.update({k: run_child(k, tmp, args.steps, __file__) for k in RUNS[1:]})
+        res.update({k: run_child(k, tmp, args.steps) for k in RUNS[1:]})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res["ratio_reference_policy_vs_stored"] = \

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dpo import peak_rss_mib  # noqa: E402  bench/dpo.py
+from dpo import _hwm_mib as peak_rss_mib  # noqa: E402  bench/dpo.py's RSS probe
 
 WARMUP = 3
 RUNS = ("ours", "ours_rows", "ours_mask", "trl_default", "trl_precompute")

@@ -68,7 +68,7 @@ max_steps = {steps}
 batch_size = 64
 micro_batch_size = 64
 schedule = "constant"
-tensorboard = false
+report_to = "none"
 [stages.eval]
 kind = "eval"
 policy = "stages.train"
@@ -105,7 +105,7 @@ def study(tmp: Path, chain: list[dict], steps: int, seeds: tuple[int, ...]) -> l
                 t0 = time.perf_counter()
                 summary = train_grpo(GRPOTrainConfig(
                     data=data, output=str(out), policy=policy, lr=1e-3, max_steps=steps, batch_size=64,
-                    micro_batch_size=64, schedule="constant", tensorboard=False, seed=seed, **kw))
+                    micro_batch_size=64, schedule="constant", report_to="none", seed=seed, **kw))
                 first, last = summary["first"], summary["last"]
                 rows.append({"stale_nights": s, "variant": name, "seed": seed,
                              "examples": summary["data"]["examples"],

@@ -93,7 +93,8 @@ class LogprobsConfig(BackendOptions, ExecutorOptions):
     token_budget: int = opt(16384, "hf backend: tokens per forward batch (rows x longest "
                             "prompt+response)")
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")
-    bits: int | None = opt(None, "load the reference in 4 or 8 bits (bitsandbytes)")
+    bits: int | None = opt(None, "load the reference in 4 or 8 bits (bitsandbytes); for a QLoRA "
+                           "policy, its --bits: the reference is then the base its adapter starts from")
     device: str | None = opt(None, "cuda | cpu (default: cuda when available)")
     trust_remote_code: bool = opt(False, "allow custom model code from the model directory")
 

@@ -10,9 +10,11 @@ so the quantized path is exercised by the CPU test suite.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +46,13 @@ def default_device() -> str:
 
 # The weights files transformers and peft load from a directory (safetensors only).
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+def free_memory() -> None:
+    """Hand memory back between phases (a reference pass, a finished training run, a
+    generation stage): collect Python garbage and, on CUDA, release the caching
+    allocator's unused blocks so the next phase (or another process) can have them."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def check_model_dir(path: str | os.PathLike, what: str = "model") -> Path:
@@ -265,13 +274,84 @@ def _load(auto_cls, path, *, dtype: str = "auto", bits: int | None = None,
 def apply_lora(model, spec: LoraSpec, quantized: bool = False, train: bool = True):
     import peft
     if quantized and train:
+        # activation checkpointing is switched on by the trainer (with the current API)
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     task = "SEQ_CLS" if getattr(model.config, "num_labels", None) == 1 and \
         "SequenceClassification" in type(model).__name__ else "CAUSAL_LM"
     cfg = peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                           target_modules=spec.target_modules, task_type=task,
                           modules_to_save=spec.modules_to_save or None)
-    return peft.get_peft_model(model, cfg)
+    with quiet_peft():
+        return peft.get_peft_model(model, cfg)
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft (0.21) reads transformers' deprecated ``is_gradient_checkpointing`` whenever it
+    wraps a model, which warns on every LoRA run; the property is theirs, not ours."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        yield
+
+
+def is_adapter_model(model) -> bool:
+    """A peft model (LoRA / QLoRA), whose base weights are reachable with the adapter off."""
+    try:
+        import peft
+    except ImportError:
+        return False
+    return isinstance(model, peft.PeftModel)
+
+
+def base_model(model):
+    """The transformers model under a peft wrapper (the model itself otherwise)."""
+    return model.get_base_model() if is_adapter_model(model) else model
+
+
+@contextlib.contextmanager
+def adapter_disabled(model):
+    """Run ``model`` as its base: a peft model with its adapter switched off (for QLoRA, the
+    quantized base: the reference TRL uses too); any other model as it is."""
+    if is_adapter_model(model):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+@contextlib.contextmanager
+def frozen_forward(model):
+    """Eval mode (no dropout) for a forward pass of a model that is, or will be, trained.
+
+    bitsandbytes (0.50, on CPUs with AVX512-BF16) repacks a 4-bit layer's weights for
+    inference on its first eval-mode CPU forward, for good, and the repacked layout has no
+    backward pass: gradients through the frozen base would be lost silently afterwards.
+    The 4-bit layers therefore stay in training mode, which changes nothing else in their
+    forward (they have no dropout); so the pass computes exactly what training computes."""
+    was_training = model.training
+    model.eval()
+    for module in model.modules():
+        if type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4"):
+            module.train()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute activations in the backward pass (non-reentrant checkpoints), with the
+    inputs' gradients switched on so that a frozen base passes gradients to LoRA weights.
+    transformers 5 renamed ``gradient_checkpointing_enable`` (deprecated, warns) to
+    ``activation_checkpointing_enable``; the old name is used only where the new is absent."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # also enables the inputs' gradients
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers before the rename
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.enable_input_require_grads()
+    model.config.use_cache = False
 
 
 def load_policy(path, **kw):
@@ -281,7 +361,8 @@ def load_policy(path, **kw):
 
 
 def load_reference(path, **kw):
-    """The reference model: a frozen causal LM in eval mode."""
+    """The reference model: a frozen causal LM in eval mode (``bits=4|8`` loads it
+    quantized, like a QLoRA policy's base)."""
     model = load_policy(path, train=False, **kw)
     model.requires_grad_(False)
     return model

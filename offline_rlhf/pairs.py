@@ -246,6 +246,19 @@ def read_pairs(data: str, tokenizer, columns: list[str], command: str) -> list[d
     return pairs_table(data, tokenizer)[0].select(columns).to_pylist()
 
 
+def pairs_fingerprint(data: str, tokenizer_fingerprint: str) -> str:
+    """What :func:`read_pairs` rows depend on, by content: a dataset's fingerprint, or for a
+    preference file its bytes and the tokenizer that turns them into token ids."""
+    if is_dataset(data):
+        return open_dataset(data, require_complete=True).fingerprint
+    import fsspec
+    digest = hashlib.sha256(tokenizer_fingerprint.encode())
+    with fsspec.open(str(data), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return "file:" + digest.hexdigest()
+
+
 def import_pairs(src: str, out: str, tokenizer_path: str | None = None, chunk_rows: int = 10_000,
                  overwrite: bool = False) -> dict:
     """Import a preference file (see :func:`pairs_table`) as a pairs dataset at ``out``."""

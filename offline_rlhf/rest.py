@@ -33,7 +33,7 @@ from .errors import InputError
 from .filters import SampleFilter, select
 from .generation import GenerateConfig, generate
 from .lineage import config_hash
-from .models import fingerprint
+from .models import fingerprint, free_memory
 from .rewards.score import ScoreConfig, score
 from .shards import is_complete, open_dataset
 from .storage import read_json_file, write_json_atomic
@@ -71,6 +71,8 @@ class RestConfig(BackendOptions):
     micro_batch_size: int = opt(16, "examples per forward pass")
     lora_r: int = opt(0, "LoRA rank (0: full fine-tuning)")
     bits: int | None = opt(None, "4 or 8 with lora_r: QLoRA")
+    gradient_checkpointing: bool = opt(False, "improve steps recompute activations in the backward "
+                                       "pass to save memory")
 
     def __post_init__(self):
         super().__post_init__()
@@ -154,7 +156,7 @@ def _improve(cfg: RestConfig, g: int, i: int, grow_dir: Path, start: str) -> dic
                                  lr=cfg.lrs[i], max_steps=steps, batch_size=min(cfg.batch_size, len(kept)),
                                  micro_batch_size=cfg.micro_batch_size, schedule="constant",
                                  seed=cfg.seed, lora_r=cfg.lora_r, bits=cfg.bits, report_to="none",
-                                 **flt))
+                                 gradient_checkpointing=cfg.gradient_checkpointing, **flt))
     return {"dir": str(d), "model": str(d / "final"), "kept": len(kept),
             "kept_fraction": len(kept) / max(1, len(rows)), "threshold": cfg.thresholds[i],
             "lr": cfg.lrs[i], "filter": stats}

@@ -115,10 +115,13 @@ class LazyWorker:
     def close(self) -> None:
         """Drop what ``load()`` made, calling ``close()`` on the parts that have one (an
         engine hands its device memory back); the next ``compute`` loads again."""
+        from .models import free_memory
         loaded, self._loaded = self._loaded, None
         for part in loaded if isinstance(loaded, tuple) else (loaded,):
             if callable(getattr(part, "close", None)):
                 part.close()
+        loaded = part = None
+        free_memory()   # the next stage (pairs, training) gets the models' memory
 
 
 @dataclasses.dataclass

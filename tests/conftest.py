@@ -13,6 +13,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def cpu_env(**extra) -> dict:
+    """Environment for a child process that must run on CPU even where a GPU is visible
+    (gloo process groups, bit-exact resume checks): no CUDA device is shown to it."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -56,6 +62,21 @@ def reward_dir(tmp_path_factory, tokenizer):
     from offline_rlhf.tiny import build_tiny_model
     return build_tiny_model(tmp_path_factory.mktemp("reward"), kind="reward",
                             tokenizer=tokenizer, seed=1)
+
+
+@pytest.fixture(scope="session")
+def pairs_ds(tmp_path_factory, policy_dir):
+    """48 imported text pairs (prompt/chosen/rejected), without reference log-probs."""
+    import json
+
+    from offline_rlhf.pairs import import_pairs
+    d = tmp_path_factory.mktemp("pairs")
+    src = d / "prefs.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"What is {i}+{i % 5}? Answer:",
+                                       "chosen": f" {i + i % 5}", "rejected": f" {i * 3} maybe"}) + "\n"
+                           for i in range(48)))
+    import_pairs(str(src), str(d / "pairs"))
+    return str(d / "pairs")
 
 
 def generation_rows(n: int, start: int = 0, k: int = 4, tokens: int = 6) -> list[dict]:

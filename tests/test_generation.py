@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import cpu_env
 
 from offline_rlhf.errors import InputError
 from offline_rlhf.generation import GenerateConfig, generate, sample_seed
@@ -28,8 +29,11 @@ def prompts_ds(tmp_path_factory):
 
 
 def cfg(prompts, out, policy, **kw):
+    """float32 on whatever device the package picks (its auto dtype is bfloat16 on CUDA,
+    where log-probs compared at 1e-5 and argmax ties would not hold)."""
     base = dict(prompts=prompts, output=str(out), policy=str(policy), num_samples=3,
-                max_new_tokens=10, chunk_prompts=5, temperature=0.9, top_p=0.95, top_k=40)
+                max_new_tokens=10, chunk_prompts=5, temperature=0.9, top_p=0.95, top_k=40,
+                dtype="float32")
     base.update(kw)
     return GenerateConfig(**base)
 
@@ -70,7 +74,7 @@ def test_behaviour_logps_equal_fresh_forward(tmp_path, prompts_ds, policy_dir):
     c = cfg(prompts_ds, tmp_path / "g", policy_dir, temperature=0.7, top_k=20, top_p=0.8)
     generate(c)
     t = table(tmp_path / "g")
-    model, tok = load_policy(policy_dir), load_tokenizer(policy_dir)
+    model, tok = load_policy(policy_dir, dtype="float32"), load_tokenizer(policy_dir)
     fresh = sequence_logps(model, t.column("prompt_token_ids").to_pylist(),
                            t.column("response_token_ids").to_pylist(), pad_id=tok.pad_token_id,
                            temperature=0.7, top_k=20, top_p=0.8)
@@ -86,10 +90,10 @@ def test_greedy_is_argmax_and_identical_across_samples(tmp_path, prompts_ds, pol
     for r in t:
         by_prompt.setdefault(r["prompt_id"], []).append(r["response_token_ids"])
     assert all(a == b for a, b in by_prompt.values())
-    model = load_policy(policy_dir)
+    model = load_policy(policy_dir, dtype="float32")
     import torch
     r = t[0]
-    ids = torch.tensor([r["prompt_token_ids"] + r["response_token_ids"]])
+    ids = torch.tensor([r["prompt_token_ids"] + r["response_token_ids"]], device=model.device)
     logits = model(input_ids=ids).logits[0]
     start = len(r["prompt_token_ids"])
     assert logits[start - 1:-1].argmax(-1).tolist() == r["response_token_ids"]
@@ -131,7 +135,7 @@ def test_bad_prompt_files(tmp_path, policy_dir):
 
 def test_quantized_4bit_policy_generates_on_cpu(tmp_path, prompts_ds, policy_dir):
     m = generate(cfg(prompts_ds, tmp_path / "q", policy_dir, bits=4, num_samples=2,
-                     max_new_tokens=4))
+                     max_new_tokens=4, device="cpu"))
     assert m["complete"] and m["num_rows"] == 48
 
 
@@ -144,9 +148,10 @@ def test_seeds_are_per_sample():
 
 # ----------------------------------------------------------------- processes
 
-def _cli(*args, **kw):
+def _cli(*args):
+    """A generate process on CPU: these tests compare whole tables across processes."""
     return subprocess.Popen([sys.executable, "-m", "offline_rlhf.cli", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env())
 
 
 def _gen_args(prompts, out, policy, *extra):

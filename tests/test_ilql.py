@@ -116,11 +116,11 @@ def test_ilql_task_masks_padding_and_terminal(tmp_path, policy_dir):
         w.finish(total_chunks=1)
     cfg = ILQLTrainConfig(data=str(tmp_path / "g"), output=str(tmp_path / "o"), policy=str(policy_dir))
     task = ILQLTask(cfg, load_tokenizer(policy_dir))
-    task.attach(ILQLHeads(64, 512))
-    batch = task.collate([0, 1], "cpu")
+    model = load_policy(policy_dir, dtype="float32")   # on the package's device
+    task.attach(ILQLHeads(64, 512).to(model.device))
+    batch = task.collate([0, 1], model.device)
     assert batch["done"][0].tolist()[:2] == [0.0, 1.0] and batch["mask"][0].tolist()[2:] == [0.0] * 4
     assert batch["rewards"][0, 1] == task.rewards[0][-1] and batch["rewards"][0, 0] == 0
-    model = load_policy(policy_dir)
     with torch.no_grad():
         base, _ = task.loss(model, batch)
         batch["rewards"][0, 3] = 1e6   # a padded position
@@ -128,9 +128,10 @@ def test_ilql_task_masks_padding_and_terminal(tmp_path, policy_dir):
     assert torch.equal(base, again)
 
 
-def test_train_ilql_with_lora_and_value_guided_generation(tmp_path, policy_dir):
-    """ILQL trains on the shared loop (LoRA here), saves its heads beside the merged model,
-    and generate samples from them with beta > 0."""
+def test_train_ilql_with_qlora_and_value_guided_generation(tmp_path, policy_dir):
+    """ILQL trains on the shared loop (QLoRA with activation checkpointing here: the frugal
+    set-up every trainer offers), saves its heads beside the merged model, and generate
+    samples from them with beta > 0."""
     import json
 
     import pyarrow as pa
@@ -145,9 +146,14 @@ def test_train_ilql_with_lora_and_value_guided_generation(tmp_path, policy_dir):
         w.write(0, pa.Table.from_pylist(generation_rows(32), schema=load_schema("generations").arrow))
         w.finish(total_chunks=1)
     train_ilql(ILQLTrainConfig(data=str(tmp_path / "g"), output=str(tmp_path / "o"), policy=str(policy_dir),
-                               lora_r=4, max_steps=3, batch_size=8, lr=1e-3, report_to="none"))
+                               lora_r=4, bits=4, gradient_checkpointing=True, max_steps=3,
+                               batch_size=8, lr=1e-3, report_to="none"))
     hist = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert {"loss/q", "loss/v", "loss/cql", "loss/awac", "q/mean", "v/mean", "advantage/mean"} <= set(hist[-1])
+    assert hist[-1]["loss"] != hist[0]["loss"] and all(h["grad_norm"] > 0 for h in hist)
+    from safetensors.torch import load_file
+    adapter = load_file(str(tmp_path / "o" / "adapter" / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
     final = tmp_path / "o" / "final"
     assert (final / "heads.safetensors").exists() and (tmp_path / "o" / "adapter").is_dir()
     heads = load_heads(final)

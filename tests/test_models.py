@@ -15,9 +15,9 @@ def test_tiny_models_load_and_run(policy_dir, reward_dir):
     batch = tok(["What is 1+2? Answer:", "hi"], return_tensors="pt", padding=True)
     policy = models.load_policy(policy_dir)
     assert not policy.training
-    assert policy(**batch).logits.shape[:2] == batch["input_ids"].shape
+    assert policy(**batch.to(policy.device)).logits.shape[:2] == batch["input_ids"].shape
     rm = models.load_reward_model(reward_dir)
-    assert rm(**batch).logits.shape == (2, 1)
+    assert rm(**batch.to(rm.device)).logits.shape == (2, 1)
     ref = models.load_reference(policy_dir)
     assert not any(p.requires_grad for p in ref.parameters())
 
@@ -78,7 +78,7 @@ def test_lora_trains_only_adapters(policy_dir, tokenizer):
 
 def test_qlora_4bit_backward_on_cpu(policy_dir, tokenizer):
     import bitsandbytes as bnb
-    model = models.load_policy(policy_dir, bits=4, lora=models.LoraSpec(r=4), train=True)
+    model = models.load_policy(policy_dir, bits=4, lora=models.LoraSpec(r=4), train=True, device="cpu")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     batch = tokenizer(["What is 3+4? Answer: 7"], return_tensors="pt")
     loss = model(**batch, labels=batch["input_ids"]).loss
@@ -91,7 +91,7 @@ def test_qlora_4bit_backward_on_cpu(policy_dir, tokenizer):
 
 def test_8bit_loads_on_cpu(policy_dir, tokenizer):
     import bitsandbytes as bnb
-    model = models.load_policy(policy_dir, bits=8)
+    model = models.load_policy(policy_dir, bits=8, device="cpu")
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())
     batch = tokenizer(["hi"], return_tensors="pt")
     assert torch.isfinite(model(**batch).logits).all()

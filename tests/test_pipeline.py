@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cpu_env
 from safetensors.torch import load_file
 
 from offline_rlhf.errors import InputError
@@ -121,7 +122,7 @@ def test_new_reward_model_reruns_score_and_later_only(tmp_path, inputs, reward_d
     other = tmp_path / "rm2"
     shutil.copytree(reward_dir, other)
     from offline_rlhf.models import load_reward_model
-    m = load_reward_model(other)
+    m = load_reward_model(other, dtype="float32", device="cpu")
     with torch.no_grad():
         m.score.weight.mul_(-1)
     m.save_pretrained(other, safe_serialization=True)
@@ -136,7 +137,10 @@ def test_killed_pipeline_resumes_to_the_same_outputs(tmp_path, inputs):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     fk, fc = job(tmp_path, inputs, killed, steps=20), job(tmp_path, inputs, clean, steps=20)
     cli = [sys.executable, "-m", "offline_rlhf.cli", "pipeline", "run"]
-    proc = subprocess.Popen(cli + [fk], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # on CPU: bit-identical weights after a resume are a CPU promise (GPU kernels need not be
+    # deterministic)
+    proc = subprocess.Popen(cli + [fk], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cpu_env())
     deadline = time.time() + 300
     while not list((killed / "stages").glob("train-*/checkpoints/step-0000005/state.json")):
         assert proc.poll() is None, proc.communicate()[1][-2000:]
@@ -146,7 +150,7 @@ def test_killed_pipeline_resumes_to_the_same_outputs(tmp_path, inputs):
     proc.wait()
     assert not list((killed / "stages").glob("eval-*/results.json"))
     for f in (fk, fc):
-        out = subprocess.run(cli + [f], capture_output=True, text=True, timeout=600)
+        out = subprocess.run(cli + [f], capture_output=True, text=True, timeout=600, env=cpu_env())
         assert out.returncode == 0, out.stderr[-2000:]
     a = load_file(str(next((killed / "stages").glob("train-*/final/model.safetensors"))))
     b = load_file(str(next((clean / "stages").glob("train-*/final/model.safetensors"))))

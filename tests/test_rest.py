@@ -87,6 +87,7 @@ max_new_tokens = 6
 steps_per_improve = 20
 batch_size = 8
 micro_batch_size = 8
+gradient_checkpointing = true
 weights = {{ length_penalty = 1.0 }}
 ''')
     cli = [sys.executable, "-m", "offline_rlhf.cli", "rest", "--config", str(job)]

@@ -86,16 +86,18 @@ def test_rule_scoring_weighted_total(tmp_path):
 
 def test_rescoring_changes_only_reward_columns(tmp_path, reward_dir):
     gen = _generations(tmp_path)
-    score(ScoreConfig(generations=gen, output=str(tmp_path / "a"), reward_model=str(reward_dir)))
+    # float32 (auto is bfloat16 on CUDA, where -3x the head is not exactly -3x the reward)
+    score(ScoreConfig(generations=gen, output=str(tmp_path / "a"), reward_model=str(reward_dir),
+                      dtype="float32"))
     other = tmp_path / "rm2"
     shutil.copytree(reward_dir, other)
     from offline_rlhf.models import load_reward_model
-    m = load_reward_model(other)
+    m = load_reward_model(other, dtype="float32", device="cpu")
     with torch.no_grad():
         m.score.weight.mul_(-3.0)
     m.save_pretrained(other, safe_serialization=True)
     score(ScoreConfig(generations=str(tmp_path / "a"), output=str(tmp_path / "b"),
-                      reward_model=str(other)))
+                      reward_model=str(other), dtype="float32"))
     src, a, b = (open_dataset(str(p), True).read() for p in (gen, tmp_path / "a", tmp_path / "b"))
     keep = [c for c in src.column_names if c not in REWARD_COLUMNS]
     assert src.select(keep).equals(a.select(keep)) and a.select(keep).equals(b.select(keep))
@@ -108,13 +110,13 @@ def test_rescoring_changes_only_reward_columns(tmp_path, reward_dir):
 
 def test_reward_model_scores_last_real_token(tmp_path, reward_dir):
     from offline_rlhf.rewards.reward_model import RewardModelScorer
-    s = RewardModelScorer(str(reward_dir), token_budget=64)
+    s = RewardModelScorer(str(reward_dir), token_budget=64, dtype="float32")
     seqs = [[5, 6, 7], [8, 9], [5, 6, 7, 10, 11, 12, 13]]
     batched = s.score_ids(seqs)
     alone = np.array([s.score_ids([x])[0] for x in seqs])
     np.testing.assert_allclose(batched, alone, atol=1e-5)
     with torch.no_grad():
-        direct = s.model(input_ids=torch.tensor([seqs[2]])).logits[0, 0].item()
+        direct = s.model(input_ids=torch.tensor([seqs[2]], device=s.device)).logits[0, 0].item()
     assert batched[2] == pytest.approx(direct, abs=1e-5)
 
 

@@ -9,23 +9,11 @@ import time
 
 import pytest
 import torch
+from conftest import cpu_env
 from safetensors.torch import load_file
 
 from offline_rlhf.errors import InputError
-from offline_rlhf.pairs import import_pairs
 from offline_rlhf.train.dpo import DPOTrainConfig, train_dpo
-
-
-@pytest.fixture(scope="module")
-def pairs_ds(tmp_path_factory, policy_dir):
-    """Imported text pairs, with reference log-probs filled by a first short run."""
-    d = tmp_path_factory.mktemp("pairs")
-    src = d / "prefs.jsonl"
-    src.write_text("".join(json.dumps({"prompt": f"What is {i}+{i % 5}? Answer:",
-                                       "chosen": f" {i + i % 5}", "rejected": f" {i * 3} maybe"}) + "\n"
-                           for i in range(48)))
-    import_pairs(str(src), str(d / "pairs"))
-    return str(d / "pairs")
 
 
 def cfg(pairs, out, policy, **kw):
@@ -56,16 +44,18 @@ def test_five_steps_change_every_parameter_and_move_loss(tmp_path, pairs_ds, pol
 
 
 def test_accumulation_1x8_equals_8x1(tmp_path, pairs_ds, policy_dir):
-    """One step's gradient is the same from one micro-batch of 8 as from 8 of 1."""
+    """One step's gradient is the same from one micro-batch of 8 as from 8 of 1 (an exact
+    identity, checked on CPU in float32 wherever the suite runs)."""
     from accelerate import Accelerator
 
     from offline_rlhf.models import load_policy, load_tokenizer
     from offline_rlhf.train.dpo import DPOTask
     from offline_rlhf.train.loop import _step
     acc = Accelerator(cpu=True)
-    c = cfg(pairs_ds, tmp_path / "o", policy_dir, nll_alpha=0.5)
-    task = DPOTask(c, load_tokenizer(policy_dir, padding_side="right"), "cpu")
-    model = load_policy(policy_dir, train=True)
+    c = cfg(pairs_ds, tmp_path / "o", policy_dir, nll_alpha=0.5, device="cpu")
+    task = DPOTask(c, load_tokenizer(policy_dir, padding_side="right"))
+    model = load_policy(policy_dir, train=True, device="cpu", dtype="float32")
+    task.prepare(model, acc)
     grads, sums = [], []
     for plan in ([list(range(8))], [[i] for i in range(8)]):
         model.zero_grad(set_to_none=True)
@@ -77,8 +67,8 @@ def test_accumulation_1x8_equals_8x1(tmp_path, pairs_ds, policy_dir):
     assert any(g.abs().sum() > 0 for g in grads[0].values())
     # and through the whole loop the loss trajectories agree
     a, b = tmp_path / "a", tmp_path / "b"
-    train_dpo(cfg(pairs_ds, a, policy_dir, max_steps=3, micro_batch_size=8))
-    train_dpo(cfg(pairs_ds, b, policy_dir, max_steps=3, micro_batch_size=1))
+    train_dpo(cfg(pairs_ds, a, policy_dir, max_steps=3, micro_batch_size=8, device="cpu"))
+    train_dpo(cfg(pairs_ds, b, policy_dir, max_steps=3, micro_batch_size=1, device="cpu"))
     la = [json.loads(x)["loss"] for x in (a / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (b / "metrics.jsonl").read_text().splitlines()]
     assert la == pytest.approx(lb, abs=1e-5)
@@ -96,27 +86,31 @@ def _train_args(pairs, out, policy, *extra):
 
 def test_killed_after_checkpoint_resumes_to_identical_weights(tmp_path, pairs_ds, policy_dir):
     """LoRA with dropout: the resumed run matches the uninterrupted one only if the RNG
-    state is restored along with the weights, optimizer and schedule."""
+    state is restored along with the weights, optimizer and schedule (bit-identical on CPU:
+    GPU kernels need not be deterministic). The reference log-probs are computed by the
+    first run only: the resumed run reads them."""
     extra = ["--max-steps", "30", "--save-steps", "10", "--lora-r", "4", "--lora-dropout", "0.2"]
     cli = [sys.executable, "-m", "offline_rlhf.cli"]
-    full = _run(cli + _train_args(pairs_ds, tmp_path / "full", policy_dir, *extra))
+    full = _run(cli + _train_args(pairs_ds, tmp_path / "full", policy_dir, *extra), env=cpu_env())
     assert full.wait(timeout=300) == 0, full.stderr.read()
-    killed = _run(cli + _train_args(pairs_ds, tmp_path / "k", policy_dir, *extra))
+    killed = _run(cli + _train_args(pairs_ds, tmp_path / "k", policy_dir, *extra), env=cpu_env())
     ckpts = tmp_path / "k" / "checkpoints"
     deadline = time.time() + 300
     while not (ckpts / "step-0000010" / "state.json").exists():
         assert killed.poll() is None and time.time() < deadline
         time.sleep(0.005)
     os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
+    first_err = killed.communicate()[1]
     assert not (tmp_path / "k" / "final").exists(), "the run finished before it could be killed"
+    assert _reference_passes(first_err) == [48]
     for later in ckpts.glob("step-*"):  # the kill may land after step 20's checkpoint: resume
         if later.name != "step-0000010":  # from step 10 whichever way, so one count holds
             shutil.rmtree(later)
-    resumed = _run(cli + _train_args(pairs_ds, tmp_path / "k", policy_dir, *extra))
+    resumed = _run(cli + _train_args(pairs_ds, tmp_path / "k", policy_dir, *extra), env=cpu_env())
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert "step-0000010 at step 10" in out + err and re.search(r"(\d+) steps in", out).group(1) == "20"
+    assert _reference_passes(err) == [] and "48 pairs reused from" in err
     for f in ("final/model.safetensors", "adapter/adapter_model.safetensors"):
         a, b = load_file(str(tmp_path / "full" / f)), load_file(str(tmp_path / "k" / f))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
@@ -126,15 +120,23 @@ def test_killed_after_checkpoint_resumes_to_identical_weights(tmp_path, pairs_ds
     assert [h["loss"] for h in ha] == [h["loss"] for h in hb]
 
 
+def _reference_passes(stderr: str) -> list[int]:
+    """Pairs each process ran through the reference model, from its progress lines."""
+    return [int(n) for n in re.findall(r"reference log-probs: computing (\d+) of", stderr)]
+
+
 def test_two_gloo_processes_match_one(tmp_path, pairs_ds, policy_dir):
     """Same losses, gradients and weights from one process as from two. Clipping is out of
     reach (it would rescale a wrongly scaled gradient back), and the checkpoint's Adam
     moments are compared: they hold the gradient itself, where the weights (Adam divides
-    by the gradient's own scale) would hide a wrong scale."""
+    by the gradient's own scale) would hide a wrong scale. Two gloo processes on CPU (even
+    where a GPU is visible: two NCCL ranks on one GPU fail); they share the reference pass,
+    each pair computed once."""
     extra = ["--max-steps", "4", "--save-steps", "2", "--max-grad-norm", "1e6"]
-    one = _run([sys.executable, "-m", "offline_rlhf.cli"] + _train_args(pairs_ds, tmp_path / "one", policy_dir, *extra))
+    one = _run([sys.executable, "-m", "offline_rlhf.cli"] + _train_args(pairs_ds, tmp_path / "one", policy_dir, *extra),
+               env=cpu_env())
     assert one.wait(timeout=300) == 0, one.stderr.read()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = cpu_env(OMP_NUM_THREADS="1")
     two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "-m", "offline_rlhf.cli"] + _train_args(pairs_ds, tmp_path / "two", policy_dir, *extra),
                env=env)
@@ -144,6 +146,8 @@ def test_two_gloo_processes_match_one(tmp_path, pairs_ds, policy_dir):
         two.kill()
         pytest.fail("two-process run hung")
     assert two.returncode == 0, err
+    assert sorted(_reference_passes(err)) == [24, 24]    # 48 pairs, each computed once
+    assert (tmp_path / "two" / "reference_logps.safetensors").exists()
     la = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(la) == len(lb) == 4
@@ -178,7 +182,9 @@ def test_lora_saves_adapter_and_merged_model(tmp_path, pairs_ds, policy_dir):
 
 def test_qlora_trains_on_cpu(tmp_path, pairs_ds, policy_dir):
     out = tmp_path / "qlora"
-    s = train_dpo(cfg(pairs_ds, out, policy_dir, lora_r=4, bits=4, max_steps=3, lr=5e-3))
+    s = train_dpo(cfg(pairs_ds, out, policy_dir, lora_r=4, bits=4, max_steps=3, lr=5e-3,
+                      gradient_checkpointing=True, device="cpu"))
+    assert s["data"]["reference"] == "the policy's base, adapter off, 4-bit"
     hist = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(h["grad_norm"] > 0 for h in hist) and hist[-1]["loss"] != hist[0]["loss"]
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -205,22 +211,156 @@ def test_truncation_is_counted(tmp_path, pairs_ds, policy_dir):
             w.finish(total_chunks=1)
         from offline_rlhf.models import load_tokenizer
         task = DPOTask(cfg(str(tmp_path / "withref"), tmp_path / "x", policy_dir, reference=None,
-                           max_completion_tokens=2), load_tokenizer(policy_dir), "cpu")
+                           max_completion_tokens=2), load_tokenizer(policy_dir))
     assert task.stats["pairs_dropped_truncated"] > 0 and len(task.prompts) == len(task.ref_chosen)
 
 
-def test_shared_prompt_packing_equals_separate_rows(tmp_path, pairs_ds, policy_dir):
-    """Prefix sharing gives the same completion log-probs as two separate rows."""
+def _layout_logps(pairs_ds, policy_dir, tmp_path, layouts, idx):
     from offline_rlhf.models import load_policy, load_tokenizer
-    from offline_rlhf.train.dpo import DPOTask
+    from offline_rlhf.train.dpo import DPOTask, use_layout
     tok = load_tokenizer(policy_dir, padding_side="right")
-    model = load_policy(policy_dir)
-    idx = [3, 0, 7, 12, 5]
-    out = []
-    for share in (True, False):
-        task = DPOTask(cfg(pairs_ds, tmp_path / "o", policy_dir, share_prompt=share), tok, "cpu")
+    model = load_policy(policy_dir, dtype="float32")   # on the package's device
+    task = DPOTask(cfg(pairs_ds, tmp_path / "o", policy_dir), tok)
+    out = {}
+    for layout in layouts:
+        task.layout = layout
+        use_layout(model, layout)
         with torch.no_grad():
-            out.append(task.completion_logps(model, task.collate(idx, "cpu")))
-    for a, b in zip(*out):
+            out[layout] = task.completion_logps(model, task.collate(idx, model.device))
+    return task, out
+
+
+def test_shared_prompt_packing_equals_separate_rows(tmp_path, pairs_ds, policy_dir):
+    """Prefix sharing under a dense mask gives the completion log-probs of two rows."""
+    idx = [3, 0, 7, 12, 5]
+    task, out = _layout_logps(pairs_ds, policy_dir, tmp_path, ("mask", "rows"), idx)
+    for a, b in zip(out["mask"], out["rows"]):
         assert torch.allclose(a, b, atol=1e-4), (a, b)
-    assert out[0][2].tolist() == [float(len(task.chosen[i])) for i in idx]
+    assert out["mask"][2].tolist() == [float(len(task.chosen[i])) for i in idx]
+
+
+def test_flex_packed_layout_equals_separate_rows(tmp_path, pairs_ds, policy_dir):
+    """The FlexAttention layout (pairs packed into one row, chosen hidden from rejected by
+    a block mask) gives the log-probs of two rows. Forward only here: FlexAttention has no
+    backward pass on CPU (the gpu tests train with it)."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    idx = [3, 0, 7, 12, 5]
+    task, out = _layout_logps(pairs_ds, policy_dir, tmp_path, ("rows", "flex"), idx)
+    batch = task.collate(idx, "cpu")
+    assert batch["input_ids"].shape == (1, sum(len(task.prompts[i]) + len(task.chosen[i]) +
+                                               len(task.rejected[i]) for i in idx))   # no padding
+    for a, b in zip(out["flex"], out["rows"]):
+        assert torch.allclose(a, b, atol=1e-4), (a, b)
+
+
+def test_layout_follows_the_device(tmp_path, pairs_ds, policy_dir):
+    from offline_rlhf.models import load_policy
+    from offline_rlhf.train.dpo import resolve_layout
+    model = load_policy(policy_dir, device="cpu")
+    assert resolve_layout(cfg(pairs_ds, tmp_path, policy_dir), "cpu", model) == "mask"
+    assert resolve_layout(cfg(pairs_ds, tmp_path, policy_dir, share_prompt=False), "cpu", model) == "rows"
+    with pytest.raises(InputError, match="flex trains only on a GPU"):
+        resolve_layout(cfg(pairs_ds, tmp_path, policy_dir, prefix_attention="flex"), "cpu", model)
+    with pytest.raises(InputError, match="prefix_attention: must be one of"):
+        cfg(pairs_ds, tmp_path, policy_dir, prefix_attention="dense")
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_adapter_off_reference_equals_a_separate_base(tmp_path, pairs_ds, policy_dir, bits):
+    """The reference without a second model: the LoRA (QLoRA) policy with its adapter
+    switched off gives the log-probs of a separately loaded base of the same dtype and bits."""
+    import numpy as np
+    from accelerate import Accelerator
+
+    from offline_rlhf.models import adapter_disabled, frozen_forward, load_reference, load_tokenizer
+    from offline_rlhf.train.dpo import DPOTask
+    from offline_rlhf.train.loop import load_model_for_training
+    c = cfg(pairs_ds, tmp_path / "o", policy_dir, lora_r=4, bits=bits, device="cpu")
+    acc = Accelerator(cpu=True)
+    policy = load_model_for_training(c, "cpu")
+    with torch.no_grad():   # as if trained: the adapted model is no longer its base
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    task = DPOTask(c, load_tokenizer(policy_dir, padding_side="right"))
+    idx = list(range(16))
+    with frozen_forward(policy):
+        with adapter_disabled(policy):
+            off = task.reference_sums(policy, idx, acc)
+        adapted = task.reference_sums(policy, idx, acc)
+    base = load_reference(policy_dir, bits=bits, dtype="float32", device="cpu")
+    with frozen_forward(base):
+        separate = task.reference_sums(base, idx, acc)
+    assert np.abs(off - separate).max() < 1e-5
+    assert np.abs(adapted - separate).max() > 1e-2
+
+
+def test_reference_pass_runs_once_and_is_keyed_by_content(tmp_path, pairs_ds, policy_dir, monkeypatch):
+    """Reference log-probs are computed once per output and key (reference content, data,
+    truncation, numerics); a rerun reads them, a change recomputes; the policy serves as
+    its own reference without a second model, and a separate reference is freed before
+    the first training step."""
+    import shutil
+    import weakref
+
+    from safetensors.torch import save_file
+
+    from offline_rlhf.train import reference
+    from offline_rlhf.train.dpo import DPOTask
+    passes, loaded, alive_in_training = [], [], []
+    real_sums, real_load, real_loss = DPOTask.reference_sums, reference.load_reference, DPOTask.loss
+
+    def counting(self, model, indices, acc, bar=None):
+        passes.append(len(indices))
+        return real_sums(self, model, indices, acc, bar)
+
+    def tracked(*a, **kw):
+        model = real_load(*a, **kw)
+        loaded.append(weakref.ref(model))
+        return model
+
+    def loss(self, model, batch):
+        alive_in_training.append(sum(w() is not None for w in loaded))
+        return real_loss(self, model, batch)
+    monkeypatch.setattr(DPOTask, "reference_sums", counting)
+    monkeypatch.setattr(DPOTask, "loss", loss)
+    monkeypatch.setattr(reference, "load_reference", tracked)
+
+    def run(**kw):
+        return train_dpo(cfg(pairs_ds, tmp_path / "o", policy_dir, max_steps=1, **kw))["data"]
+    first = run()
+    assert passes == [48] and first["ref_logps_computed"] == 48 and not loaded
+    assert first["reference"] == "the policy before its first step"
+    again = run()
+    assert passes == [48] and again["ref_logps_reused"] == 48 and again["ref_logps_computed"] == 0
+    run(max_completion_tokens=3)       # other sequences: recomputed
+    assert passes == [48, 48]
+    other = tmp_path / "ref2"
+    shutil.copytree(policy_dir, other)
+    weights = load_file(str(other / "model.safetensors"))
+    weights = {k: v + 0.01 for k, v in weights.items()}
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    s = run(max_completion_tokens=3, reference=str(other))   # another reference: recomputed
+    assert passes == [48, 48, 48] and s["reference"] == str(other) and len(loaded) == 1
+    assert alive_in_training and not any(alive_in_training)   # freed before training
+
+
+def test_computed_reference_trains_like_a_stored_one(tmp_path, pairs_ds, policy_dir):
+    """QLoRA on CPU: a run that computes its reference (the policy's 4-bit base, adapter
+    off) takes the same steps as a run on pairs that carry those values, so the reference
+    pass leaves the policy as it was (an eval-mode CPU pass would let bitsandbytes repack
+    the 4-bit weights into a layout with no backward pass, losing gradients)."""
+    from offline_rlhf.train.reference import pairs_with_reference
+    kw = dict(lora_r=4, bits=4, max_steps=2, lr=5e-3, device="cpu")
+    a = train_dpo(cfg(pairs_ds, tmp_path / "a", policy_dir, **kw))
+    assert a["data"]["ref_logps_computed"] == 48
+    pairs_with_reference(pairs_ds, str(tmp_path / "a"), str(tmp_path / "withref"))
+    b = train_dpo(cfg(str(tmp_path / "withref"), tmp_path / "b", policy_dir, reference=None, **kw))
+    assert b["data"]["ref_logps_computed"] == 0
+    ha = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    hb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert ha[0]["loss"] == pytest.approx(0.6931, abs=1e-4)      # reference = policy at step 0
+    for x, y in zip(ha, hb):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
+    assert ha[-1]["loss"] != ha[0]["loss"]

@@ -70,19 +70,26 @@ def test_round_trip_score_ranks_held_out_pairs_as_in_training(trained_rm, tmp_pa
         w.write(0, pa.Table.from_pylist(gen, schema=load_schema("generations").arrow))
         w.finish(total_chunks=1)
     score(ScoreConfig(generations=str(tmp_path / "gen"), output=str(tmp_path / "s"),
-                      reward_model=str(d / "out" / "final"), token_budget=256))
+                      reward_model=str(d / "out" / "final"), token_budget=256, dtype="float32"))
     r = np.array(open_dataset(str(tmp_path / "s")).read().column("reward").to_pylist()).reshape(-1, 2)
     accuracy = float((r[:, 0] > r[:, 1]).mean())
     assert accuracy == pytest.approx(summary["eval"]["eval/accuracy"], abs=1.5 / len(held))
 
 
-def test_rm_lora_round_trip(tmp_path, policy_dir):
+@pytest.mark.parametrize("bits", [None, 4])
+def test_rm_lora_and_qlora_round_trip(tmp_path, policy_dir, bits):
+    """LoRA, and QLoRA with activation checkpointing: the head and adapters train, and the
+    merged model (unquantized) loads as a one-label reward model."""
     apple_pairs(tmp_path / "pairs", n=64)
-    train_rm(RMTrainConfig(data=str(tmp_path / "pairs"), output=str(tmp_path / "o"), policy=str(policy_dir),
-                           lr=1e-3, max_steps=3, batch_size=8, lora_r=4, report_to="none"))
+    s = train_rm(RMTrainConfig(data=str(tmp_path / "pairs"), output=str(tmp_path / "o"),
+                               policy=str(policy_dir), lr=1e-3, max_steps=3, batch_size=8, lora_r=4,
+                               bits=bits, gradient_checkpointing=bits is not None, report_to="none"))
+    assert s["last"]["loss"] != s["first"]["loss"] and s["last"]["grad_norm"] > 0
+    adapter = load_file(str(tmp_path / "o" / "adapter" / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
     from offline_rlhf.models import load_reward_model
-    model = load_reward_model(tmp_path / "o" / "final")
-    assert model.config.num_labels == 1
+    model = load_reward_model(tmp_path / "o" / "final", dtype="float32")
+    assert model.config.num_labels == 1 and "quantization_config" not in model.config.to_dict()
 
 
 def test_sft_raises_rule_score_of_greedy_generations(tmp_path, policy_dir):
@@ -121,3 +128,24 @@ def test_sft_five_steps_change_parameters_from_plain_data(tmp_path, policy_dir):
     assert all(not torch.equal(before[k], after[k]) for k in before)
     hist = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_sft_qlora_with_activation_checkpointing(tmp_path, policy_dir):
+    """The frugal set-up (4-bit base, LoRA, activation checkpointing) trains SFT, through
+    the current transformers API: no deprecation warning about checkpointing."""
+    import warnings
+    src = tmp_path / "data.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"Q{i}:", "completion": f" answer {i}"}) + "\n"
+                           for i in range(40)))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        s = train_sft(SFTTrainConfig(data=str(src), output=str(tmp_path / "o"), policy=str(policy_dir),
+                                     lr=3e-3, max_steps=5, batch_size=8, bits=4, lora_r=8,
+                                     gradient_checkpointing=True, report_to="none"))
+    assert not [w for w in seen if "checkpointing" in str(w.message)], [str(w.message) for w in seen]
+    assert s["last"]["loss"] < s["first"]["loss"]
+    adapter = load_file(str(tmp_path / "o" / "adapter" / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
+    before = load_file(str(policy_dir / "model.safetensors"))
+    after = load_file(str(tmp_path / "o" / "final" / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)

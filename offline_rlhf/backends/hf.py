@@ -24,7 +24,7 @@ import torch
 
 from ..batching import budget_batches, pad, positions
 from ..logprobs import processed_logps, sequence_logps
-from ..models import load_policy, load_reference
+from ..models import frozen_forward, load_policy, load_reference
 from . import Sampling, eos_token_ids
 
 CPU_TOKEN_BUDGET = 32768
@@ -215,8 +215,9 @@ class ReferenceModel:
         self.pad_id, self.token_budget = tokenizer.pad_token_id, cfg.token_budget
 
     def sequence_logps(self, prompts, responses) -> list[np.ndarray]:
-        return sequence_logps(self.model, prompts, responses, pad_id=self.pad_id,
-                              token_budget=self.token_budget)
+        with frozen_forward(self.model):   # 4-bit: computed as a QLoRA policy's base computes
+            return sequence_logps(self.model, prompts, responses, pad_id=self.pad_id,
+                                  token_budget=self.token_budget)
 
 
 def RewardModel(cfg):

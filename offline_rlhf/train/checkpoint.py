@@ -12,6 +12,7 @@ adapter merged into the base) and, for LoRA, ``OUTPUT/adapter/`` (a peft adapter
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -211,9 +212,14 @@ def merge_adapter(base_path, adapter_dir: Path, out: Path, trust_remote_code: bo
     task = getattr(getattr(trained, "peft_config", {}).get("default", None), "task_type", None)
     kw = dict(dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code)
     if str(task).endswith("SEQ_CLS"):  # a reward model: the same one-label head as in training
-        kw["config"] = trained.base_model.model.config
+        config = copy.deepcopy(trained.base_model.model.config)
+        if hasattr(config, "quantization_config"):   # QLoRA: the merged model is unquantized
+            del config.quantization_config
+        kw["config"] = config
         base = AutoModelForSequenceClassification.from_pretrained(str(base_path), **kw)
     else:
         base = AutoModelForCausalLM.from_pretrained(str(base_path), **kw)
-    merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    from ..models import quiet_peft
+    with quiet_peft():
+        merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)

@@ -1,8 +1,14 @@
 """``train dpo``: the DPO family on stored pairs, reference log-probs read from the shard.
 
 The reference model is never loaded during training. Pairs without reference
-log-probs are refused with the stage to run, unless ``--reference`` is given, in which
-case they are computed once before training (and the reference freed).
+log-probs are refused with the stage to run, unless ``--reference`` is given: then they
+are computed once, before the first step, and stored in the output directory
+(``reference.py``); when the reference is the policy itself no second model is loaded.
+
+Each pair is, by default, one row: prompt + chosen + rejected with the rejected tokens
+hidden from the chosen ones (prefix sharing). How that is hidden is the layout: a dense
+4D mask (fastest on CPU), or FlexAttention over the micro-batch's pairs packed into one
+row (on GPUs, where the dense mask takes SDPA off its fused kernels); else two rows.
 """
 
 from __future__ import annotations
@@ -18,13 +24,14 @@ from ..config import opt
 from ..errors import InputError
 from ..losses.common import masked_sums, token_logps
 from ..losses.dpo import LOSS_TYPES, dpo_loss, nll_term
-from ..models import check_model_dir
-from ..pairs import check_pairs_source, read_pairs
+from ..models import check_model_dir, fingerprint
+from ..pairs import check_pairs_source, pairs_fingerprint, read_pairs
 from ..shards import is_dataset, open_dataset_of
-from .loop import TrainConfig, fit
+from .loop import TrainConfig, fit, micro_batches
 
 PAIR_COLUMNS = ["prompt", "prompt_token_ids", "chosen", "rejected", "chosen_token_ids",
                 "rejected_token_ids", "chosen_ref_logps_sum", "rejected_ref_logps_sum"]
+PREFIX_ATTENTION = ("auto", "mask", "flex")
 
 
 @dataclasses.dataclass
@@ -38,13 +45,24 @@ class DPOTrainConfig(TrainConfig):
     simpo_gamma: float = opt(0.5, "SimPO target reward margin")
     nll_alpha: float = opt(1.0, "weight of the NLL of the chosen response (RPO); 0 is plain DPO, "
                            "which can push chosen log-probs down with the rejected ones")
-    reference: str | None = opt(None, "reference model, used only to fill missing reference "
-                                "log-probs before training")
+    reference: str | None = opt(None, "reference model, used only to fill the reference log-probs "
+                                "the pairs lack: computed once before training and stored in "
+                                "OUTPUT/reference_logps.safetensors. When it is the policy (same "
+                                "content) no second model is loaded: the policy's base with its "
+                                "LoRA adapter off (with --bits, the quantized base), or in full "
+                                "fine-tuning the policy before its first step")
+    reference_bits: int | None = opt(None, "4 | 8 | 0 (unquantized): how a reference is loaded; "
+                                     "default: as --bits. A value other than --bits loads the "
+                                     "reference as a second model even when it is the policy")
     max_prompt_tokens: int = opt(1024, "prompts longer than this keep their last tokens")
     max_completion_tokens: int = opt(1024, "completions longer than this keep their first tokens")
-    share_prompt: bool = opt(True, "run each prompt once: pack prompt + chosen + rejected in one "
-                             "row with an attention mask that hides chosen from rejected (needs an "
-                             "attention implementation that takes 4D masks: eager or sdpa)")
+    share_prompt: bool = opt(True, "run each prompt once: prompt + chosen + rejected in one row, "
+                             "the chosen tokens hidden from the rejected ones (prefix sharing)")
+    prefix_attention: str = opt("auto", "how a shared row hides chosen from rejected: mask (a "
+                                "dense 4D mask, eager/sdpa attention), flex (FlexAttention, the "
+                                "micro-batch's pairs packed into one row; trains on GPUs only) or "
+                                "auto: mask on CPU; on a GPU flex where torch, the model and the "
+                                "GPU support it, else two rows per pair (the dense mask is slower there)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -56,18 +74,25 @@ class DPOTrainConfig(TrainConfig):
             raise InputError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss not in ("cdpo", "robust"):
             raise InputError("label_smoothing: only used by the cdpo and robust losses")
+        if self.reference_bits not in (None, 0, 4, 8):
+            raise InputError(f"reference_bits: must be 0, 4 or 8, got {self.reference_bits}")
+        if self.prefix_attention not in PREFIX_ATTENTION:
+            raise InputError(f"prefix_attention: must be one of {', '.join(PREFIX_ATTENTION)}, "
+                             f"got {self.prefix_attention!r}")
 
 
 class DPOTask:
     name = "dpo"
 
-    def __init__(self, cfg: DPOTrainConfig, tokenizer, device):
+    def __init__(self, cfg: DPOTrainConfig, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
+        self.layout = "mask" if cfg.share_prompt else "rows"   # settled by prepare()
         rows = read_pairs(cfg.data, tokenizer, PAIR_COLUMNS, "train dpo")
+        self.data_fingerprint = pairs_fingerprint(cfg.data, fingerprint(cfg.policy))
         if not rows:
             raise InputError(f"{cfg.data}: has no pairs")
         self.stats = {"pairs": len(rows), "prompts_truncated": 0, "completions_truncated": 0,
-                      "pairs_dropped_truncated": 0, "ref_logps_computed": 0}
+                      "pairs_dropped_truncated": 0, "ref_logps_computed": 0, "ref_logps_reused": 0}
         self.prompts, self.chosen, self.rejected, ref_c, ref_r, exact = [], [], [], [], [], []
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         for r in rows:
@@ -84,11 +109,13 @@ class DPOTask:
             ref_c.append(r["chosen_ref_logps_sum"])
             ref_r.append(r["rejected_ref_logps_sum"])
             exact.append(not (cut or cut_c))  # stored sums describe the untruncated sequences
-        self.ref_chosen, self.ref_rejected = self._reference(ref_c, ref_r, exact, device)
+        self.ref_chosen, self.ref_rejected, self.need = self._reference(ref_c, ref_r, exact)
 
-    def _reference(self, ref_c, ref_r, exact, device):
+    def _reference(self, ref_c, ref_r, exact):
+        """Stored reference sums (NaN where missing) and the pairs whose sums must be
+        computed with ``--reference`` (missing, or describing an untruncated pair)."""
         if self.cfg.loss == "simpo":
-            return np.zeros(len(ref_c)), np.zeros(len(ref_r))
+            return np.zeros(len(ref_c)), np.zeros(len(ref_r)), []
         need = [i for i in range(len(ref_c)) if ref_c[i] is None or ref_r[i] is None or not exact[i]]
         if need and not self.cfg.reference:
             truncated = sum(not e for e in exact)
@@ -98,33 +125,46 @@ class DPOTask:
                 warnings.warn(f"dropped {len(need)} truncated pairs whose stored reference log-probs "
                               "no longer match; pass --reference to recompute them instead", stacklevel=2)
                 keep = [i for i in range(len(exact)) if exact[i]]
-                return np.array([ref_c[i] for i in keep]), np.array([ref_r[i] for i in keep])
+                return np.array([ref_c[i] for i in keep]), np.array([ref_r[i] for i in keep]), []
             raise InputError(f"{self.cfg.data}: {len(need)} pairs have no reference log-probs: run "
                              "`offline-rlhf logprobs` on the generations and rebuild the pairs, or pass "
                              "--reference MODEL to compute them before training")
-        ref_c, ref_r = list(ref_c), list(ref_r)
-        if need:
-            from ..logprobs import sequence_logps
-            from ..models import load_reference
-            ref = load_reference(self.cfg.reference, dtype=self.cfg.dtype, device=str(device),
-                                 trust_remote_code=self.cfg.trust_remote_code)
-            pads = self.tokenizer.pad_token_id
-            for side, out in ((self.chosen, ref_c), (self.rejected, ref_r)):
-                lps = sequence_logps(ref, [self.prompts[i] for i in need], [side[i] for i in need],
-                                     pad_id=pads, token_budget=self.cfg.max_tokens_per_micro_batch)
-                for i, lp in zip(need, lps):
-                    out[i] = float(lp.astype(np.float64).sum())
-            del ref
-            self.stats["ref_logps_computed"] = len(need)
-        return np.array(ref_c, dtype=np.float64), np.array(ref_r, dtype=np.float64)
+        return _floats(ref_c), _floats(ref_r), need
 
     def _drop(self, drop: list[int]) -> None:
         gone = set(drop)
         for name in ("prompts", "chosen", "rejected"):
             setattr(self, name, [x for i, x in enumerate(getattr(self, name)) if i not in gone])
 
+    def prepare(self, model, acc) -> None:
+        """Settle the layout for this device and model, and fill the missing reference
+        log-probs (once per job: see ``reference.py``)."""
+        self.layout = resolve_layout(self.cfg, acc.device, model)
+        self.stats["layout"] = self.layout
+        if self.need:
+            from .reference import fill_reference
+            values, counts = fill_reference(self, model, acc)
+            self.ref_chosen[self.need], self.ref_rejected[self.need] = values[:, 0], values[:, 1]
+            self.stats.update(counts)
+
+    @torch.no_grad()
+    def reference_sums(self, model, indices: list[int], acc, bar=None) -> np.ndarray:
+        """Summed completion log-probs ``[len(indices), 2]`` (chosen, rejected) under
+        ``model`` in this task's layout and the loop's autocast, micro-batched like training:
+        at the first step, policy and reference log-probs then agree to rounding."""
+        use_layout(model, self.layout)
+        out = {}
+        for mb in micro_batches(indices, self.lengths(), self.cfg.micro_batch_size,
+                                self.cfg.max_tokens_per_micro_batch, 1):
+            with acc.autocast():
+                c, r, _, _ = self.completion_logps(model, self.collate(mb, acc.device))
+            out.update(zip(mb, zip(c.double().tolist(), r.double().tolist())))
+            if bar is not None:
+                bar.update(len(mb))
+        return np.array([out[i] for i in indices], dtype=np.float64).reshape(-1, 2)
+
     def lengths(self) -> np.ndarray:
-        if self.cfg.share_prompt:
+        if self.layout != "rows":
             return np.array([len(p) + len(c) + len(r)
                              for p, c, r in zip(self.prompts, self.chosen, self.rejected)])
         return np.array([2 * (len(p) + max(len(c), len(r)))
@@ -133,33 +173,40 @@ class DPOTask:
     def collate(self, indices: list[int], device) -> dict:
         refs = {"ref_chosen": torch.tensor(self.ref_chosen[indices], device=device),
                 "ref_rejected": torch.tensor(self.ref_rejected[indices], device=device)}
-        if self.cfg.share_prompt:
-            return {**self._collate_shared(indices, device), **refs}
-        return {**self._collate_pairs(indices, device), **refs}
+        collate = {"rows": self._collate_pairs, "mask": self._collate_masked,
+                   "flex": self._collate_packed}[self.layout]
+        return {**collate(indices, device), **refs}
 
-    def _collate_shared(self, indices: list[int], device) -> dict:
-        """One row per pair: prompt + chosen + rejected (prefix sharing; Wang et al. 2024,
-        "Accelerating Direct Preference Optimization with Prefix Sharing").
+    def _shared_rows(self, indices: list[int], packed: bool):
+        """Prompt + chosen + rejected of each pair (prefix sharing; Wang et al. 2024,
+        "Accelerating Direct Preference Optimization with Prefix Sharing"), and where each
+        completion token is predicted.
 
-        Rejected tokens attend to the prompt and to themselves, never to the chosen
-        tokens, and take the positions that follow the prompt, so every log-prob equals
-        the one of a separate prompt + rejected row. The first rejected token is
-        predicted from the prompt's last position, like the first chosen token."""
+        Rejected tokens take the positions that follow the prompt, so (with attention that
+        hides the chosen tokens from them) every log-prob equals the one of a separate
+        prompt + rejected row; the first rejected token is predicted from the prompt's last
+        position, like the first chosen token. ``packed``: all pairs in one row, one after
+        another (their token offsets accumulate); else one row per pair."""
         seqs, pos, where = [], [], {"row": [], "pred": [], "target": [], "pair": [], "side": []}
-        for row, i in enumerate(indices):
+        start = 0
+        for k, i in enumerate(indices):
             p, c, r = self.prompts[i], self.chosen[i], self.rejected[i]
-            n_p, n_c = len(p), len(c)
+            n_p, n_c, n_r = len(p), len(c), len(r)
             seqs.append(p + c + r)
-            pos.append(list(range(n_p + n_c)) + list(range(n_p, n_p + len(r))))
-            preds = [n_p - 1 + j for j in range(n_c)] + \
-                [n_p - 1] + [n_p + n_c + j - 1 for j in range(1, len(r))]
-            for side, toks in ((0, c), (1, r)):
-                where["target"] += toks
-                where["side"] += [side] * len(toks)
-            where["pred"] += preds
-            where["row"] += [row] * (n_c + len(r))
-            where["pair"] += [row] * (n_c + len(r))
-        ids, attn = pad(seqs, self.tokenizer.pad_token_id, "right", device)
+            pos.append(list(range(n_p + n_c)) + list(range(n_p, n_p + n_r)))
+            where["pred"] += [start + n_p - 1 + j for j in range(n_c)] + [start + n_p - 1] + \
+                [start + n_p + n_c + j - 1 for j in range(1, n_r)]
+            where["target"] += c + r
+            where["side"] += [0] * n_c + [1] * n_r
+            where["row"] += [0 if packed else k] * (n_c + n_r)
+            where["pair"] += [k] * (n_c + n_r)
+            start += (n_p + n_c + n_r) if packed else 0
+        return seqs, pos, where
+
+    def _collate_masked(self, indices: list[int], device) -> dict:
+        """One padded row per pair under a dense 4D mask (eager / sdpa attention)."""
+        seqs, pos, where = self._shared_rows(indices, packed=False)
+        ids, _ = pad(seqs, self.tokenizer.pad_token_id, "right", device)
         width = ids.shape[1]
         allow = torch.tril(torch.ones(width, width, dtype=torch.bool, device=device)).repeat(len(seqs), 1, 1)
         for row, i in enumerate(indices):
@@ -171,6 +218,26 @@ class DPOTask:
         positions, _ = pad(pos, 0, "right", device)
         index = {k: torch.tensor(v, device=device) for k, v in where.items()}
         return {"input_ids": ids, "attention_mask": allow[:, None], "position_ids": positions,
+                "index": index, "n": len(indices)}
+
+    def _collate_packed(self, indices: list[int], device) -> dict:
+        """All pairs of the micro-batch in one row, no padding, under a FlexAttention block
+        mask: a token sees earlier tokens of its own pair, except that rejected tokens
+        never see chosen ones. Fully masked blocks (other pairs) are skipped."""
+        from torch.nn.attention.flex_attention import create_block_mask
+        seqs, pos, where = self._shared_rows(indices, packed=True)
+        pair = torch.tensor([k for k, s in enumerate(seqs) for _ in s], device=device)
+        part = torch.tensor([x for i in indices for x in [0] * len(self.prompts[i]) +
+                             [1] * len(self.chosen[i]) + [2] * len(self.rejected[i])], device=device)
+
+        def visible(b, h, q, kv):
+            return (pair[q] == pair[kv]) & (q >= kv) & ~((part[q] == 2) & (part[kv] == 1))
+        n = len(pair)
+        block_mask = create_block_mask(visible, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
+        index = {k: torch.tensor(v, device=device) for k, v in where.items()}
+        return {"input_ids": torch.tensor([[t for s in seqs for t in s]], device=device),
+                "attention_mask": block_mask,
+                "position_ids": torch.tensor([[x for ps in pos for x in ps]], device=device),
                 "index": index, "n": len(indices)}
 
     def _collate_pairs(self, indices: list[int], device) -> dict:
@@ -241,7 +308,8 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
     holder = {}
 
     def factory(model, tokenizer, acc):
-        holder["task"] = DPOTask(cfg, tokenizer, acc.device)
+        holder["task"] = DPOTask(cfg, tokenizer)
+        holder["task"].prepare(model, acc)
         return holder["task"]
 
     summary = fit(cfg, factory)
@@ -255,3 +323,60 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
         warnings.warn(msg, stacklevel=2)
         summary["warning"] = msg
     return summary
+
+
+def _floats(values) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- layouts
+
+def flex_supported(model, device) -> bool:
+    """Whether torch and the model's attention code take FlexAttention block masks, and,
+    on CUDA, whether its compiled kernels can run: Triton present, compute capability 8.0+."""
+    import importlib.util
+
+    from transformers.utils import is_torch_flex_attn_available
+
+    from ..models import base_model
+    if not (is_torch_flex_attn_available() and getattr(base_model(model), "_supports_flex_attn", False)):
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return importlib.util.find_spec("triton") is not None and \
+            torch.cuda.get_device_capability(device) >= (8, 0)
+    return True
+
+
+def resolve_layout(cfg: DPOTrainConfig, device, model) -> str:
+    """``rows`` (two rows per pair), ``mask`` (a shared row under a dense mask) or ``flex``
+    (pairs packed under a FlexAttention block mask) for this device and model."""
+    from ..models import base_model
+    if not cfg.share_prompt:
+        return "rows"
+    gpu = torch.device(device).type != "cpu"
+    if cfg.prefix_attention == "auto":
+        if not gpu:
+            return "mask"      # measured: bench/dpo.py
+        return "flex" if flex_supported(model, device) else "rows"
+    if cfg.prefix_attention == "flex":
+        if not gpu:
+            raise InputError("prefix_attention: flex trains only on a GPU (FlexAttention has no "
+                             "backward pass on CPU); use auto or mask")
+        if not flex_supported(model, device):
+            raise InputError(f"prefix_attention: flex needs FlexAttention in torch and in the model "
+                             f"({type(base_model(model)).__name__}) and, on CUDA, Triton and a GPU "
+                             "of compute capability 8.0+; use auto or mask")
+    return cfg.prefix_attention
+
+
+def use_layout(model, layout: str) -> None:
+    """Switch ``model``'s attention to what ``layout`` needs (FlexAttention for ``flex``;
+    a 4D-mask-taking implementation for ``mask``)."""
+    from ..models import base_model
+    base = base_model(model)
+    current = base.config._attn_implementation
+    want = {"flex": "flex_attention", "mask": current if current in ("eager", "sdpa") else "sdpa"}.get(
+        layout, current)
+    if want != current:
+        base.set_attn_implementation(want)

@@ -58,6 +58,8 @@ class TrainConfig:
     log_steps: int = opt(1, "log metrics every N steps")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     mixed_precision: str = opt("auto", "auto (bf16 on CUDA, none on CPU) | no | bf16 | fp16")
+    device: str | None = opt(None, "cuda | cpu (default: cuda when available; cpu trains on "
+                             "the CPU even where a GPU is visible)")
     dtype: str = opt("float32", "dtype of the loaded weights: float32 | bfloat16 | float16 | auto")
     bits: int | None = opt(None, "4 or 8: bitsandbytes base weights (with lora: QLoRA)")
     lora_r: int = opt(0, "LoRA rank (0: full fine-tuning)")
@@ -78,6 +80,8 @@ class TrainConfig:
             raise InputError(f"schedule: must be cosine, linear or constant, got {self.schedule!r}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise InputError(f"mixed_precision: must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.device not in (None, "cpu", "cuda"):
+            raise InputError(f"device: must be cpu or cuda, got {self.device!r}")
         if self.bits not in (None, 4, 8):
             raise InputError(f"bits: must be 4 or 8, got {self.bits}")
         if self.bits and not self.lora_r:
@@ -157,19 +161,21 @@ def total_steps(cfg: TrainConfig, n: int) -> int:
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("device: cuda was asked for but no CUDA GPU is visible")
+    on_cuda = cfg.device != "cpu" and torch.cuda.is_available()
     mp = cfg.mixed_precision
     if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        mp = "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "no"
     trackers = ckpt.resolve_trackers(cfg.report_to)
     project = ProjectConfiguration(project_dir=cfg.output, logging_dir=str(Path(cfg.output) / "tensorboard"))
     # cpu=True is what makes accelerate start gloo for several CPU processes (torchrun etc.)
-    return Accelerator(mixed_precision=mp, gradient_accumulation_steps=1,
-                       cpu=not torch.cuda.is_available(), log_with=trackers or None,
-                       project_config=project)
+    return Accelerator(mixed_precision=mp, gradient_accumulation_steps=1, cpu=not on_cuda,
+                       log_with=trackers or None, project_config=project)
 
 
 def load_model_for_training(cfg: TrainConfig, device, model_loader=None):
-    from ..models import LoraSpec, load_policy
+    from ..models import LoraSpec, enable_activation_checkpointing, load_policy
     lora = None
     if cfg.lora_r:
         lora = LoraSpec(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
@@ -179,10 +185,7 @@ def load_model_for_training(cfg: TrainConfig, device, model_loader=None):
     model = loader(cfg.policy, dtype=cfg.dtype, bits=cfg.bits, lora=lora, device=str(device),
                    train=True, trust_remote_code=cfg.trust_remote_code)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.lora_r and hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-        model.config.use_cache = False
+        enable_activation_checkpointing(model)
     return model
 
 
@@ -242,13 +245,23 @@ def _reduce(acc, sums: dict, n: int) -> dict:
     return record
 
 
-def fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=None,
-        evaluate=None) -> dict:
+def fit(cfg: TrainConfig, task_factory, **kw) -> dict:
     """Train ``task_factory(model, tokenizer, accelerator)`` under ``cfg``; return a summary.
 
     ``extra_modules(model)`` may return modules trained beside the model (ILQL heads);
     ``evaluate(model, accelerator)`` runs after training and its figures are logged.
+    Once the run is over, nothing of it is held: its memory (on CUDA, the allocator's
+    cache too) is handed back for the next phase of a pipeline or ReST loop.
     """
+    from ..models import free_memory
+    try:
+        return _fit(cfg, task_factory, **kw)
+    finally:
+        free_memory()
+
+
+def _fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=None,
+         evaluate=None) -> dict:
     from ..models import check_model_dir, load_tokenizer
     check_model_dir(cfg.policy, "policy")
     out = Path(cfg.output)

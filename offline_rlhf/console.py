@@ -1,8 +1,9 @@
 """The console: log level, quiet mode, progress that suits a terminal and a log file,
 and each warning printed once, on one line.
 
-:func:`setup` is called once by the CLI (``--quiet``, ``--log-level``). :func:`progress`
-is the one progress bar of the package (stages and the training loop):
+:func:`setup` is called once by the CLI (``--quiet``, ``--log-level``). :func:`status`
+prints a one-line account of a phase (not with ``--quiet``). :func:`progress` is the one
+progress bar of the package (stages, the training loop, the reference pass):
 
 - on a terminal, a tqdm bar redrawn in place;
 - when stderr is not a terminal (cron, CI, ``2> log``), plain lines: one every
@@ -84,6 +85,13 @@ def warn_once(message: str) -> None:
     if message not in _shown:
         _shown.add(message)
         log.warning(message)
+
+
+def status(message: str) -> None:
+    """A one-line account of what a long phase is doing or chose (a budget, a reused
+    cache), to stderr; nothing with ``--quiet``. Warnings go through :func:`warn_once`."""
+    if not _state["quiet"]:
+        print(message, file=sys.stderr, flush=True)
 
 
 def _disabled_by_env() -> bool:

@@ -17,8 +17,12 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import InputError, located
+
+if TYPE_CHECKING:
+    import torch
 
 FINGERPRINT_FILES = ("config.json", "generation_config.json", "tokenizer.json",
                      "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -51,6 +55,7 @@ def free_memory() -> None:
     generation stage): collect Python garbage and, on CUDA, release the caching
     allocator's unused blocks so the next phase (or another process) can have them."""
     gc.collect()
+    import torch
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

@@ -33,7 +33,7 @@ from .errors import InputError
 from .filters import SampleFilter, select
 from .generation import GenerateConfig, generate
 from .lineage import config_hash
-from .models import fingerprint, free_memory
+from .models import fingerprint
 from .rewards.score import ScoreConfig, score
 from .shards import is_complete, open_dataset
 from .storage import read_json_file, write_json_atomic

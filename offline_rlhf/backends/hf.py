@@ -17,12 +17,12 @@ Left unset, it is 32768 on CPU and, on CUDA, what the free device memory holds
 from __future__ import annotations
 
 import inspect
-import sys
 
 import numpy as np
 import torch
 
 from ..batching import budget_batches, pad, positions
+from ..console import status
 from ..logprobs import processed_logps, sequence_logps
 from ..models import frozen_forward, load_policy, load_reference
 from . import Sampling, eos_token_ids
@@ -198,9 +198,9 @@ def default_token_budget(model, cfg) -> int:
     free, _ = torch.cuda.mem_get_info(device)
     budget = cuda_token_budget(model.config, next(model.parameters()).dtype, free,
                                cfg.num_samples, cfg.max_new_tokens)
-    print(f"generate: token budget {budget} ({free / 2**30:.1f} GiB free on {device}, "
-          f"{kv_bytes_per_token(model.config, next(model.parameters()).dtype)} KV-cache bytes "
-          "a token; set --token-budget to override)", file=sys.stderr)
+    status(f"generate: token budget {budget} ({free / 2**30:.1f} GiB free on {device}, "
+           f"{kv_bytes_per_token(model.config, next(model.parameters()).dtype)} KV-cache bytes "
+           "a token; set --token-budget to override)")
     return budget
 
 

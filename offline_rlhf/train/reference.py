@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..console import progress, status
 from ..lineage import config_hash, utc_now
 from ..models import (
     adapter_disabled,
@@ -110,14 +110,14 @@ def fill_reference(task, model, acc) -> tuple[np.ndarray, dict]:
     cached = read_cache(path, key, need)
     if cached is not None:
         if acc.is_main_process:
-            print(f"reference log-probs: {len(need)} pairs reused from {path}", file=sys.stderr)
+            status(f"reference log-probs: {len(need)} pairs reused from {path}")
         return cached, {"ref_logps_reused": len(need), "reference": source.describe}
     if path.exists() and acc.is_main_process:
-        print(f"reference log-probs: {path} was computed for another reference, data or "
-              "truncation; recomputing", file=sys.stderr)
+        status(f"reference log-probs: {path} was computed for another reference, data or "
+               "truncation; recomputing")
     mine = need[acc.process_index::acc.num_processes]
-    print(f"reference log-probs: computing {len(mine)} of {len(need)} pairs on process "
-          f"{acc.process_index + 1}/{acc.num_processes} with {source.describe}", file=sys.stderr)
+    status(f"reference log-probs: computing {len(mine)} of {len(need)} pairs on process "
+           f"{acc.process_index + 1}/{acc.num_processes} with {source.describe}")
     values = _compute(task, model, acc, source, mine)
     if acc.num_processes > 1:
         from accelerate.utils import gather_object
@@ -132,9 +132,7 @@ def fill_reference(task, model, acc) -> tuple[np.ndarray, dict]:
 
 
 def _compute(task, model, acc, source: ReferenceSource, indices: list[int]) -> np.ndarray:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=len(indices), desc="reference log-probs", unit="pair", dynamic_ncols=True,
-               disable=not acc.is_main_process)
+    bar = progress(len(indices), "reference log-probs", "pair", enabled=acc.is_main_process)
     try:
         if source.shared:
             with frozen_forward(model), adapter_disabled(model):

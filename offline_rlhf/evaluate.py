@@ -63,6 +63,7 @@ class EvalConfig(BackendOptions):
                           "itself samples at temperature 1)")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.kl_samples < 0 or self.num_samples < 1:
             raise InputError("kl_samples must be >= 0 and num_samples >= 1")
 

@@ -122,11 +122,13 @@ def test_rest_and_eval_pass_the_backend_to_generation(tmp_path, policy_dir, monk
         raise Stop
     monkeypatch.setattr(rest, "generate", fake_generate)
     monkeypatch.setattr(evaluate, "generate", fake_generate)
-    rcfg = rest.RestConfig(policy=str(policy_dir), prompts="p", output=str(tmp_path / "r"),
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "What is 1+1?"}\n')
+    rcfg = rest.RestConfig(policy=str(policy_dir), prompts=str(prompts), output=str(tmp_path / "r"),
                            backend="vllm", vllm_kv_cache_gb=2.0)
     with pytest.raises(Stop):
         rest._grow(rcfg, 0, str(policy_dir), tmp_path / "r")
-    ecfg = EvalConfig(policy=str(policy_dir), prompts="p", output=str(tmp_path / "e"),
+    ecfg = EvalConfig(policy=str(policy_dir), prompts=str(prompts), output=str(tmp_path / "e"),
                       backend="vllm", vllm_kv_cache_gb=2.0)
     with pytest.raises(Stop):
         evaluate.run_eval(ecfg)

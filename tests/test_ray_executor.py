@@ -8,8 +8,9 @@ OFFLINE_RLHF_REQUIRE_RAY=1, which turns the skip into a failure, so CI never ski
 them silently.
 
 Float columns are compared exactly: CPU matmuls sum in an order that depends on the
-thread count, so the local runs here use one torch thread, as the actors do (Ray sets
-an actor's OMP_NUM_THREADS from its CPUs: 0.5 -> 1).
+thread count, so the local runs here use one torch thread, as the actors do (an actor
+uses one thread per CPU it reserved, at least one: 0.5 -> 1, whatever OMP_NUM_THREADS
+the test run has).
 """
 
 from __future__ import annotations

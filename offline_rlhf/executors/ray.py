@@ -15,7 +15,8 @@ A run:
    slow actor holds up one chunk, not a fixed share, and the pool may grow as the
    cluster does.
 3. Each actor receives the chunk worker once, loads its models once (with whichever
-   backend the worker uses, on the CPUs and GPUs Ray reserved for the actor), opens its
+   backend the worker uses, on the CPUs and GPUs Ray reserved for the actor; torch uses
+   one thread per reserved CPU, at least one), opens its
    own writer on the output URL and, per chunk, computes the table and commits it:
    atomic shard, then its entry file (one file per shard, so actors never contend).
    It returns one summary row per chunk.
@@ -149,7 +150,8 @@ def _pool(ray, plan: StagePlan, todo: list[int], options):
     sizes = ({"min_size": options.ray_actors, "max_size": options.ray_max_actors}
              if options.ray_max_actors else {"size": options.ray_actors})
     return chunks.map_batches(
-        ChunkActor, fn_constructor_args=(plan.worker, plan.writer), batch_size=1,
+        ChunkActor, fn_constructor_args=(plan.worker, plan.writer, options.ray_cpus_per_actor),
+        batch_size=1,
         compute=ray.data.ActorPoolStrategy(**sizes, max_tasks_in_flight_per_actor=1),
         num_cpus=options.ray_cpus_per_actor, num_gpus=options.ray_gpus_per_actor)
 
@@ -174,8 +176,12 @@ class ChunkActor:
     """One member of the actor pool: loads the chunk worker's models once, then computes
     and commits the chunks it is handed, returning a summary row for each."""
 
-    def __init__(self, worker, writer: dict):
+    def __init__(self, worker, writer: dict, cpus: float = 1.0):
         start = time.perf_counter()
+        # as many torch threads as CPUs reserved (at least one), whatever OMP_NUM_THREADS the
+        # driver's environment passed on: CPU rows then do not depend on the caller's shell
+        import torch
+        torch.set_num_threads(max(1, int(cpus)))
         self.worker = worker
         if hasattr(worker, "load"):
             worker.loaded  # noqa: B018  (load the models now, once per actor)

@@ -111,3 +111,19 @@ def test_import_errors(tmp_path):
     src.write_text(json.dumps({"prompt": "x", "chosen": "a"}) + "\n")
     with pytest.raises(InputError, match=r"column 'rejected': missing column"):
         import_pairs(str(src), str(tmp_path / "o"))
+
+
+def test_pairs_fingerprint_follows_the_content(tmp_path):
+    """The key of stored reference log-probs: a dataset's fingerprint; a preference file's
+    bytes together with the tokenizer that reads it (same bytes elsewhere, same key)."""
+    from offline_rlhf.pairs import pairs_fingerprint
+    rows = [{"prompt": "q", "chosen": " a", "rejected": " b"}]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(json.dumps(rows[0]) + "\n")
+    b.write_text(json.dumps(rows[0]) + "\n")
+    assert pairs_fingerprint(str(a), "tok1") == pairs_fingerprint(str(b), "tok1")
+    assert pairs_fingerprint(str(a), "tok1") != pairs_fingerprint(str(a), "tok2")
+    b.write_text(json.dumps({**rows[0], "rejected": " c"}) + "\n")
+    assert pairs_fingerprint(str(a), "tok1") != pairs_fingerprint(str(b), "tok1")
+    import_pairs(str(a), str(tmp_path / "ds"))
+    assert pairs_fingerprint(str(tmp_path / "ds"), "tok1") == open_dataset(str(tmp_path / "ds")).fingerprint

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pyarrow as pa
 import pytest
@@ -17,6 +19,42 @@ def cpu_env(**extra) -> dict:
     """Environment for a child process that must run on CPU even where a GPU is visible
     (gloo process groups, bit-exact resume checks): no CUDA device is shown to it."""
     return {**os.environ, "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
+def cli_on_cpu(args, nproc: int = 1) -> subprocess.Popen:
+    """``offline-rlhf ARGS`` in a child on CPU (:func:`cpu_env`): one process, or ``nproc``
+    gloo processes under torchrun with one thread each (two NCCL ranks on one GPU fail)."""
+    head = [sys.executable, "-m", "offline_rlhf.cli"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "-m", "offline_rlhf.cli"]
+    env = cpu_env(OMP_NUM_THREADS="1") if nproc > 1 else cpu_env()
+    return subprocess.Popen(head + [str(a) for a in args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finished(proc: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
+    """stdout and stderr of ``proc`` once it exits 0; a hang (gloo at exit) fails the test."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"{proc.args[:4]} hung")
+    assert proc.returncode == 0, err
+    return out, err
+
+
+def copy_task_inputs(directory, policy_dir, reward_dir, prompts: int, heldout: int) -> dict:
+    """Prompt and held-out shards of the copy task, with the tiny policy and reward model:
+    the inputs of the pipeline and nights jobs in the tests."""
+    from offline_rlhf.shards import ShardWriter
+    from offline_rlhf.toy import copy_prompts
+    for name, t in (("prompts", copy_prompts(prompts)),
+                    ("heldout", copy_prompts(prompts, split="test").slice(0, heldout))):
+        with ShardWriter(str(directory / name), "prompts") as w:
+            w.write(0, t)
+            w.finish(total_chunks=1)
+    return {"policy": policy_dir, "rm": reward_dir, "prompts": directory / "prompts",
+            "heldout": directory / "heldout"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -213,7 +213,7 @@ def test_ilql_trainer_loss_uses_next_state_targets_and_positive_advantages(tmp_p
         batch["actions"], 512, v=[[0.5, 0.2, -0.4], [0.1, 0.3, 0.6]],
         q1=[[0.3, 0.0, 0.6], [0.2, 0.4, 1.0]], q2=[[0.1, -0.1, 1.0], [0.0, 0.5, 0.5]],
         target_q1=[[0.9, 0.1, 0.0], [0.4, 0.2, 0.7]], target_q2=[[0.7, 0.3, -0.2], [0.6, 0.3, 0.9]]))
-    model = load_policy(policy_dir)
+    model = load_policy(policy_dir, device="cpu")   # the batch and the fixed heads are on the CPU
     with torch.no_grad():
         total, m = task.loss(model, batch)
         logits = model(input_ids=batch["input_ids"]).logits[:, 2:5]   # prompt is 3 tokens

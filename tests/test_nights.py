@@ -4,12 +4,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import kill_when
+from conftest import copy_task_inputs, kill_when
 
 from offline_rlhf.errors import InputError
 from offline_rlhf.nights import NightsConfig, NightsPlan, load_plan, night_overrides, run_nights
-from offline_rlhf.shards import ShardWriter
-from offline_rlhf.toy import copy_prompts
 
 JOB = """
 name = "nights"
@@ -64,12 +62,7 @@ max_new_tokens = 6
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, policy_dir, reward_dir):
-    d = tmp_path_factory.mktemp("nights_inputs")
-    for name, t in (("prompts", copy_prompts(8)), ("heldout", copy_prompts(8, split="test").slice(0, 4))):
-        with ShardWriter(str(d / name), "prompts") as w:
-            w.write(0, t)
-            w.finish(total_chunks=1)
-    return {"policy": policy_dir, "rm": reward_dir, "prompts": d / "prompts", "heldout": d / "heldout"}
+    return copy_task_inputs(tmp_path_factory.mktemp("nights_inputs"), policy_dir, reward_dir, 8, 4)
 
 
 def job(tmp_path, inputs, refresh=1, algorithm="grpo", name="job"):

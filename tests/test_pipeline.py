@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cpu_env
+from conftest import copy_task_inputs, cpu_env
 from safetensors.torch import load_file
 
 from offline_rlhf.errors import InputError
 from offline_rlhf.pipeline import load_pipeline, plan, run_pipeline
 from offline_rlhf.shards import ShardWriter, open_dataset
-from offline_rlhf.toy import copy_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,12 +71,7 @@ kl_samples = 2
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, policy_dir, reward_dir):
-    d = tmp_path_factory.mktemp("pipe_inputs")
-    for name, t in (("prompts", copy_prompts(12)), ("heldout", copy_prompts(12, split="test").slice(0, 6))):
-        with ShardWriter(str(d / name), "prompts") as w:
-            w.write(0, t)
-            w.finish(total_chunks=1)
-    return {"policy": policy_dir, "rm": reward_dir, "prompts": d / "prompts", "heldout": d / "heldout"}
+    return copy_task_inputs(tmp_path_factory.mktemp("pipe_inputs"), policy_dir, reward_dir, 12, 6)
 
 
 def job(tmp_path, inputs, work, steps=6):
@@ -214,7 +208,9 @@ def test_demo_main_command_raises_held_out_reward(tmp_path):
     transformers loading bars. (Also `demo --config FILE`.)"""
     cfg = tmp_path / "demo.yaml"
     cfg.write_text(f"workdir: {tmp_path / 'd'}\n")
-    env = {k: v for k, v in os.environ.items()   # what the CLI does by itself, not inherited
+    # on CPU (the demo is made for it): the start model's KL to itself is 0 only where
+    # sampling and the reference pass compute alike, in float32
+    env = {k: v for k, v in cpu_env().items()   # what the CLI does by itself, not inherited
            if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "TQDM_DISABLE")}
     with open(tmp_path / "out.txt", "w") as stdout, open(tmp_path / "err.txt", "w") as stderr:
         rc = subprocess.run([sys.executable, "-m", "offline_rlhf.cli", "demo", "--config", str(cfg)],

@@ -38,8 +38,10 @@ from offline_rlhf.stage import run_stage
 from offline_rlhf.toy import addition_prompts
 
 RAY = dict(executor="ray", ray_actors=2, ray_cpus_per_actor=0.5)  # 2 actors fit 2 CPUs
+# device cpu: the actors get no GPU (ray_gpus_per_actor 0), so the local runs compare only
+# when they, too, compute on the CPU, in float32, wherever the suite runs
 GEN = dict(num_samples=3, max_new_tokens=8, chunk_prompts=5, temperature=0.9, top_p=0.95,
-           top_k=40)
+           top_k=40, device="cpu")
 VOLATILE = ["created_at"]  # wall-clock time of generation: differs between any two runs
 
 
@@ -110,8 +112,8 @@ def test_score_and_logprobs_on_ray_equal_local(tmp_path, ray_session, local_gen,
                                                policy_dir):
     gen, _ = local_gen
     scored = dict(generations=gen, reward_model=str(reward_dir),
-                  weights={"reward_model": 1.0, "length_penalty": 0.1}, length_target=4)
-    ref = dict(generations=gen, reference=str(policy_dir), token_budget=64)
+                  weights={"reward_model": 1.0, "length_penalty": 0.1}, length_target=4, device="cpu")
+    ref = dict(generations=gen, reference=str(policy_dir), token_budget=64, device="cpu")
     for cls, run, kw in ((ScoreConfig, score, scored), (LogprobsConfig, compute_logprobs, ref)):
         with one_thread():
             lm = run(cls(output=str(tmp_path / f"{cls.__name__}-local"), **kw))

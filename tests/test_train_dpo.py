@@ -1,15 +1,10 @@
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from conftest import cpu_env
+from conftest import cli_on_cpu, finished, kill_when
 from safetensors.torch import load_file
 
 from offline_rlhf.errors import InputError
@@ -74,10 +69,6 @@ def test_accumulation_1x8_equals_8x1(tmp_path, pairs_ds, policy_dir):
     assert la == pytest.approx(lb, abs=1e-5)
 
 
-def _run(args, **kw):
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-
-
 def _train_args(pairs, out, policy, *extra):
     return ["train", "dpo", "--data", pairs, "--output", str(out), "--policy", str(policy),
             "--reference", str(policy), "--lr", "1e-3", "--batch-size", "8", "--micro-batch-size", "2",
@@ -90,25 +81,17 @@ def test_killed_after_checkpoint_resumes_to_identical_weights(tmp_path, pairs_ds
     GPU kernels need not be deterministic). The reference log-probs are computed by the
     first run only: the resumed run reads them."""
     extra = ["--max-steps", "30", "--save-steps", "10", "--lora-r", "4", "--lora-dropout", "0.2"]
-    cli = [sys.executable, "-m", "offline_rlhf.cli"]
-    full = _run(cli + _train_args(pairs_ds, tmp_path / "full", policy_dir, *extra), env=cpu_env())
-    assert full.wait(timeout=300) == 0, full.stderr.read()
-    killed = _run(cli + _train_args(pairs_ds, tmp_path / "k", policy_dir, *extra), env=cpu_env())
+    finished(cli_on_cpu(_train_args(pairs_ds, tmp_path / "full", policy_dir, *extra)))
+    killed = cli_on_cpu(_train_args(pairs_ds, tmp_path / "k", policy_dir, *extra))
     ckpts = tmp_path / "k" / "checkpoints"
-    deadline = time.time() + 300
-    while not (ckpts / "step-0000010" / "state.json").exists():
-        assert killed.poll() is None and time.time() < deadline
-        time.sleep(0.005)
-    os.kill(killed.pid, signal.SIGKILL)
+    kill_when(killed, (ckpts / "step-0000010" / "state.json").exists)
     first_err = killed.communicate()[1]
     assert not (tmp_path / "k" / "final").exists(), "the run finished before it could be killed"
     assert _reference_passes(first_err) == [48]
     for later in ckpts.glob("step-*"):  # the kill may land after step 20's checkpoint: resume
         if later.name != "step-0000010":  # from step 10 whichever way, so one count holds
             shutil.rmtree(later)
-    resumed = _run(cli + _train_args(pairs_ds, tmp_path / "k", policy_dir, *extra), env=cpu_env())
-    out, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
+    out, err = finished(cli_on_cpu(_train_args(pairs_ds, tmp_path / "k", policy_dir, *extra)))
     assert "step-0000010 at step 10" in out + err and re.search(r"(\d+) steps in", out).group(1) == "20"
     assert _reference_passes(err) == [] and "48 pairs reused from" in err
     for f in ("final/model.safetensors", "adapter/adapter_model.safetensors"):
@@ -133,19 +116,8 @@ def test_two_gloo_processes_match_one(tmp_path, pairs_ds, policy_dir):
     where a GPU is visible: two NCCL ranks on one GPU fail); they share the reference pass,
     each pair computed once."""
     extra = ["--max-steps", "4", "--save-steps", "2", "--max-grad-norm", "1e6"]
-    one = _run([sys.executable, "-m", "offline_rlhf.cli"] + _train_args(pairs_ds, tmp_path / "one", policy_dir, *extra),
-               env=cpu_env())
-    assert one.wait(timeout=300) == 0, one.stderr.read()
-    env = cpu_env(OMP_NUM_THREADS="1")
-    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "-m", "offline_rlhf.cli"] + _train_args(pairs_ds, tmp_path / "two", policy_dir, *extra),
-               env=env)
-    try:
-        out, err = two.communicate(timeout=300)  # must not hang at exit
-    except subprocess.TimeoutExpired:
-        two.kill()
-        pytest.fail("two-process run hung")
-    assert two.returncode == 0, err
+    finished(cli_on_cpu(_train_args(pairs_ds, tmp_path / "one", policy_dir, *extra)))
+    out, err = finished(cli_on_cpu(_train_args(pairs_ds, tmp_path / "two", policy_dir, *extra), nproc=2))
     assert sorted(_reference_passes(err)) == [24, 24]    # 48 pairs, each computed once
     assert (tmp_path / "two" / "reference_logps.safetensors").exists()
     la = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]

@@ -1,14 +1,11 @@
 import json
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import kill_when
+from conftest import cli_on_cpu, finished, kill_when
 from safetensors.torch import load_file
 
 from offline_rlhf.errors import InputError
@@ -30,19 +27,21 @@ def _rewrite(src, dst, **columns):
 @pytest.fixture(scope="module")
 def gens(tmp_path_factory, policy_dir):
     """Samples of the tiny policy (K=4) with a reward that varies within groups (the
-    count of even token ids), and reference log-probs: a fresh, scored dataset."""
+    count of even token ids), and reference log-probs: a fresh, scored dataset. Made in
+    float32 on CPU wherever the tests run: the identities below (ratio 1 on fresh data)
+    hold only when training computes as sampling did."""
     from offline_rlhf.generation import GenerateConfig, generate
     from offline_rlhf.logprobs import LogprobsConfig, compute_logprobs
     d = tmp_path_factory.mktemp("grpo")
     (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"What is {i}+{i % 3}? Answer:"}) + "\n"
                                              for i in range(16)))
     generate(GenerateConfig(prompts=str(d / "prompts.jsonl"), output=str(d / "gen"), policy=str(policy_dir),
-                            num_samples=4, temperature=1.0, max_new_tokens=6, seed=1))
+                            num_samples=4, temperature=1.0, max_new_tokens=6, seed=1, device="cpu"))
     t = open_dataset(str(d / "gen")).read()
     rewards = [float(sum(x % 2 == 0 for x in ids)) for ids in t.column("response_token_ids").to_pylist()]
     _rewrite(d / "gen", d / "scored", reward=rewards, reward_normalized=[0.0] * len(rewards))
     compute_logprobs(LogprobsConfig(generations=str(d / "scored"), output=str(d / "ref"),
-                                    reference=str(policy_dir)))
+                                    reference=str(policy_dir), device="cpu"))
     return {"scored": str(d / "scored"), "ref": str(d / "ref"), "dir": d}
 
 
@@ -101,7 +100,7 @@ def test_plan_computes_advantages_over_whole_groups_and_drops_equal_ones(gens):
 
 def test_five_steps_change_parameters_move_loss_and_log_off_policy_metrics(tmp_path, gens, policy_dir):
     out = tmp_path / "o"
-    s = train_grpo(cfg(gens["ref"], out, policy_dir, kl_coef=0.05, epochs=3, max_steps=0))
+    s = train_grpo(cfg(gens["ref"], out, policy_dir, kl_coef=0.05, epochs=3, max_steps=0, device="cpu"))
     before = load_file(str(policy_dir / "model.safetensors"))
     after = load_file(str(out / "final" / "model.safetensors"))
     assert not [k for k in before if torch.equal(before[k], after[k])]
@@ -132,7 +131,7 @@ def test_accumulation_does_not_change_the_token_mean(tmp_path, gens, policy_dir)
     acc = Accelerator(cpu=True)
     task = GRPOTask(cfg(gens["ref"], tmp_path / "o", policy_dir, kl_coef=0.1),
                     load_tokenizer(policy_dir, padding_side="right"))
-    model = load_policy(policy_dir, train=True)
+    model = load_policy(policy_dir, train=True, device="cpu")
     with torch.no_grad():  # move the policy off the behaviour policy, so that ratios are not all 1
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -165,10 +164,6 @@ def test_lora_trains_an_adapter(tmp_path, gens, policy_dir):
 
 # --------------------------------------------------------------------------- processes
 
-def _run(args, **kw):
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-
-
 def _train_args(data, out, policy, *extra):
     return ["train", "grpo", "--data", data, "--output", str(out), "--policy", str(policy), "--lr", "1e-3",
             "--batch-size", "8", "--micro-batch-size", "2", "--kl-coef", "0.05", "--clip-high", "0.28",
@@ -177,15 +172,11 @@ def _train_args(data, out, policy, *extra):
 
 def test_killed_after_checkpoint_resumes_to_identical_weights(tmp_path, gens, policy_dir):
     extra = ["--max-steps", "24", "--save-steps", "8"]
-    cli = [sys.executable, "-m", "offline_rlhf.cli"]
-    full = _run(cli + _train_args(gens["ref"], tmp_path / "full", policy_dir, *extra))
-    assert full.wait(timeout=300) == 0, full.stderr.read()
-    killed = _run(cli + _train_args(gens["ref"], tmp_path / "k", policy_dir, *extra))
+    finished(cli_on_cpu(_train_args(gens["ref"], tmp_path / "full", policy_dir, *extra)))
+    killed = cli_on_cpu(_train_args(gens["ref"], tmp_path / "k", policy_dir, *extra))
     kill_when(killed, (tmp_path / "k" / "checkpoints" / "step-0000008" / "state.json").exists)
     assert not (tmp_path / "k" / "final").exists(), "the run finished before it could be killed"
-    resumed = _run(cli + _train_args(gens["ref"], tmp_path / "k", policy_dir, *extra))
-    out, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
+    out, err = finished(cli_on_cpu(_train_args(gens["ref"], tmp_path / "k", policy_dir, *extra)))
     assert "resumed from" in out + err and re.search(r"(\d+) steps in", out).group(1) in ("16", "8")
     a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "k" / "final" / "model.safetensors"))
@@ -198,18 +189,8 @@ def test_killed_after_checkpoint_resumes_to_identical_weights(tmp_path, gens, po
 
 def test_two_gloo_processes_match_one(tmp_path, gens, policy_dir):
     extra = ["--max-steps", "4"]
-    one = _run([sys.executable, "-m", "offline_rlhf.cli"] + _train_args(gens["ref"], tmp_path / "one", policy_dir, *extra))
-    assert one.wait(timeout=300) == 0, one.stderr.read()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "-m", "offline_rlhf.cli"] + _train_args(gens["ref"], tmp_path / "two", policy_dir, *extra),
-               env=env)
-    try:
-        out, err = two.communicate(timeout=300)  # must not hang at exit
-    except subprocess.TimeoutExpired:
-        two.kill()
-        pytest.fail("two-process run hung")
-    assert two.returncode == 0, err
+    finished(cli_on_cpu(_train_args(gens["ref"], tmp_path / "one", policy_dir, *extra)))
+    finished(cli_on_cpu(_train_args(gens["ref"], tmp_path / "two", policy_dir, *extra), nproc=2))
     la, lb = _history(tmp_path / "one"), _history(tmp_path / "two")
     assert len(la) == len(lb) == 4
     for x, y in zip(la, lb):

@@ -275,6 +275,11 @@ def make_adapter(out, vpolicy, tokenizer, seed: int):
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, vpolicy, tokenizer):
+    from vllm.platforms import current_platform
+    if current_platform.device_type != "cpu":
+        # the CUDA LoRA kernels (punica, triton) take fp16/bf16 only, and in bf16 neither
+        # greedy tokens nor log-probs to 1e-3 need agree with transformers+peft
+        pytest.skip("vLLM LoRA against transformers+peft in float32: CPU build only")
     return make_adapter(tmp_path_factory.mktemp("adapter"), vpolicy, tokenizer, seed=0)
 
 

@@ -192,7 +192,7 @@ def report(res: dict, size: str, device: str) -> None:
               f"{f(r.get('peak_allocated_gib'), '.2f'):>11}{f(r.get('peak_reserved_gib'), '.2f'):>14}"
               f"{f(r['peak_rss_mib'], '.0f'):>9}")
     for k, v in res.get("ratios", {}).items():
-        print(f"{k:<44}{v:.2f}x")
+        print(f"{k:<50} {v:.2f}x")
 
 
 def ratios(runs: dict) -> dict:

@@ -13,6 +13,7 @@ from offline_rlhf.losses.grpo import (
     clipped_surrogate,
     dr_grpo_advantages,
     group_mean_std,
+    group_sums,
     grpo_advantages,
     grpo_loss,
     informative_groups,
@@ -43,6 +44,18 @@ def test_group_statistics_hand_computed():
     assert pair_std.tolist() == pytest.approx([math.sqrt(2)] * 2)
     assert rloo_advantages(t(1.0, 3.0), torch.tensor([0, 0])).tolist() == [-2.0, 2.0]
     assert reinforce_pp_advantages(t(4.0), torch.tensor([0])).tolist() == [0.0]
+    # two responses are enough for a batch std: centred -1, 1 -> std sqrt(2)
+    want = [-1 / (math.sqrt(2) + 1e-4), 1 / (math.sqrt(2) + 1e-4)]
+    assert reinforce_pp_advantages(t(1.0, 3.0), torch.tensor([0, 0])).tolist() == pytest.approx(want)
+
+
+def test_an_empty_batch_gives_empty_statistics_on_the_inputs_device():
+    empty, no_ids = t(), torch.tensor([], dtype=torch.long)
+    assert all(x.shape == (0,) for x in group_mean_std(empty, no_ids))
+    assert informative_groups(empty, no_ids).shape == (0,)
+    # the sums live where the rewards do (no host tensor mixed into a GPU batch)
+    sums = group_sums(torch.ones(3, device="meta"), torch.tensor([0, 0, 1], device="meta"), 2)
+    assert sums.device.type == "meta" and sums.shape == (2,)
 
 
 def test_advantages_hand_computed():
@@ -57,6 +70,13 @@ def test_advantages_hand_computed():
     assert reinforce_pp_advantages(REWARDS, GROUPS).tolist() == pytest.approx(want)
     for kind, fn in (("grpo", grpo_advantages), ("rloo", rloo_advantages)):
         assert torch.equal(advantages(REWARDS, GROUPS, kind), fn(REWARDS, GROUPS))
+    assert advantages(REWARDS, GROUPS).tolist() == pytest.approx(grpo_advantages(REWARDS, GROUPS).tolist())
+    # eps reaches the normalised kinds: eps = 1 turns sqrt(1/3) into sqrt(1/3) + 1
+    assert advantages(REWARDS, GROUPS, "grpo", eps=1.0).tolist() == pytest.approx(
+        [0.5 / (s + 1), -0.5 / (s + 1), -0.5 / (s + 1), 0.5 / (s + 1), 0, 0, 0, 0])
+    assert advantages(REWARDS, GROUPS, "reinforce_pp").tolist() == pytest.approx(want)
+    assert advantages(REWARDS, GROUPS, "reinforce_pp", eps=1.0).tolist() == pytest.approx(
+        [c / (math.sqrt(1 / 7) + 1) for c in centred])
     with pytest.raises(ValueError, match="advantage must be one of"):
         advantages(REWARDS, GROUPS, "ppo")
 
@@ -65,6 +85,8 @@ def test_informative_groups_are_the_ones_with_unequal_rewards():
     assert informative_groups(REWARDS, GROUPS).tolist() == [True] * 4 + [False] * 4
     # groups need not be contiguous
     assert informative_groups(t(1, 3, 1, 3), torch.tensor([0, 1, 0, 1])).tolist() == [False] * 4
+    # tol = 0 asks for exact equality: equal rewards are still uninformative
+    assert informative_groups(REWARDS, GROUPS, tol=0.0).tolist() == [True] * 4 + [False] * 4
 
 
 def test_grpo_advantages_match_trl_formula():
@@ -127,6 +149,9 @@ def test_clipped_surrogate_hand_computed_with_clip_higher_and_cap():
     # at the bounds themselves both branches agree: not clipped
     assert clip_active(t(0.8, 1.28), t(-1.0, 1.0), 0.2, 0.28).tolist() == [False, False]
     assert clip_active(t(0.79, 1.29), t(-1.0, 1.0), 0.2, 0.28).tolist() == [True, True]
+    # A = 0: both branches are 0, nothing clipped; a low ratio with A > 0 is never clipped
+    assert clip_active(t(0.5, 1.5), t(0.0, 0.0), 0.2, 0.28).tolist() == [False, False]
+    assert clip_active(t(0.5, 0.5), t(0.5, 1.0), 0.2, 0.28).tolist() == [False, False]
 
 
 def test_clipped_tokens_have_no_gradient_and_the_others_the_ratio_gradient():
@@ -166,7 +191,7 @@ def test_sequence_ratio_is_the_length_normalised_gspo_ratio():
         n = int(mask[i].sum())
         want = (logps[i, :n] - behaviour[i, :n]).sum() / n
         assert torch.allclose(log_s[i], want.expand(log_s.shape[1]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="importance must be one of"):
         log_importance(logps, behaviour, mask, "segment")
 
 
@@ -218,6 +243,108 @@ def test_aggregations_hand_computed():
     assert aggregate(per_token, mask, "constant", length=10).tolist() == [0.3, 0.3]
     with pytest.raises(ValueError, match="positive length"):
         aggregate(per_token, mask, "constant")
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        aggregate(per_token, mask, "sum", length=1.0)
+    # the loss keeps the per-token dtype whatever the mask's
+    assert aggregate(per_token.to(torch.bfloat16), mask.float(), "sequence_mean").dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------- metrics and defaults
+
+def _two_sequences():
+    """Two responses, mask [[1, 1, 0], [1, 0, 0]]; ratios pi/mu 2, 0.5 | 0.5 on the real tokens
+    (padding ratios 4, 3, 3 that nothing may count); ref - logp = 0, ln 2 | -ln 2 (padding 1)."""
+    ln2 = math.log(2)
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.5, -0.7]], dtype=torch.float64)
+    log_ratio = torch.tensor([[ln2, -ln2, math.log(4)], [-ln2, math.log(3), math.log(3)]], dtype=torch.float64)
+    ref = logps + torch.tensor([[0.0, ln2, 1.0], [-ln2, 1.0, 1.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    return logps.requires_grad_(True), logps - log_ratio, ref, mask, t(1.0, -1.0)
+
+
+def test_loss_and_metrics_hand_computed():
+    logps, behaviour, ref, mask, adv = _two_sequences()
+    ln2 = math.log(2)
+    losses, m = grpo_loss(logps, behaviour, adv, mask, ref_logps=ref, kl_coef=0.1, band_high=1.5,
+                          aggregation="sequence_mean")
+    # seq 0 (A = 1): ratio 2 is clipped to 1.2 but leaves the band (> 1.5): 0; ratio 0.5: -0.5;
+    # k3: 0 and e^ln2 - ln2 - 1. seq 1 (A = -1): ratio 0.5 -> -min(-0.5, -0.8) = 0.8; k3 0.5 + ln2 - 1
+    assert losses.tolist() == pytest.approx([(-0.5 + 0.1 * (1 - ln2)) / 2, 0.8 + 0.1 * (ln2 - 0.5)])
+    want = {"tokens": [2, 1], "clipped": [1, 1], "masked": [1, 0], "ratio": [2.5, 0.5],
+            "ratio_sq": [4.25, 0.25], "ratio/max": [2, 0.5],
+            "staleness_kl": [(1 - ln2) + (-0.5 + ln2), -0.5 + ln2],  # (r - 1) - ln r
+            "kl_ref": [1 - ln2, ln2 - 0.5], "advantage": [1, -1]}
+    assert set(m) == set(want)
+    for key, value in want.items():
+        assert m[key].shape == (2,) and m[key].tolist() == pytest.approx(value), key
+    # without a reference there is no kl_ref
+    _, m = grpo_loss(logps, behaviour, adv, mask, aggregation="sequence_mean")
+    assert "kl_ref" not in m and m["ratio"].tolist() == pytest.approx([2.5, 0.5])
+
+
+@pytest.mark.parametrize("importance", ["token", "sequence", "none"])
+def test_ratio_metrics_report_the_importance_weight_in_use(importance):
+    logps, behaviour, _, mask, adv = _two_sequences()
+    _, m = grpo_loss(logps, behaviour, adv, mask, importance=importance, aggregation="sequence_mean")
+    if importance == "sequence":  # seq 0: exp(mean(ln 2, -ln 2)) = 1 on both tokens; seq 1: 0.5
+        want = {"ratio": [2, 0.5], "ratio_sq": [2, 0.25], "ratio/max": [1, 0.5]}
+    else:  # the token ratios pi/mu, also when the loss holds them at 1 ("none")
+        want = {"ratio": [2.5, 0.5], "ratio_sq": [4.25, 0.25], "ratio/max": [2, 0.5]}
+    for key, value in want.items():
+        assert m[key].tolist() == pytest.approx(value), key
+
+
+def test_ratio_cap_bounds_the_loss_of_negative_advantage_tokens():
+    logps = t(0.0).view(1, 1).requires_grad_(True)
+    behaviour, mask, adv = -t(math.log(4)).view(1, 1), t(1.0).view(1, 1), t(-1.0)
+    uncapped, _ = grpo_loss(logps, behaviour, adv, mask, aggregation="constant", length=1.0)
+    capped, _ = grpo_loss(logps, behaviour, adv, mask, ratio_cap=3.0, aggregation="constant", length=1.0)
+    assert uncapped.item() == pytest.approx(4.0) and capped.item() == pytest.approx(3.0)  # -min(-4, -1.2)
+
+
+def test_truncation_counts_only_ratios_above_the_cap():
+    logps, _, _, mask, adv = _two_sequences()
+    # pi = mu and a cap of 1 (CISPO): every ratio is exactly the cap, none is truncated
+    _, m = grpo_loss(logps, logps.detach(), adv, mask, objective="truncate", ratio_cap=1.0,
+                     aggregation="sequence_mean")
+    assert m["clipped"].tolist() == [0, 0]
+    _, m = grpo_loss(logps, logps.detach() - 1e-3, adv, mask, objective="truncate", ratio_cap=1.0,
+                     aggregation="sequence_mean")
+    assert m["clipped"].tolist() == [2, 1]
+
+
+def test_dtypes_follow_the_policy_log_probs():
+    logps, behaviour, ref, mask, _ = _two_sequences()
+    logps = logps.detach().float().requires_grad_(True)
+    losses, m = grpo_loss(logps, behaviour.float(), t(1.0, -1.0), mask.bool(), ref_logps=ref.float(),
+                          aggregation="sequence_mean")
+    assert losses.dtype == torch.float32 and all(v.dtype == torch.float32 for v in m.values())
+    assert m["tokens"].mean().item() == 1.5  # a float, so metrics can be averaged
+
+
+def test_documented_defaults():
+    assert advantages(t(1.0, 3.0), torch.tensor([0, 0])).tolist() == pytest.approx(
+        [-1 / (math.sqrt(2) + 1e-4), 1 / (math.sqrt(2) + 1e-4)])  # grpo
+    logps, behaviour, _, mask, adv = _two_sequences()
+    assert torch.equal(log_importance(logps, behaviour, mask), logps - behaviour)  # token
+    # PPO's eps = 0.2 on both sides
+    assert clipped_surrogate(t(0.5, 1.5), t(-1.0, 1.0)).tolist() == pytest.approx([0.8, -1.2])
+    # truncation at C = 1: -min(1.5, 1) * 2 * (-0.5)
+    assert truncated_surrogate(t(1.5), t(2.0), t(-0.5)).tolist() == pytest.approx([1.0])
+    assert band_mask(t(0.0, 0.5, 1e6)).tolist() == [1, 1, 1]  # the band is [0, inf)
+    per_token, pad = t(1.0, 2.0, 3.0, 4.0).view(2, 2), t(1.0, 1.0, 1.0, 0.0).view(2, 2)
+    assert aggregate(per_token, pad, length=1.5).tolist() == pytest.approx([2.0, 2.0])  # token_mean
+    losses, _ = grpo_loss(logps, behaviour, adv, mask, length=1.5)
+    want, _ = grpo_loss(logps, behaviour, adv, mask, aggregation="token_mean", length=1.5)
+    assert torch.equal(losses, want)
+
+
+def test_grpo_loss_rejects_bad_arguments():
+    logps, behaviour, _, mask, adv = _two_sequences()
+    with pytest.raises(ValueError, match="objective must be one of"):
+        grpo_loss(logps, behaviour, adv, mask, objective="ppo", length=1.0)
+    with pytest.raises(ValueError, match="^kl_coef > 0 needs ref_logps$"):
+        grpo_loss(logps, behaviour, adv, mask, kl_coef=0.1, length=1.0)
 
 
 # --------------------------------------------------------------------------- TRL parity

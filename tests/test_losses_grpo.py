@@ -298,8 +298,13 @@ def test_ratio_cap_bounds_the_loss_of_negative_advantage_tokens():
     logps = t(0.0).view(1, 1).requires_grad_(True)
     behaviour, mask, adv = -t(math.log(4)).view(1, 1), t(1.0).view(1, 1), t(-1.0)
     uncapped, _ = grpo_loss(logps, behaviour, adv, mask, aggregation="constant", length=1.0)
-    capped, _ = grpo_loss(logps, behaviour, adv, mask, ratio_cap=3.0, aggregation="constant", length=1.0)
+    capped, m = grpo_loss(logps, behaviour, adv, mask, ratio_cap=3.0, aggregation="constant", length=1.0)
     assert uncapped.item() == pytest.approx(4.0) and capped.item() == pytest.approx(3.0)  # -min(-4, -1.2)
+    # the capped token has no gradient (the loss is the constant 3 there): it counts as clipped
+    capped.sum().backward()
+    assert logps.grad.item() == 0.0 and m["clipped"].tolist() == [1.0]
+    _, m = grpo_loss(logps, behaviour, adv, mask, ratio_cap=5.0, aggregation="constant", length=1.0)
+    assert m["clipped"].tolist() == [0.0]   # ratio 4 < C = 5 with A < 0: the unclipped branch
 
 
 def test_truncation_counts_only_ratios_above_the_cap():

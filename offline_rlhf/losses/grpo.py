@@ -174,10 +174,13 @@ def truncated_surrogate(ratio: torch.Tensor, adv: torch.Tensor, logps: torch.Ten
     return -ratio.detach().clamp(max=cap) * adv * logps
 
 
-def clip_active(ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float) -> torch.Tensor:
-    """Tokens whose clipped branch is taken (no gradient): ratio below 1 - eps_low with
-    A < 0, or above 1 + eps_high with A > 0."""
-    return ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+def clip_active(ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float,
+                cap: float = math.inf) -> torch.Tensor:
+    """Tokens whose clipped or capped branch is taken (no gradient): ratio below
+    1 - eps_low with A < 0, above 1 + eps_high with A > 0, or above the dual-clip cap C
+    with A < 0."""
+    return (((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+            | ((ratio > cap) & (adv < 0)))
 
 
 def band_mask(ratio: torch.Tensor, low: float = 0.0, high: float = math.inf) -> torch.Tensor:
@@ -247,7 +250,7 @@ def grpo_loss(logps: torch.Tensor, behaviour_logps: torch.Tensor, advantages: to
     ratio = torch.exp(log_importance(logps, behaviour_logps, mask, importance))
     if objective == "clip":
         per_token = clipped_surrogate(ratio, adv, eps_low, eps_high, ratio_cap)
-        clipped = clip_active(ratio.detach(), adv, eps_low, eps_high)
+        clipped = clip_active(ratio.detach(), adv, eps_low, eps_high, ratio_cap)
     else:
         per_token = truncated_surrogate(ratio, adv, logps, ratio_cap)
         clipped = ratio.detach() > ratio_cap * (1 + 1e-6)  # not float noise around a cap of 1

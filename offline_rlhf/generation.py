@@ -54,7 +54,7 @@ class GenerateConfig(BackendOptions, ExecutorOptions):
     overlong: str = opt("error", "prompts over max_prompt_tokens: error | truncate (keep the "
                         "last tokens) | skip; truncated and skipped prompts are counted in the manifest")
     token_budget: int | None = opt(None, "hf backend: tokens per batch, prompts x K x (longest "
-                                   "prompt + max_new_tokens) (default: 32768 on CPU; on CUDA "
+                                   "prompt + max_new_tokens) (default: 16384 on CPU; on CUDA "
                                    "sized from free memory and printed)")
     chunk_prompts: int = opt(256, "prompts per output shard: the unit of resume and of work sharing")
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")

@@ -46,7 +46,7 @@ def test_kv_bytes_and_cuda_budget_closed_form():
 def test_default_budget_is_the_cpu_constant_on_cpu(policy_dir, tmp_path):
     model = load_policy(policy_dir, device="cpu")
     cfg = GenerateConfig(prompts="p", output=str(tmp_path / "o"), policy=str(policy_dir))
-    assert cfg.token_budget is None and default_token_budget(model, cfg) == CPU_TOKEN_BUDGET == 32768
+    assert cfg.token_budget is None and default_token_budget(model, cfg) == CPU_TOKEN_BUDGET == 16384
 
 
 def test_decode_loop_raises_no_cache_deprecation(policy_dir, tokenizer):

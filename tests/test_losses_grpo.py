@@ -411,3 +411,19 @@ def test_parity_with_trl_grpo_loss(loss_type, objective, aggregation, level, bet
     (g_trl,) = torch.autograd.grad(theirs, trl_in)
     assert torch.allclose(g_ours * mask, g_trl * mask, atol=1e-5)
     assert g_trl.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cap", [math.inf, 3.0, 1.1, 0.5])
+def test_clipped_metric_marks_exactly_the_tokens_without_gradient(cap):
+    """Checked against autograd, not a formula: over a grid of ratios (none on a branch
+    edge) and advantages of each sign, a token counts as clipped exactly where its
+    per-token clipped-surrogate loss has zero gradient. A = 0 tokens have no gradient
+    whatever the ratio, and are not counted: no branch clipped them."""
+    ratios = torch.tensor([0.3, 0.75, 0.95, 1.05, 1.15, 1.3, 2.0, 3.5, 5.0], dtype=torch.float64)
+    assert not clip_active(ratios, torch.zeros_like(ratios), 0.2, 0.2, cap).any()
+    for a in (-1.5, -0.5, 0.5, 1.5):
+        r = ratios.clone().requires_grad_(True)
+        adv = torch.full_like(r, a)
+        clipped_surrogate(r, adv, 0.2, 0.2, cap).sum().backward()
+        no_grad = r.grad == 0
+        assert clip_active(r.detach(), adv, 0.2, 0.2, cap).tolist() == no_grad.tolist(), (a, cap)

@@ -176,11 +176,12 @@ def truncated_surrogate(ratio: torch.Tensor, adv: torch.Tensor, logps: torch.Ten
 
 def clip_active(ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float,
                 cap: float = math.inf) -> torch.Tensor:
-    """Tokens whose clipped or capped branch is taken (no gradient): ratio below
-    1 - eps_low with A < 0, above 1 + eps_high with A > 0, or above the dual-clip cap C
-    with A < 0."""
-    return (((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
-            | ((ratio > cap) & (adv < 0)))
+    """Tokens of :func:`clipped_surrogate` that give no gradient (a constant branch is
+    taken): with A > 0, ratio above min(C, 1 + eps_high); with A < 0, ratio below
+    1 - eps_low or above max(C, 1 + eps_high) (the dual-clip cap C); never with A = 0."""
+    up = 1 + eps_high
+    return (((adv > 0) & (ratio > min(cap, up)))
+            | ((adv < 0) & ((ratio < 1 - eps_low) | (ratio > max(cap, up)))))
 
 
 def band_mask(ratio: torch.Tensor, low: float = 0.0, high: float = math.inf) -> torch.Tensor:

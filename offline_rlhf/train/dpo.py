@@ -24,8 +24,8 @@ from ..config import opt
 from ..errors import InputError
 from ..losses.common import masked_sums, token_logps
 from ..losses.dpo import LOSS_TYPES, dpo_loss, nll_term
-from ..models import check_model_dir, fingerprint
-from ..pairs import check_pairs_source, pairs_fingerprint, read_pairs
+from ..models import check_model_dir
+from ..pairs import check_pairs_source, read_pairs
 from ..shards import is_dataset, open_dataset_of
 from .loop import TrainConfig, fit, micro_batches
 
@@ -88,7 +88,6 @@ class DPOTask:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.layout = "mask" if cfg.share_prompt else "rows"   # settled by prepare()
         rows = read_pairs(cfg.data, tokenizer, PAIR_COLUMNS, "train dpo")
-        self.data_fingerprint = pairs_fingerprint(cfg.data, fingerprint(cfg.policy))
         if not rows:
             raise InputError(f"{cfg.data}: has no pairs")
         self.stats = {"pairs": len(rows), "prompts_truncated": 0, "completions_truncated": 0,

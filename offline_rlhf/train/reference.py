@@ -104,7 +104,9 @@ def fill_reference(task, model, acc) -> tuple[np.ndarray, dict]:
     output's cache when it matches, else computed (shared over the processes) and stored."""
     cfg, need = task.cfg, task.need
     source = resolve_source(cfg, model)
-    meta = cache_key(cfg, source, task.data_fingerprint, acc.mixed_precision)
+    from ..pairs import pairs_fingerprint  # the data's content, hashed only when a pass is due
+    meta = cache_key(cfg, source, pairs_fingerprint(cfg.data, fingerprint(cfg.policy)),
+                     acc.mixed_precision)
     key = config_hash(meta)
     path = Path(cfg.output) / CACHE_NAME
     cached = read_cache(path, key, need)

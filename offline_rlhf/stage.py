@@ -120,7 +120,7 @@ class LazyWorker:
         for part in loaded if isinstance(loaded, tuple) else (loaded,):
             if callable(getattr(part, "close", None)):
                 part.close()
-        loaded = part = None
+        loaded = part = None   # this frame's references too, or the collection cannot free them
         free_memory()   # the next stage (pairs, training) gets the models' memory
 
 

@@ -68,6 +68,9 @@ class DemoConfig:
     workdir: str = opt("demo_run", "where the demo keeps everything (the start model is cached there)")
     pipeline: str = opt(DEMO_PIPELINE, "job file to run")
     overrides: list[str] = opt([], "KEY=VALUE overrides of job keys")
+    seed: int = opt(0, "seeds everything: the start model's initialisation and training, the "
+                    "prompt split, sampling, training and evaluation (each seed is prepared and "
+                    "cached in WORKDIR/seed-N)")
 
 
 @dataclasses.dataclass
@@ -252,7 +255,7 @@ def _nights(cfg) -> int:
 
 def _demo(cfg, _) -> int:
     from .demo import run_demo
-    return run_demo(cfg.workdir, cfg.pipeline, cfg.overrides)
+    return run_demo(cfg.workdir, cfg.pipeline, cfg.overrides, cfg.seed)
 
 
 # --------------------------------------------------------------------------- the parser

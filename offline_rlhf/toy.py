@@ -56,14 +56,16 @@ def copy_prompts(n: int, seed: int = 0, split: str = "train", length: int = 4) -
     return pa.Table.from_pylist(rows)
 
 
-def setup_copy_task(root, n_train: int = 300, n_test: int = 100) -> None:
+def setup_copy_task(root, n_train: int = 300, n_test: int = 100, seed: int = 0) -> None:
     """Train / held-out prompts datasets (``train_prompts``, ``test_prompts``) and an SFT
-    file of correct answers (``sft.jsonl``) under ``root``, for the copy task."""
+    file of correct answers (``sft.jsonl``) under ``root``, for the copy task (the digit
+    strings, and so the split, drawn by ``seed``)."""
     from pathlib import Path
 
     from .shards import ShardWriter
     root = Path(root)
-    train, test = copy_prompts(n_train, split="train"), copy_prompts(n_train, split="test").slice(0, n_test)
+    train = copy_prompts(n_train, seed=seed, split="train")
+    test = copy_prompts(n_train, seed=seed, split="test").slice(0, n_test)
     for name, t in (("train_prompts", train), ("test_prompts", test)):
         with ShardWriter(str(root / name), "prompts", lineage={"source": f"toy:copy:{name}"}) as w:
             w.write(0, t)
@@ -84,6 +86,61 @@ def exact_match(model, prompts, work, **generate_kw) -> float:
                             num_samples=1, greedy=True, max_new_tokens=10, **generate_kw))
     score(ScoreConfig(generations=str(work) + "/g", output=str(work) + "/s", weights={"exact_match": 1.0}))
     return float(np.mean(open_dataset(str(work) + "/s").read(columns=["reward"]).column("reward").to_pylist()))
+
+
+def sampled_yield(model, prompts, work, num_samples: int = 16, temperature: float = 0.7,
+                  seed: int = 0) -> dict:
+    """What sampling from ``model`` at ``temperature`` gives a preference loop on a prompts
+    dataset: the mean exact match of the samples and the fraction of prompts whose
+    ``num_samples`` samples are *informative* (some right, some wrong: the prompts that
+    yield a pair, or a non-zero group advantage)."""
+    import numpy as np
+
+    from .generation import GenerateConfig, generate
+    from .rewards.score import ScoreConfig, score
+    from .shards import open_dataset
+    generate(GenerateConfig(prompts=str(prompts), output=str(work) + "/g", policy=str(model),
+                            num_samples=num_samples, temperature=temperature, max_new_tokens=10,
+                            seed=seed))
+    score(ScoreConfig(generations=str(work) + "/g", output=str(work) + "/s",
+                      weights={"exact_match": 1.0}))
+    t = open_dataset(str(work) + "/s").read(columns=["prompt_id", "reward"]).to_pydict()
+    groups: dict[str, list[float]] = {}
+    for pid, r in zip(t["prompt_id"], t["reward"]):
+        groups.setdefault(pid, []).append(r)
+    means = np.array([np.mean(v) for v in groups.values()])
+    return {"sampled_exact_match": float(means.mean()),
+            "informative": float(((means > 0) & (means < 1)).mean())}
+
+
+def pretrain_until_learnable(root, min_informative: float = 0.3, num_samples: int = 16,
+                             temperature: float = 0.7, seed: int = 0, max_steps: int = 400):
+    """A tiny model trained from scratch (seeded by ``seed``) on ``root``'s copy task until
+    sampling from it makes a preference loop learnable: at least ``min_informative`` of
+    the train prompts get ``num_samples`` samples at ``temperature`` that are some right,
+    some wrong. Returns (model dir, SFT steps, :func:`sampled_yield` figures).
+
+    The copy task is learnt abruptly (held-out exact match goes from 0 to 1 within some
+    20 steps at this rate), so rounds are 5 steps until the first informative groups
+    appear and 2 steps after, to stop inside that window on any CPU and at any seed."""
+    from pathlib import Path
+
+    from .tiny import build_tiny_model
+    from .train.sft import SFTTrainConfig, train_sft
+    root = Path(root)
+    model = build_tiny_model(root / "scratch", hidden=64, layers=2, heads=4, seed=seed)
+    steps, k, stats = 0, 0, {"informative": 0.0}
+    while stats["informative"] < min_informative and steps < max_steps:
+        n = 5 if stats["informative"] < 0.05 else 2
+        train_sft(SFTTrainConfig(data=str(root / "sft.jsonl"), output=str(root / f"pre{k}"),
+                                 policy=str(model), lr=3e-3, max_steps=n, batch_size=32,
+                                 micro_batch_size=32, report_to="none", schedule="constant",
+                                 seed=seed * 1000 + k))
+        model, steps = root / f"pre{k}" / "final", steps + n
+        stats = sampled_yield(model, root / "train_prompts", root / f"yield{k}", num_samples,
+                              temperature, seed)
+        k += 1
+    return model, steps, stats
 
 
 def pretrain_to(root, below: float, max_rounds: int = 40):

@@ -110,6 +110,7 @@ def fill_reference(task, model, acc) -> tuple[np.ndarray, dict]:
     from ..pairs import pairs_fingerprint  # the data's content, hashed only when a pass is due
     meta = cache_key(cfg, source, pairs_fingerprint(cfg.data, fingerprint(cfg.policy)),
                      acc.mixed_precision)
+    meta.update(getattr(task, "reference_key", {}))   # what else the task's sums depend on
     key = config_hash(meta)
     path = Path(cfg.output) / CACHE_NAME
     cached = read_cache(path, key, need)

@@ -231,3 +231,27 @@ def test_refusals_in_one_line(tmp_path, policy_dir):
     src.write_text(json.dumps({"prompt": "q", "completion": "a", "label": True}) + "\n")
     one_error_line(cli(*_args(src, tmp_path / "o", policy_dir, "--desirable-threshold", "0")),
                    "desirable_threshold:", "has labels, not rewards")
+
+
+def test_pipeline_runs_a_kto_stage(tmp_path, policy_dir):
+    """`algorithm = "kto"` in a job file is a train stage like any other (ALGORITHMS)."""
+    gen = _generations(tmp_path)
+    job = tmp_path / "job.toml"
+    job.write_text(f'''name = "kto"
+workdir = "{tmp_path / 'w'}"
+[inputs]
+policy = "{policy_dir}"
+scored = "{gen}"
+[stages.kto]
+kind = "train"
+algorithm = "kto"
+data = "inputs.scored"
+policy = "inputs.policy"
+max_steps = 1
+batch_size = 8
+report_to = "none"
+''')
+    r = cli("pipeline", "run", job)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summaries = list((tmp_path / "w").rglob("train_summary.json"))
+    assert len(summaries) == 1 and json.loads(summaries[0].read_text())["data"]["source"] == "generations"

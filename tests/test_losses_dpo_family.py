@@ -179,6 +179,8 @@ def test_f_divergence_values_hand_computed():
     assert f_scores(t(x), "js_divergence").item() == pytest.approx(math.log(2 * math.exp(x) / (1 + math.exp(x))))
     assert f_scores(t(x), "alpha_divergence", 0.3).item() == pytest.approx((math.exp(-0.7 * x) - 1) / -0.7)
     assert f_scores(t(x), "alpha_divergence", 1.0).item() == pytest.approx(x)
+    # the exponent is clamped at 80 (as TRL in float32), so a huge ratio stays finite
+    assert f_scores(t(100.0), "alpha_divergence", 2.0).item() == pytest.approx(math.exp(80) - 1)
 
 
 def test_hand_computed_values():
@@ -202,15 +204,15 @@ def test_hand_computed_values():
 def test_sft_is_per_token_over_the_batch():
     """sft: minus the batch's summed chosen log-probs over its chosen tokens (TRL), whatever
     the split: with the step's mean length given, two halves average to the whole."""
-    pc, nc = t(-6.0, -2.0, -9.0), t(3.0, 1.0, 2.0)
+    pc, nc = t(-6.0, -2.0, -9.0), t(3.0, 1.0, 1.0)
     whole, _ = dpo_loss(pc, pc, None, None, loss_type="sft", chosen_lengths=nc, rejected_lengths=nc)
-    assert whole.mean().item() == pytest.approx(17.0 / 6.0)
+    assert whole.mean().item() == pytest.approx(17.0 / 5.0)
     mean = nc.mean()
     a, _ = dpo_loss(pc[:1], pc[:1], None, None, loss_type="sft", chosen_lengths=nc[:1],
                     rejected_lengths=nc[:1], sft_mean_tokens=mean)
     b, _ = dpo_loss(pc[1:], pc[1:], None, None, loss_type="sft", chosen_lengths=nc[1:],
                     rejected_lengths=nc[1:], sft_mean_tokens=mean)
-    assert torch.cat([a, b]).mean().item() == pytest.approx(17.0 / 6.0)
+    assert torch.cat([a, b]).mean().item() == pytest.approx(17.0 / 5.0)
 
 
 def test_aot_is_a_batch_loss_by_ranks():
@@ -235,6 +237,8 @@ def test_combination_is_the_weighted_sum_of_its_parts():
     both, m = dpo_loss(pc, pr, rc, rr, loss_type="sigmoid,hinge", loss_weights=[0.3, 2.0])
     assert torch.allclose(both, 0.3 * one["sigmoid"] + 2.0 * one["hinge"])
     assert torch.equal(m["loss/hinge"], one["hinge"])
+    _, single = dpo_loss(pc, pr, rc, rr, loss_type="sigmoid")
+    assert not any(k.startswith("loss/") for k in single)   # one term: the total is the part
 
 
 def test_refusals():

@@ -82,6 +82,13 @@ def test_kto_matches_trl(loss_type, seed, dw, uw):
     d = m["desirable"].bool()
     assert m["rewards"][d].mean().item() == pytest.approx(theirs["rewards/chosen"], abs=1e-5)
     assert m["rewards"][~d].mean().item() == pytest.approx(theirs["rewards/rejected"], abs=1e-5)
+    share = m["desirable"].mean().item()
+    assert (m["rewards/desirable_sum"].mean().item() / share ==
+            pytest.approx(theirs["rewards/chosen"], abs=1e-5))
+    assert (m["rewards/undesirable_sum"].mean().item() / (1 - share) ==
+            pytest.approx(theirs["rewards/rejected"], abs=1e-5))
+    assert m["logps"][d].mean().item() == pytest.approx(theirs["logps/chosen"], abs=1e-5)
+    assert torch.all(m["kl"] == z0)          # logged as given (apo_zero_unpaired does not use it)
 
 
 def test_kto_closed_forms():
@@ -110,6 +117,8 @@ def test_balanced_weights():
     assert balanced_weights(10, 30, None, 2.0) == (6.0, 2.0)
     assert balanced_weights(10, 30, 1.5, None) == (1.5, 0.5)
     assert balanced_weights(10, 30, 1.0, 1.0) == (1.0, 1.0)
+    assert balanced_weights(1, 3, None, None) == (3.0, 1.0)
+    assert balanced_weights(0, 3, None, None) == (3.0, 1.0)     # an empty class counts as one
 
 
 def test_labels_from_rewards():

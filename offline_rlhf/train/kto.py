@@ -39,7 +39,8 @@ class KTOTrainConfig(TrainConfig):
     beta: float = opt(0.1, "strength of the KL regularisation")
     desirable_weight: float | None = opt(None, "lambda_D; default: the classes balance "
                                          "(lambda_D n_D = lambda_U n_U, the minority weighted up)")
-    undesirable_weight: float | None = opt(None, "lambda_U; default: as --desirable-weight")
+    undesirable_weight: float | None = opt(None, "lambda_U; default: the classes balance, as for "
+                                           "--desirable-weight (one given: the other balances it)")
     desirable_threshold: float | None = opt(None, "generations: reward >= this is desirable, below "
                                             "it undesirable (default: --group-fraction)")
     group_fraction: float = opt(0.5, "generations without a threshold: in each prompt's group the top "

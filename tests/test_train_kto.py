@@ -264,3 +264,17 @@ report_to = "none"
     assert r.returncode == 0, r.stderr[-3000:]
     summaries = list((tmp_path / "w").rglob("train_summary.json"))
     assert len(summaries) == 1 and json.loads(summaries[0].read_text())["data"]["source"] == "generations"
+
+
+def test_lora_policy_is_its_own_reference_adapter_off(tmp_path, policy_dir):
+    """With LoRA the default reference is the policy's base (adapter off), no second model:
+    at the first step the policy equals it, z0 is 0 and every loss is 1/2."""
+    from offline_rlhf.train.kto import KTOTrainConfig, train_kto
+    cfg = KTOTrainConfig(data=_generations(tmp_path), output=str(tmp_path / "o"), policy=str(policy_dir),
+                         lr=1e-2, batch_size=8, micro_batch_size=4, max_steps=3, report_to="none",
+                         lora_r=4)
+    s = train_kto(cfg)
+    assert "adapter off" in s["data"]["reference"]
+    assert s["first"]["loss"] == pytest.approx(0.5, abs=1e-5) and s["first"]["kl"] == pytest.approx(0, abs=1e-5)
+    assert s["last"]["loss"] < s["first"]["loss"]
+    assert (tmp_path / "o" / "adapter" / "adapter_model.safetensors").exists()

@@ -218,7 +218,7 @@ def write_report(results: dict, out: Path, metrics: list) -> None:
         rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
         rows = [r for r in rows if "loss" in r]
         if rows:
-            keys = [k for k in ("loss", "rewards/margins", "rewards/accuracies", "nll") if k in rows[0]]
+            keys = [k for k in ("loss", "rewards/margins", "rewards/accuracies", "loss/nll") if k in rows[0]]
             pngs.append(curves([r["step"] for r in rows], {k: [r[k] for r in rows] for k in keys},
                                out / f"training-{i}.png", f"Training curves ({Path(path).parent.name})"))
     md = ["# Evaluation report", "", "| | baseline | policy |", "|---|---|---|"]

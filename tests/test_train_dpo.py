@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+from cli_helpers import cli, one_error_line
 from conftest import cli_on_cpu, finished, kill_when
 from safetensors.torch import load_file
 
@@ -187,12 +188,12 @@ def test_truncation_is_counted(tmp_path, pairs_ds, policy_dir):
     assert task.stats["pairs_dropped_truncated"] > 0 and len(task.prompts) == len(task.ref_chosen)
 
 
-def _layout_logps(pairs_ds, policy_dir, tmp_path, layouts, idx):
+def _layout_logps(pairs_ds, policy_dir, tmp_path, layouts, idx, **kw):
     from offline_rlhf.models import load_policy, load_tokenizer
     from offline_rlhf.train.dpo import DPOTask, use_layout
     tok = load_tokenizer(policy_dir, padding_side="right")
     model = load_policy(policy_dir, dtype="float32")   # on the package's device
-    task = DPOTask(cfg(pairs_ds, tmp_path / "o", policy_dir), tok)
+    task = DPOTask(cfg(pairs_ds, tmp_path / "o", policy_dir, **kw), tok)
     out = {}
     for layout in layouts:
         task.layout = layout
@@ -336,3 +337,73 @@ def test_computed_reference_trains_like_a_stored_one(tmp_path, pairs_ds, policy_
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
     assert ha[-1]["loss"] != ha[0]["loss"]
+
+
+def test_ld_dpo_sums_agree_across_layouts_and_weigh_the_tail(tmp_path, pairs_ds, policy_dir):
+    """LD-DPO sums: the same in a shared row as in two rows; alpha 1 is the plain sum, and
+    with alpha 0 each sum covers only the shorter completion's length."""
+    idx = [3, 0, 7, 12, 5]
+    task, half = _layout_logps(pairs_ds, policy_dir, tmp_path, ("mask", "rows"), idx, ld_alpha=0.5)
+    for a, b in zip(half["mask"], half["rows"]):
+        assert torch.allclose(a, b, atol=1e-4), (a, b)
+    _, one = _layout_logps(pairs_ds, policy_dir, tmp_path, ("rows",), idx, ld_alpha=1.0)
+    _, zero = _layout_logps(pairs_ds, policy_dir, tmp_path, ("rows",), idx, ld_alpha=0.0)
+    pc, pr, lc, lr, full = one["rows"]
+    assert torch.allclose(pc, full) and torch.equal(zero["rows"][4], full)   # sft/nll: unweighted
+    longer = lr > lc          # every rejected here is longer: its tail is cut at alpha 0
+    assert longer.all() and (zero["rows"][1] > pr).all()
+    assert torch.allclose(half["rows"][1], (zero["rows"][1] + pr) / 2, atol=1e-5)
+
+
+def test_metrics_log_the_loss_parts(tmp_path, pairs_ds, policy_dir):
+    """Issue 23 item 7, through the CLI: metrics.jsonl has loss/dpo (TRL's loss: the
+    weighted --loss terms), loss/nll and each term beside the total, which is their sum
+    with --nll-alpha; at the first step (policy = reference) the sigmoid term is log 2."""
+    out = tmp_path / "o"
+    args = _train_args(pairs_ds, out, policy_dir, "--max-steps", "2", "--loss", "sigmoid,bco_pair,sft",
+                       "--loss-weights", "0.8,0.2,1")
+    finished(cli_on_cpu(args))
+    hist = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(hist) == 2
+    for h in hist:
+        assert h["loss"] == pytest.approx(h["loss/dpo"] + 0.5 * h["loss/nll"], rel=1e-5)
+        parts = 0.8 * h["loss/sigmoid"] + 0.2 * h["loss/bco_pair"] + h["loss/sft"]
+        assert h["loss/dpo"] == pytest.approx(parts, rel=1e-5)
+        assert h["loss/nll"] > 0
+    assert hist[0]["loss/sigmoid"] == pytest.approx(0.6931, abs=1e-3)
+    assert hist[0]["loss/bco_pair"] == pytest.approx(2 * 0.6931, abs=2e-3)
+
+
+def test_plain_dpo_logs_its_parts_too(tmp_path, pairs_ds, policy_dir):
+    s = train_dpo(cfg(pairs_ds, tmp_path / "o", policy_dir, max_steps=1, nll_alpha=0.0))
+    first = s["first"]
+    assert first["loss/dpo"] == pytest.approx(first["loss"]) and first["loss/nll"] > 0
+
+
+@pytest.mark.parametrize("extra, parts", [
+    (["--loss", "sigmoid,bco_pair", "--f-divergence", "js_divergence"],
+     ("f_divergence: js_divergence is defined only for", "not bco_pair")),
+    (["--loss", "sigmoid,ipo", "--loss-weights", "1"], ("loss_weights: loss_weights has 1 weights for 2 losses",)),
+    (["--loss", "sigmoid,kto"], ("loss: loss_type must be one of",)),
+    (["--loss", "exo_pair"], ("label_smoothing: exo_pair needs it > 0",)),
+    (["--ld-alpha", "1.5"], ("ld_alpha: must be in [0, 1]",)),
+])
+def test_refused_loss_settings_in_one_line(tmp_path, pairs_ds, policy_dir, extra, parts):
+    out = cli("train", "dpo", "--data", pairs_ds, "--output", tmp_path / "o", "--policy", policy_dir,
+              "--reference", policy_dir, *extra)
+    one_error_line(out, *parts)
+
+
+def test_ld_alpha_needs_a_reference(tmp_path, pairs_ds, policy_dir):
+    out = cli("train", "dpo", "--data", pairs_ds, "--output", tmp_path / "o", "--policy", policy_dir,
+              "--ld-alpha", "0.5")
+    one_error_line(out, "ld_alpha: LD-DPO weighs reference tokens too", "--reference MODEL")
+
+
+def test_ld_dpo_trains_from_a_weighted_reference(tmp_path, pairs_ds, policy_dir):
+    """The reference sums are recomputed with the LD weights: at the first step (policy =
+    reference) DPO is log 2, which unweighted reference sums would not give."""
+    s = train_dpo(cfg(pairs_ds, tmp_path / "o", policy_dir, max_steps=2, ld_alpha=0.3))
+    assert s["data"]["ref_logps_computed"] == 48
+    assert s["first"]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert s["last"]["loss"] < s["first"]["loss"]

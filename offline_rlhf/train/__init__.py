@@ -9,11 +9,15 @@ from __future__ import annotations
 from .dpo import DPOTrainConfig, train_dpo
 from .grpo import GRPOTrainConfig, train_grpo
 from .ilql import ILQLTrainConfig, train_ilql
+from .kto import KTOTrainConfig, train_kto
 from .rm import RMTrainConfig, train_rm
 from .sft import SFTTrainConfig, train_sft
 
 ALGORITHMS = {
-    "dpo": (DPOTrainConfig, train_dpo, "DPO family (sigmoid, cdpo, robust, ipo, hinge, simpo) on pairs"),
+    "dpo": (DPOTrainConfig, train_dpo, "DPO family on pairs: every TRL loss_type (sigmoid, ipo, "
+            "apo_zero, ...) plus cdpo and simpo, combinable (MPO)"),
+    "kto": (KTOTrainConfig, train_kto, "KTO on unpaired feedback: scored generations (labels from the "
+            "reward), pairs, or a TRL prompt/completion/label file"),
     "rm": (RMTrainConfig, train_rm, "Bradley-Terry reward model on pairs (what `score` loads)"),
     "ilql": (ILQLTrainConfig, train_ilql, "ILQL (implicit language Q-learning) on scored generations; "
              "saves V/Q heads for value-guided decoding"),

@@ -23,7 +23,17 @@ from ..batching import pad
 from ..config import opt
 from ..errors import InputError
 from ..losses.common import masked_sums, token_logps
-from ..losses.dpo import LOSS_TYPES, dpo_loss, nll_term
+from ..losses.dpo import (
+    F_DIVERGENCE_LOSSES,
+    F_DIVERGENCES,
+    LOSS_TYPES,
+    REFERENCE_FREE,
+    SMOOTHED,
+    dpo_loss,
+    ld_token_weights,
+    nll_term,
+    parse_losses,
+)
 from ..models import check_model_dir
 from ..pairs import check_pairs_source, read_pairs
 from ..shards import is_dataset, open_dataset_of
@@ -39,10 +49,20 @@ class DPOTrainConfig(TrainConfig):
     data: str = opt(help="pairs dataset, or a preference file (JSONL/JSON/Parquet in any layout "
                     "`import-pairs` reads) imported on the fly; pairs need reference log-probs "
                     "or --reference")
-    loss: str = opt("sigmoid", f"loss: {' | '.join(LOSS_TYPES)}")
-    beta: float = opt(0.1, "strength of the KL regularisation (IPO: tau)")
-    label_smoothing: float = opt(0.0, "assumed label-flip rate for cdpo and robust")
+    loss: str = opt("sigmoid", f"loss, or several separated by commas, summed with --loss-weights "
+                    f"(MPO: sigmoid,bco_pair,sft): {' | '.join(LOSS_TYPES)} (docs/dpo.md)")
+    loss_weights: str = opt("", "weights of the --loss terms, comma-separated (default: 1 each)")
+    beta: float = opt(0.1, "strength of the KL regularisation (IPO, sppo_hard: tau)")
+    label_smoothing: float = opt(0.0, "assumed label-flip rate for cdpo, robust, aot, aot_unpaired; "
+                                 "the label smoothing eps of exo_pair (which needs it > 0; paper: 1e-3)")
     simpo_gamma: float = opt(0.5, "SimPO target reward margin")
+    discopop_tau: float = opt(0.05, "DiscoPOP temperature of the log-ratio modulation")
+    f_divergence: str = opt("reverse_kl", f"f-DPO regulariser: {' | '.join(F_DIVERGENCES)}; other "
+                            f"than reverse_kl only with {', '.join(F_DIVERGENCE_LOSSES)}")
+    f_alpha: float = opt(0.5, "alpha of --f-divergence alpha_divergence")
+    ld_alpha: float | None = opt(None, "LD-DPO: weight in [0, 1] of completion tokens past the shorter "
+                                 "completion's length (1: plain DPO); needs --reference (the stored "
+                                 "reference sums are unweighted)")
     nll_alpha: float = opt(1.0, "weight of the NLL of the chosen response (RPO); 0 is plain DPO, "
                            "which can push chosen log-probs down with the rejected ones")
     reference: str | None = opt(None, "reference model, used only to fill the reference log-probs "
@@ -66,19 +86,53 @@ class DPOTrainConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.loss not in LOSS_TYPES:
-            raise InputError(f"loss: must be one of {', '.join(LOSS_TYPES)}, got {self.loss!r}")
+        self.terms = check_losses(self)
         if self.beta <= 0:
             raise InputError(f"beta: must be > 0, got {self.beta}")
+        names = [n for n, _ in self.terms]
         if not 0 <= self.label_smoothing < 0.5:
             raise InputError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and self.loss not in ("cdpo", "robust"):
-            raise InputError("label_smoothing: only used by the cdpo and robust losses")
+        if self.label_smoothing and not set(names) & set(SMOOTHED):
+            raise InputError(f"label_smoothing: only used by the {', '.join(SMOOTHED)} losses")
+        if "exo_pair" in names and self.label_smoothing == 0:
+            raise InputError("label_smoothing: exo_pair needs it > 0 (the EXO paper uses 1e-3)")
+        if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
+            raise InputError(f"ld_alpha: must be in [0, 1], got {self.ld_alpha}")
+        if self.discopop_tau <= 0:
+            raise InputError(f"discopop_tau: must be > 0, got {self.discopop_tau}")
         if self.reference_bits not in (None, 0, 4, 8):
             raise InputError(f"reference_bits: must be 0, 4 or 8, got {self.reference_bits}")
         if self.prefix_attention not in PREFIX_ATTENTION:
             raise InputError(f"prefix_attention: must be one of {', '.join(PREFIX_ATTENTION)}, "
                              f"got {self.prefix_attention!r}")
+
+
+def check_losses(cfg: DPOTrainConfig) -> list[tuple[str, float]]:
+    """The (name, weight) terms of ``--loss`` / ``--loss-weights``, and the f-divergence
+    they allow; refused in one line naming the option."""
+    try:
+        weights = [float(w) for w in cfg.loss_weights.split(",")] if cfg.loss_weights.strip() else None
+    except ValueError:
+        raise InputError(f"loss_weights: must be numbers separated by commas, got {cfg.loss_weights!r}") \
+            from None
+    try:
+        terms = parse_losses(cfg.loss, weights)
+    except ValueError as e:
+        field = "loss_weights" if "loss_weights" in str(e) else "loss"
+        raise InputError(f"{field}: {e}") from None
+    if cfg.f_divergence not in F_DIVERGENCES:
+        raise InputError(f"f_divergence: must be one of {', '.join(F_DIVERGENCES)}, got {cfg.f_divergence!r}")
+    other = [n for n, _ in terms if n not in F_DIVERGENCE_LOSSES]
+    if cfg.f_divergence != "reverse_kl" and other:
+        raise InputError(f"f_divergence: {cfg.f_divergence} is defined only for the losses "
+                         f"{', '.join(F_DIVERGENCE_LOSSES)} (the f-DPO reparameterisation cancels "
+                         f"only in a chosen-minus-rejected difference), not {', '.join(other)}")
+    return terms
+
+
+def reference_free(cfg: DPOTrainConfig) -> bool:
+    """Whether every loss term does without reference log-probs (simpo, sft)."""
+    return all(n in REFERENCE_FREE for n, _ in cfg.terms)
 
 
 class DPOTask:
@@ -113,8 +167,10 @@ class DPOTask:
     def _reference(self, ref_c, ref_r, exact):
         """Stored reference sums (NaN where missing) and the pairs whose sums must be
         computed with ``--reference`` (missing, or describing an untruncated pair)."""
-        if self.cfg.loss == "simpo":
+        if reference_free(self.cfg):
             return np.zeros(len(ref_c)), np.zeros(len(ref_r)), []
+        if self.cfg.ld_alpha is not None:   # stored sums are unweighted: all recomputed
+            return _floats(ref_c), _floats(ref_r), list(range(len(ref_c)))
         need = [i for i in range(len(ref_c)) if ref_c[i] is None or ref_r[i] is None or not exact[i]]
         if need and not self.cfg.reference:
             truncated = sum(not e for e in exact)
@@ -156,7 +212,7 @@ class DPOTask:
         for mb in micro_batches(indices, self.lengths(), self.cfg.micro_batch_size,
                                 self.cfg.max_tokens_per_micro_batch, 1):
             with acc.autocast():
-                c, r, _, _ = self.completion_logps(model, self.collate(mb, acc.device))
+                c, r = self.completion_logps(model, self.collate(mb, acc.device))[:2]
             out.update(zip(mb, zip(c.double().tolist(), r.double().tolist())))
             if bar is not None:
                 bar.update(len(mb))
@@ -186,7 +242,7 @@ class DPOTask:
         prompt + rejected row; the first rejected token is predicted from the prompt's last
         position, like the first chosen token. ``packed``: all pairs in one row, one after
         another (their token offsets accumulate); else one row per pair."""
-        seqs, pos, where = [], [], {"row": [], "pred": [], "target": [], "pair": [], "side": []}
+        seqs, pos, where = [], [], {"row": [], "pred": [], "target": [], "pair": [], "side": [], "pos": []}
         start = 0
         for k, i in enumerate(indices):
             p, c, r = self.prompts[i], self.chosen[i], self.rejected[i]
@@ -197,6 +253,7 @@ class DPOTask:
                 [start + n_p + n_c + j - 1 for j in range(1, n_r)]
             where["target"] += c + r
             where["side"] += [0] * n_c + [1] * n_r
+            where["pos"] += list(range(n_c)) + list(range(n_r))
             where["row"] += [0 if packed else k] * (n_c + n_r)
             where["pair"] += [k] * (n_c + n_r)
             start += (n_p + n_c + n_r) if packed else 0
@@ -250,12 +307,20 @@ class DPOTask:
         return {"input_ids": ids, "attention_mask": mask, "completion_mask": cmask}
 
     def completion_logps(self, model, batch: dict):
-        """Summed log-probs and token counts of the chosen and rejected completions."""
+        """Summed log-probs and token counts of the chosen and rejected completions, and
+        the chosen sums unweighted: with ``--ld-alpha`` the first two are LD-DPO sums."""
         if "index" not in batch:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            sums, counts = masked_sums(token_logps(logits, batch["input_ids"]), batch["completion_mask"])
+            per_token = token_logps(logits, batch["input_ids"])
+            mask = batch["completion_mask"][:, 1:].to(per_token.dtype)
+            sums, counts = masked_sums(per_token, batch["completion_mask"])
             n = len(sums) // 2
-            return sums[:n], sums[n:], counts[:n], counts[n:]
+            full = sums
+            if self.cfg.ld_alpha is not None:
+                pair_len = [torch.cat([counts[:n], counts[:n]])[:, None], torch.cat([counts[n:], counts[n:]])[:, None]]
+                w = ld_token_weights(mask.cumsum(1) - 1, *pair_len, self.cfg.ld_alpha).to(per_token.dtype)
+                sums = (per_token * mask * w).sum(-1)
+            return sums[:n], sums[n:], counts[:n], counts[n:], full[:n]
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch["position_ids"]).logits
         ix = batch["index"]
@@ -263,19 +328,33 @@ class DPOTask:
         lp = picked.gather(-1, ix["target"][:, None])[:, 0] - torch.logsumexp(picked, -1)
         n = batch["n"]
         slot = ix["pair"] + n * ix["side"]          # chosen sums in [0, n), rejected in [n, 2n)
-        sums = torch.zeros(2 * n, dtype=lp.dtype, device=lp.device).index_add(0, slot, lp)
-        counts = torch.zeros(2 * n, dtype=lp.dtype, device=lp.device).index_add(0, slot, torch.ones_like(lp))
-        return sums[:n], sums[n:], counts[:n], counts[n:]
+        zeros = torch.zeros(2 * n, dtype=lp.dtype, device=lp.device)
+        sums = zeros.index_add(0, slot, lp)
+        counts = zeros.index_add(0, slot, torch.ones_like(lp))
+        full = sums
+        if self.cfg.ld_alpha is not None:
+            w = ld_token_weights(ix["pos"], counts[ix["pair"]], counts[n + ix["pair"]], self.cfg.ld_alpha)
+            sums = zeros.index_add(0, slot, lp * w.to(lp.dtype))
+        return sums[:n], sums[n:], counts[:n], counts[n:], full[:n]
+
+    def begin_step(self, examples: list[int]) -> None:
+        """The step's mean chosen length: ``sft`` is per token over the whole step."""
+        self.step_chosen_tokens = float(np.mean([len(self.chosen[i]) for i in examples]))
 
     def loss(self, model, batch: dict):
-        pc, pr, lc, lr = self.completion_logps(model, batch)
+        pc, pr, lc, lr, pc_full = self.completion_logps(model, batch)
         cfg = self.cfg
-        losses, metrics = dpo_loss(pc.double(), pr.double(), batch["ref_chosen"], batch["ref_rejected"],
-                                   beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
-                                   chosen_lengths=lc, rejected_lengths=lr, simpo_gamma=cfg.simpo_gamma)
+        sft_mean = getattr(self, "step_chosen_tokens", None)
+        losses, metrics = dpo_loss(
+            pc.double(), pr.double(), batch["ref_chosen"], batch["ref_rejected"], beta=cfg.beta,
+            loss_type=[n for n, _ in cfg.terms], loss_weights=[w for _, w in cfg.terms],
+            label_smoothing=cfg.label_smoothing, chosen_lengths=lc, rejected_lengths=lr,
+            simpo_gamma=cfg.simpo_gamma, discopop_tau=cfg.discopop_tau, f_divergence=cfg.f_divergence,
+            f_alpha=cfg.f_alpha, policy_chosen_full_logps=pc_full.double(), sft_mean_tokens=sft_mean)
+        nll = nll_term(pc_full.double(), lc)
+        metrics["loss/dpo"] = losses.detach()       # what TRL logs as its loss
+        metrics["loss/nll"] = nll.detach()
         if cfg.nll_alpha:
-            nll = nll_term(pc.double(), lc)
-            metrics["nll"] = nll.detach()
             losses = losses + cfg.nll_alpha * nll
         return losses.float(), metrics
 
@@ -285,7 +364,10 @@ def check_reference(cfg: DPOTrainConfig) -> None:
     the message says what fits the data (imported pairs have no generations to rerun)."""
     if cfg.reference:
         check_model_dir(cfg.reference, "reference model")
-    if cfg.loss == "simpo" or cfg.reference:
+    if cfg.ld_alpha is not None and not cfg.reference:
+        raise InputError("ld_alpha: LD-DPO weighs reference tokens too, and the stored reference "
+                         "sums are unweighted: pass --reference MODEL (usually the starting policy)")
+    if reference_free(cfg) or cfg.reference:
         return
     fix = "pass --reference MODEL (usually the starting policy) to compute them once before training"
     if not is_dataset(cfg.data):
@@ -314,7 +396,7 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
     summary = fit(cfg, factory)
     summary["data"] = holder["task"].stats
     first, last = summary.get("first") or {}, summary.get("last") or {}
-    if cfg.loss != "simpo" and cfg.nll_alpha == 0 and first and last and \
+    if not reference_free(cfg) and cfg.nll_alpha == 0 and first and last and \
             last["logps/chosen"] < first["logps/chosen"] - 1.0:
         msg = (f"chosen log-probs fell from {first['logps/chosen']:.2f} to {last['logps/chosen']:.2f} "
                "during training: DPO is lowering the likelihood of the preferred responses too. "

@@ -65,10 +65,13 @@ def resolve_source(cfg, model) -> ReferenceSource:
 
 def cache_key(cfg, source: ReferenceSource, data_fingerprint: str, mixed_precision: str) -> dict:
     """What the stored values depend on; its hash is the cache key."""
-    return {"reference_fingerprint": source.fingerprint, "reference_bits": source.bits,
+    key = {"reference_fingerprint": source.fingerprint, "reference_bits": source.bits,
             "data_fingerprint": data_fingerprint, "max_prompt_tokens": cfg.max_prompt_tokens,
             "max_completion_tokens": cfg.max_completion_tokens, "dtype": cfg.dtype,
             "mixed_precision": str(mixed_precision)}
+    if getattr(cfg, "ld_alpha", None) is not None:    # LD-DPO sums weigh the tokens
+        key["ld_alpha"] = cfg.ld_alpha
+    return key
 
 
 def read_cache(path: Path, key: str, need: list[int]) -> np.ndarray | None:
@@ -107,6 +110,7 @@ def fill_reference(task, model, acc) -> tuple[np.ndarray, dict]:
     from ..pairs import pairs_fingerprint  # the data's content, hashed only when a pass is due
     meta = cache_key(cfg, source, pairs_fingerprint(cfg.data, fingerprint(cfg.policy)),
                      acc.mixed_precision)
+    meta.update(getattr(task, "reference_key", {}))   # what else the task's sums depend on
     key = config_hash(meta)
     path = Path(cfg.output) / CACHE_NAME
     cached = read_cache(path, key, need)

@@ -220,3 +220,30 @@ def test_export_ilql_saves_heads_beside_the_policy(tmp_path, policy_dir):
     assert all(torch.equal(heads.state_dict()[k], v) for k, v in want.items())
     trained = load_file(str(ckpt / "trainable.safetensors"))
     assert all(torch.equal(weights(tmp_path / "m")[n], t) for n, t in trained.items())
+
+
+def test_report_labels_every_model_in_table_and_plots(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from offline_rlhf.evaluate import write_report
+    figs = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, *a, **k: (figs.append(self), save(self, *a, **k))[1])
+
+    def model(label, reward, kl):
+        return {"label": label, "model": f"/m/{label}", "reward_mean": reward, "reward_stderr": 0.1,
+                "reward_std": 0.3, "kl_to_reference": kl, "kl_stderr": 0.01, "kl_note": "k3",
+                "response_tokens_mean": 4.0, "samples": 3, "components": {"exact_match": reward},
+                "rewards": [reward] * 3}
+    results = {"policy": model("policy", 0.9, 0.5), "baseline": model("baseline", 0.1, 0.0),
+               "checkpoints": [model("a/step-0000002", 0.4, 0.2), model("b/step-0000002", 0.6, 0.3)]}
+    write_report(results, tmp_path, [])
+    labels = ["baseline", "a/step-0000002", "b/step-0000002", "policy"]
+    report = (tmp_path / "report.md").read_text()
+    assert "| | " + " | ".join(labels) + " |" in report
+    assert "| exact_match | 0.1 | 0.4 | 0.6 | 0.9 |" in report
+    hist, kl = figs
+    assert [t.get_text().split(" (n=")[0] for t in hist.legends[0].get_texts()] == labels
+    assert [t.get_text() for t in kl.legends[0].get_texts()] == labels
+    assert [t.get_text() for t in kl.axes[0].texts] == labels        # beside each point too

@@ -92,11 +92,11 @@ def read_checkpoint(path, policy: str | None = None) -> Checkpoint:
         raise InputError(f"{path}: not a training checkpoint (no {STATE}); checkpoints are "
                          "OUTPUT/checkpoints/step-NNNNNNN directories of a `train` run")
     state = _state(p)
-    for name in (TRAINABLE,) + ((EXTRAS,) if _algorithm(state, p) == "ilql" else ()):
+    algorithm = _algorithm(state, p)
+    for name in (TRAINABLE,) + ((EXTRAS,) if algorithm == "ilql" else ()):
         if not (p / name).is_file():
             raise InputError(f"{path}: incomplete checkpoint: no {name}")
-    base = _base(p, state, policy)
-    return Checkpoint(p, state, _algorithm(state, p), base)
+    return Checkpoint(p, state, algorithm, _base(p, state, policy))
 
 
 def _state(p: Path) -> dict:
@@ -146,12 +146,12 @@ def _base(p: Path, state: dict, policy: str | None) -> Path:
         check_model_dir(base, "base policy")
     except InputError as e:
         how = "" if policy else f" (recorded in {STATE}; give the moved base with --policy)"
-        raise InputError(f"{p}: base policy: {e}{how}") from None
+        raise InputError(f"{p}: {e}{how}") from None
     want = _recorded_fingerprint(state)
-    if want is not None and fingerprint(base) != want:
+    have = fingerprint(base) if want is not None else None
+    if have != want:
         raise InputError(f"{p}: base policy {base} is not the one this run trained (fingerprint "
-                         f"{fingerprint(base)[:12]}, recorded {want[:12]}); give the run's base "
-                         "with --policy")
+                         f"{have[:12]}, recorded {want[:12]}); give the run's base with --policy")
     return base.resolve()
 
 
@@ -159,7 +159,7 @@ def check_out(out, inputs: dict, overwrite: bool) -> Path:
     """Refuse an OUT that is a file, is a non-empty directory (without ``overwrite``), or
     collides with an input (the same, inside it, or holding it)."""
     target = Path(out).resolve()
-    if target.is_file() or target.is_symlink():
+    if Path(out).is_symlink() or target.is_file():
         raise InputError(f"{out}: exists and is not a directory")
     for name, value in inputs.items():
         src = Path(value).resolve()

@@ -247,3 +247,24 @@ def test_report_labels_every_model_in_table_and_plots(tmp_path, monkeypatch):
     assert [t.get_text().split(" (n=")[0] for t in hist.legends[0].get_texts()] == labels
     assert [t.get_text() for t in kl.legends[0].get_texts()] == labels
     assert [t.get_text() for t in kl.axes[0].texts] == labels        # beside each point too
+
+
+def test_pipeline_eval_stage_takes_a_checkpoint_and_dry_run_checks_it(sft_runs, tmp_path):
+    ckpt = sft_runs / "a" / "checkpoints" / "step-0000002"
+    broken = tmp_path / "broken" / "step-0000002"
+    shutil.copytree(ckpt, broken)
+    state = json.loads((broken / "state.json").read_text())
+    state["config"]["policy"] = str(tmp_path / "gone")
+    (broken / "state.json").write_text(json.dumps(state))
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "Copy: 1 2 =>"}) + "\n")
+    for name, checkpoint in (("ok", ckpt), ("bad", broken)):
+        job = tmp_path / f"{name}.toml"
+        job.write_text(f'workdir = "{tmp_path / name}"\n[stages.ev]\nkind = "eval"\n'
+                       f'policy = "{sft_runs / "b" / "final"}"\nprompts = "{tmp_path / "p.jsonl"}"\n'
+                       f'checkpoints = ["{checkpoint}"]\nweights = {{ length_penalty = 1.0 }}\n')
+        out = cli("pipeline", "run", job, "--dry-run")
+        if name == "ok":
+            assert out.returncode == 0, out.stderr[-2000:]
+        else:
+            one_error_line(out, f"{job}: stages.ev.checkpoints: {broken}: {tmp_path / 'gone'}: base "
+                           "policy directory not found")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -213,9 +214,15 @@ def run_eval(cfg: EvalConfig) -> dict:
 
 def _checkpoint(cfg: EvalConfig, path: str, label: str, out: Path, reference: str | None) -> dict:
     """One ``--checkpoints`` model scored; a training checkpoint is exported first, to
-    OUT/checkpoint-I/model (reused while the checkpoint is unchanged)."""
+    OUT/checkpoint-I/model (reused while the checkpoint is unchanged; what was generated
+    from an earlier export is dropped)."""
     from .export import exported, is_checkpoint
-    model = str(exported(path, out / "model")) if is_checkpoint(path) else path
+    model = path
+    if is_checkpoint(path):
+        target, fresh = exported(path, out / "model")
+        model = str(target)
+        for stale in ("generations", "scored", "kl-generations", "kl-ref") if fresh else ():
+            shutil.rmtree(out / stale, ignore_errors=True)
     return {"label": label, **({"checkpoint": path} if model != path else {}),
             **_scored(cfg, model, out, reference)}
 

@@ -299,17 +299,18 @@ def export_checkpoint(checkpoint, out, policy: str | None = None, overwrite: boo
     return json.loads((target / RECORD).read_text())
 
 
-def exported(checkpoint, out) -> Path:
+def exported(checkpoint, out) -> tuple[Path, bool]:
     """``checkpoint`` exported to ``out``, reused when ``out`` already holds this
-    checkpoint's export (eval's cache)."""
+    checkpoint's export (eval's cache); and whether it was exported now."""
     target = Path(out)
     try:
         record = json.loads((target / RECORD).read_text())
     except (OSError, ValueError):
         record = {}
-    if record.get("checkpoint_key") != checkpoint_key(checkpoint):
-        export_checkpoint(checkpoint, target, overwrite=True)
-    return target
+    if record.get("checkpoint_key") == checkpoint_key(checkpoint):
+        return target, False
+    export_checkpoint(checkpoint, target, overwrite=True)
+    return target, True
 
 
 def run_export(cfg: ExportConfig) -> dict:

@@ -167,9 +167,10 @@ def test_eval_takes_a_checkpoint_and_labels_every_model(sft_runs, policy_dir, tm
     heldout.write_text("".join(json.dumps({"prompt": f"Copy: {i} {i + 1} =>",
                                            "reference_answer": f"{i} {i + 1}"}) + "\n" for i in range(4)))
     ckpt = sft_runs / "a" / "checkpoints" / "step-0000002"
-    out = cli("eval", "--policy", sft_runs / "b" / "final", "--baseline", policy_dir,
-              "--checkpoints", ckpt, "--prompts", heldout, "--weights", "exact_match=1",
-              "length_penalty=0.1", "--max-new-tokens", "4", "--output", tmp_path / "e", "--quiet")
+    args = ["eval", "--policy", sft_runs / "b" / "final", "--baseline", policy_dir,
+            "--checkpoints", ckpt, "--prompts", heldout, "--weights", "exact_match=1",
+            "length_penalty=0.1", "--max-new-tokens", "4", "--output", tmp_path / "e", "--quiet"]
+    out = cli(*args)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads((tmp_path / "e" / "results.json").read_text())
     (c,) = r["checkpoints"]
@@ -180,6 +181,22 @@ def test_eval_takes_a_checkpoint_and_labels_every_model(sft_runs, policy_dir, tm
     report = (tmp_path / "e" / "report.md").read_text()
     assert "| | baseline | step-0000002 | policy |" in report
     assert f"- step-0000002: `{tmp_path / 'e' / 'checkpoint-0' / 'model'}`" in report
+
+    # another checkpoint in the same place: exported again, its responses not the old ones
+    from offline_rlhf.shards import open_dataset
+    scored = str(tmp_path / "e" / "checkpoint-0" / "scored")
+    before = open_dataset(scored).read(columns=["response_token_ids"]).column(0).to_pylist()
+    other = tmp_path / "other" / "step-0000002"
+    shutil.copytree(ckpt, other)
+    trained = load_file(str(other / "trainable.safetensors"))
+    save_file({n: t.flip(0).contiguous() for n, t in trained.items()}, str(other / "trainable.safetensors"))
+    args[args.index(ckpt)] = other
+    out = cli(*args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads((tmp_path / "e" / "checkpoint-0" / "model" / "export.json").read_text())
+    assert record["checkpoint"] == str(other)
+    after = open_dataset(scored).read(columns=["response_token_ids"]).column(0).to_pylist()
+    assert after != before
 
 
 def test_model_labels_are_directory_names_made_distinct(tmp_path):

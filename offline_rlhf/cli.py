@@ -146,6 +146,14 @@ def _eval(cfg, run) -> int:
     return 0
 
 
+def _export(cfg, run) -> int:
+    r = run(cfg)
+    print(f"{cfg.out}: {r['algorithm']} model of {cfg.checkpoint} (step {r['step']}"
+          + (", LoRA merged; adapter in " + str(Path(cfg.out) / "adapter") if r["lora"] else "")
+          + ")")
+    return 0
+
+
 def _import_pairs(cfg, _) -> int:
     from .pairs import import_pairs
     m = import_pairs(cfg.file, cfg.out, cfg.tokenizer, cfg.chunk_rows, cfg.overwrite)
@@ -277,6 +285,7 @@ def _global_flags(on_subcommand: bool) -> argparse.ArgumentParser:
 def _commands() -> list[tuple]:
     """(name, config class, runner, run function, positional fields, help, description)."""
     from .evaluate import EvalConfig, run_eval
+    from .export import ExportConfig, run_export
     from .generation import GenerateConfig, generate
     from .logprobs import LogprobsConfig, compute_logprobs
     from .pairs import ImportPairsConfig, PairsConfig, build_pairs
@@ -316,6 +325,13 @@ def _commands() -> list[tuple]:
          "Generate on held-out prompts, score, and compare with a baseline: mean reward and "
          "components, win rate, KL to the reference (estimated on samples from the policy), "
          "response length; results.json and report.md with plots."),
+        ("export", ExportConfig, _export, run_export, ("checkpoint", "out"),
+         "write a training checkpoint as a transformers model directory",
+         "Write the model of a training checkpoint (OUTPUT/checkpoints/step-0000005) as a "
+         "transformers directory that every command loads: the base policy with the trained "
+         "weights (LoRA: merged, and the peft adapter in OUT/adapter; train rm: the one-label "
+         "reward model; ILQL: with its heads). Refused when the base policy is missing or not "
+         "the run's, or OUT is not empty (without --overwrite)."),
         ("inspect", InspectConfig, _inspect, None, ("dataset",),
          "schema version, rows, shards, lineage and reward statistics of a dataset",
          "Print schema version, row and shard counts, lineage and reward statistics of a "
@@ -397,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMAND_NAMES = ("generate", "score", "logprobs", "pairs", "import-pairs", "train", "rest", "eval",
-                 "inspect", "validate", "import-prompts", "tiny-model", "demo", "pipeline")
+                 "export", "inspect", "validate", "import-prompts", "tiny-model", "demo", "pipeline")
 # options that name a model directory (and what it is called in messages)
 MODEL_OPTIONS = {"policy": "policy", "reference": "reference model", "reward_model": "reward model",
                  "baseline": "baseline", "checkpoints": "checkpoint", "tokenizer": "tokenizer"}
@@ -408,6 +424,7 @@ def check_model_paths(argv: list[str]) -> None:
     transformers are imported, so that a mistyped path fails at once (the loaders check
     them again: this is the early, fast copy of the same check)."""
     from .config import load_file
+    from .export import is_checkpoint
     from .models import check_model_dir, check_tokenizer_dir
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
@@ -420,6 +437,8 @@ def check_model_paths(argv: list[str]) -> None:
     values.update({k: getattr(given, k) for k in MODEL_OPTIONS if getattr(given, k) is not None})
     for name, value in values.items():
         for path in value if isinstance(value, list) else [value]:
+            if name == "checkpoints" and isinstance(path, str) and is_checkpoint(path):
+                continue   # a training checkpoint: eval checks it (and exports it)
             if isinstance(path, str) and "://" not in path:
                 (check_tokenizer_dir if name == "tokenizer" else check_model_dir)(path, MODEL_OPTIONS[name])
 

@@ -14,14 +14,21 @@ gives the mean and its standard error. Greedy decoding samples nothing from the
 policy, so without ``kl_samples`` a greedy evaluation reports no KL (null, with the
 reason) rather than a biased number.
 
-Writes ``results.json`` and ``report.md`` with PNG plots: reward histograms of baseline
-vs policy, reward vs KL per model (points with error bars), training curves.
+Besides the policy and the baseline, ``checkpoints`` adds models: model directories, or
+training checkpoints (exported first with :mod:`offline_rlhf.export`). Every model is
+labelled (``policy``, ``baseline``, a checkpoint's directory name such as
+``step-0000005``, made distinct) in results.json, in report.md's table (one column per
+model) and in the plots.
+
+Writes ``results.json`` and ``report.md`` with PNG plots: reward histograms of every
+model, reward vs KL per model (labelled points with error bars), training curves.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +53,10 @@ class EvalConfig(BackendOptions):
     output: str = opt(help="output directory (results.json, report.md, plots, datasets)")
     baseline: str | None = opt(None, "baseline policy for the win rate (e.g. the starting model)")
     reference: str | None = opt(None, "reference model for the KL estimate (default: baseline)")
-    checkpoints: list[str] = opt([], "more models to place on the reward-vs-KL plot")
+    checkpoints: list[str] = opt([], "more models to evaluate beside the policy: model directories "
+                                 "or training checkpoints (OUTPUT/checkpoints/step-0000005, "
+                                 "exported to OUTPUT/checkpoint-I/model first); each is labelled "
+                                 "by its directory name in the report and the plots")
     metrics: list[str] = opt([], "training metrics to plot: metrics.jsonl files or training "
                              "output directories")
     reward_model: str | None = opt(None, "reward model directory")
@@ -71,12 +81,16 @@ class EvalConfig(BackendOptions):
 def check_eval_inputs(cfg: EvalConfig) -> list[Path]:
     """Before any work: every model directory, the prompts and the metrics files; the
     metrics files to plot (a training output directory stands for its metrics.jsonl)."""
+    from .export import is_checkpoint, read_checkpoint
     from .models import check_model_dir, check_reward_model
     for name in ("policy", "baseline", "reference"):
         if getattr(cfg, name):
             check_model_dir(getattr(cfg, name), name)
     for c in cfg.checkpoints:
-        check_model_dir(c, "checkpoint")
+        if is_checkpoint(c):
+            read_checkpoint(c)   # a training checkpoint: exported before it is evaluated
+        else:
+            check_model_dir(c, "checkpoint")
     if cfg.reward_model:
         check_reward_model(cfg.reward_model)
     if not Path(cfg.prompts).exists() and "://" not in cfg.prompts:
@@ -180,40 +194,97 @@ def run_eval(cfg: EvalConfig) -> dict:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     reference = cfg.reference or cfg.baseline
-    policy = _scored(cfg, cfg.policy, out / "policy", reference)
+    policy = {"label": "policy", **_scored(cfg, cfg.policy, out / "policy", reference)}
     results = {"config": to_dict(cfg), "policy": policy}
     if cfg.baseline:
-        base = _scored(cfg, cfg.baseline, out / "baseline", reference)
+        base = {"label": "baseline", **_scored(cfg, cfg.baseline, out / "baseline", reference)}
         results["baseline"] = base
         results["win_rate"] = win_rate(policy["by_prompt"], base["by_prompt"])
-    results["checkpoints"] = [
-        {k: v for k, v in _scored(cfg, c, out / f"checkpoint-{i}", reference).items()
-         if k not in ("rewards", "by_prompt")} for i, c in enumerate(cfg.checkpoints)]
+    results["checkpoints"] = [_checkpoint(cfg, c, label, out / f"checkpoint-{i}", reference)
+                              for i, (c, label) in enumerate(zip(cfg.checkpoints,
+                                                                 model_labels(cfg.checkpoints)))]
     write_report(results, out, metrics)
     slim = {k: ({kk: vv for kk, vv in v.items() if kk not in ("rewards", "by_prompt")}
-                if k in ("policy", "baseline") else v) for k, v in results.items()}
+                if k in ("policy", "baseline") else
+                [{kk: vv for kk, vv in c.items() if kk not in ("rewards", "by_prompt")} for c in v]
+                if k == "checkpoints" else v) for k, v in results.items()}
     write_json_atomic(out / "results.json", slim)  # its presence means done: atomic
     return slim
 
 
+def _checkpoint(cfg: EvalConfig, path: str, label: str, out: Path, reference: str | None) -> dict:
+    """One ``--checkpoints`` model scored; a training checkpoint is exported first, to
+    OUT/checkpoint-I/model (reused while the checkpoint is unchanged; what was generated
+    from an earlier export is dropped)."""
+    from .export import exported, is_checkpoint
+    model = path
+    if is_checkpoint(path):
+        target, fresh = exported(path, out / "model")
+        model = str(target)
+        for stale in ("generations", "scored", "kl-generations", "kl-ref") if fresh else ():
+            shutil.rmtree(out / stale, ignore_errors=True)
+    return {"label": label, **({"checkpoint": path} if model != path else {}),
+            **_scored(cfg, model, out, reference)}
+
+
+def model_labels(paths: list[str]) -> list[str]:
+    """A short, distinct label per model path: its directory name (``step-0000005``),
+    with as many parent directories as it takes to tell it from the others (and from
+    ``policy`` and ``baseline``); a path given twice gets ``#2``."""
+    parts = [Path(p).resolve().parts for p in paths]
+    labels = []
+    for i, mine in enumerate(parts):
+        others = [p for j, p in enumerate(parts) if j != i and p != mine]
+        depth = 1
+        while depth < len(mine) and (
+                any(p[-depth:] == mine[-depth:] for p in others) or
+                "/".join(mine[-depth:]) in ("policy", "baseline")):
+            depth += 1
+        labels.append("/".join(mine[-depth:]))
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        seen[label] = seen.get(label, 0) + 1
+        labels[i] = f"{label} #{seen[label]}" if seen[label] > 1 else label
+    return labels
+
+
+def _models(results: dict) -> list[dict]:
+    """Every evaluated model in report order: baseline, checkpoints, policy."""
+    b = results.get("baseline")
+    return ([b] if b else []) + list(results.get("checkpoints", [])) + [results["policy"]]
+
+
 def _kl_points(results: dict) -> list[dict]:
-    p, b = results["policy"], results.get("baseline")
-    named = ([("baseline", b)] if b else []) + \
-        [(f"checkpoint {i}", c) for i, c in enumerate(results.get("checkpoints", []))] + [("policy", p)]
     return [{"x": m["kl_to_reference"], "xerr": m.get("kl_stderr"), "y": m["reward_mean"],
-             "yerr": m.get("reward_stderr"), "label": name}
-            for name, m in named if m.get("kl_to_reference") is not None]
+             "yerr": m.get("reward_stderr"), "label": m["label"]}
+            for m in _models(results) if m.get("kl_to_reference") is not None]
 
 
 def write_report(results: dict, out: Path, metrics: list) -> None:
-    from .plots import curves, histograms, points
-    p, b = results["policy"], results.get("baseline")
-    pngs = [histograms({"baseline": b["rewards"], "policy": p["rewards"]} if b else {"policy": p["rewards"]},
-                       out / "rewards.png", "Held-out rewards")]
+    from .plots import histograms, points
+    models = _models(results)
+    pngs = [histograms({m["label"]: m["rewards"] for m in models}, out / "rewards.png",
+                       "Held-out rewards")]
     kl_points = _kl_points(results)
     if kl_points:
         pngs.append(points(kl_points, out / "reward_vs_kl.png", "Mean reward vs KL to the reference",
                            "KL estimate (nats, k3; bars: ±1 standard error)", "mean reward"))
+    pngs += _training_plots(metrics, out)
+    p = results["policy"]
+    md = ["# Evaluation report", "", *_table(models)]
+    if "win_rate" in results:
+        md += ["", f"Win rate of the policy over the baseline: **{results['win_rate']:.1%}** (ties count half)."]
+    md += ["", f"KL: {p['kl_note']}." + ("" if kl_points else " No reward-vs-KL plot."), ""]
+    md += [f"- {m['label']}: `{m['model']}`" + (f" (exported from the training checkpoint "
+                                                 f"`{m['checkpoint']}`)" if "checkpoint" in m else "")
+           for m in models]
+    md += [""] + [f"![{png.stem}]({png.name})" for png in pngs]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+
+
+def _training_plots(metrics: list, out: Path) -> list[Path]:
+    from .plots import curves
+    pngs = []
     for i, path in enumerate(metrics):
         rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
         rows = [r for r in rows if "loss" in r]
@@ -221,24 +292,25 @@ def write_report(results: dict, out: Path, metrics: list) -> None:
             keys = [k for k in ("loss", "rewards/margins", "rewards/accuracies", "loss/nll") if k in rows[0]]
             pngs.append(curves([r["step"] for r in rows], {k: [r[k] for r in rows] for k in keys},
                                out / f"training-{i}.png", f"Training curves ({Path(path).parent.name})"))
-    md = ["# Evaluation report", "", "| | baseline | policy |", "|---|---|---|"]
+    return pngs
 
-    def cell(side, key):
-        if side is None or side.get(key) is None:
-            return "n/a" if key == "kl_to_reference" and side is not None else "-"
-        v = side[key]
-        err = side.get({"reward_mean": "reward_stderr", "kl_to_reference": "kl_stderr"}.get(key, ""))
-        return f"{v:.4g} ± {err:.2g}" if err is not None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+def _cell(m: dict, key: str) -> str:
+    if m.get(key) is None:
+        return "n/a" if key == "kl_to_reference" else "-"
+    v = m[key]
+    err = m.get({"reward_mean": "reward_stderr", "kl_to_reference": "kl_stderr"}.get(key, ""))
+    return f"{v:.4g} ± {err:.2g}" if err is not None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _table(models: list[dict]) -> list[str]:
+    """One column per evaluated model, headed by its label."""
+    md = ["| | " + " | ".join(m["label"] for m in models) + " |", "|---" * (len(models) + 1) + "|"]
     for key, label in (("reward_mean", "mean reward (± s.e.)"), ("reward_std", "reward std"),
                        ("kl_to_reference", "KL to reference (± s.e.)"),
                        ("response_tokens_mean", "response tokens"), ("samples", "samples")):
-        md.append(f"| {label} | {cell(b, key)} | {cell(p, key)} |")
-    for name in sorted(p["components"]):
-        bv = f"{b['components'].get(name, float('nan')):.4g}" if b else "-"
-        md.append(f"| {name} | {bv} | {p['components'][name]:.4g} |")
-    if "win_rate" in results:
-        md += ["", f"Win rate of the policy over the baseline: **{results['win_rate']:.1%}** (ties count half)."]
-    md += ["", f"KL: {p['kl_note']}." + ("" if kl_points else " No reward-vs-KL plot.")]
-    md += ["", f"Policy: `{p['model']}`" + (f"; baseline: `{b['model']}`" if b else ""), ""]
-    md += [f"![{png.stem}]({png.name})" for png in pngs]
-    (out / "report.md").write_text("\n".join(md) + "\n")
+        md.append(f"| {label} | " + " | ".join(_cell(m, key) for m in models) + " |")
+    for name in sorted({c for m in models for c in m["components"]}):
+        md.append(f"| {name} | " + " | ".join(
+            f"{m['components'][name]:.4g}" if name in m["components"] else "-" for m in models) + " |")
+    return md

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 FINGERPRINT_FILES = ("config.json", "generation_config.json", "tokenizer.json",
                      "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                     "adapter_config.json")
+                     "adapter_config.json", "state.json")   # state: a training checkpoint's
 # torch dtype names; torch itself is imported where a model loads, so that the path
 # checks (and the CLI's early check of model paths) run without importing it
 DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",

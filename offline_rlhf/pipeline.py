@@ -151,7 +151,8 @@ def _fingerprint_input(path: str, where: str) -> str:
     p = Path(path)
     if is_dataset(path):
         return open_dataset(path).fingerprint
-    if p.is_dir() and ((p / "config.json").exists() or (p / "adapter_config.json").exists()):
+    if p.is_dir() and any((p / n).exists() for n in ("config.json", "adapter_config.json",
+                                                       "state.json")):  # state: a checkpoint
         return fingerprint(p)
     if p.is_file():
         return hashlib.sha256(p.read_bytes()).hexdigest()
@@ -290,6 +291,7 @@ def preflight(p: Pipeline) -> None:
     model directories given as inputs or paths (local, safetensors, a config that
     loads without running custom code), a reward model's single label, and input
     datasets complete with unique keys. Stage outputs are checked when they exist."""
+    from .export import is_checkpoint, read_checkpoint
     from .models import check_model_dir, check_reward_model, load_config
     from .shards import is_dataset, open_dataset
     for stage in p.stages:
@@ -305,6 +307,8 @@ def preflight(p: Pipeline) -> None:
                 try:
                     if k == "reward_model":
                         check_reward_model(path, trust)
+                    elif k == "checkpoints" and is_checkpoint(path):
+                        read_checkpoint(path)   # eval exports it
                     elif k in MODEL_OPTIONS:
                         if (check_model_dir(path, MODEL_OPTIONS[k]) / "config.json").exists():
                             load_config(path, trust)   # (an adapter directory has none)

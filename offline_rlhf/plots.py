@@ -101,12 +101,16 @@ def curves(steps: list[int], series: dict[str, list[float]], path: Path, title: 
 
 
 def points(pts: list[dict], path: Path, title: str, xlabel: str, ylabel: str) -> Path:
-    """Measured points with error bars (keys x, y, xerr, yerr, label), not joined."""
+    """Measured points with error bars (keys x, y, xerr, yerr, label), not joined; each
+    labelled in the legend and beside the point."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 4.0), layout="constrained")
     for p in pts:
         ax.errorbar([p["x"]], [p["y"]], xerr=[p.get("xerr") or 0.0], yerr=[p.get("yerr") or 0.0],
                     fmt="o", capsize=4, label=p["label"])
+        # the label beside its point too: colours alone do not tell several models apart
+        ax.annotate(p["label"], (p["x"], p["y"]), xytext=(6, 6), textcoords="offset points",
+                    fontsize=8)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -153,6 +153,9 @@ def test_every_command_runs_from_a_config_file(tmp_path, policy_dir, reward_dir,
         assert out.startswith(f"{t / algo}: 1 steps") and (t / algo / "final" / "config.json").exists()
     assert run(["eval"], policy=str(policy_dir), prompts=str(t / "p"), output=str(t / "e"),
                weights={"exact_match": 1.0}, **common).startswith(f"{t / 'e'}/report.md: policy mean reward")
+    run(["train", "sft"], data=str(t / "s"), output=str(t / "ck"), **{**train, "max_steps": 2}, save_steps=1)
+    assert run(["export"], checkpoint=str(t / "ck" / "checkpoints" / "step-0000001"),
+               out=str(t / "x")).startswith(f"{t / 'x'}: sft model")
     assert run(["rest"], policy=str(policy_dir), prompts=str(t / "p"), output=str(t / "rest"), grows=1,
                improve_steps=1, thresholds=[-100.0], lrs=[1e-3], num_samples=2, steps_per_improve=1,
                batch_size=2, micro_batch_size=2, weights={"length_penalty": 1.0},

@@ -123,7 +123,18 @@ class RMTask:
                 "eval/rewards_std": float(np.concatenate([out["chosen"], out["rejected"]]).std())}
 
 
+def check_start_model(path, trust_remote_code: bool = False) -> None:
+    """Before any model loads: a sequence classifier to continue training must be a scalar
+    reward model (one label), as ``score`` requires; a causal LM gets a new head."""
+    from ..models import check_model_dir, check_reward_model, load_config
+    check_model_dir(path, "policy")
+    archs = load_config(path, trust_remote_code).architectures or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        check_reward_model(path, trust_remote_code)
+
+
 def train_rm(cfg: RMTrainConfig) -> dict:
+    check_start_model(cfg.policy, cfg.trust_remote_code)
     check_pairs_source(cfg.data, "train rm")
     holder = {}
 

@@ -29,12 +29,11 @@ import torch
 
 from offline_rlhf.cli import main
 from offline_rlhf.errors import InputError
-from offline_rlhf.executors import ExecutorOptions
+from offline_rlhf.executors import ExecutorOptions, run_stage
 from offline_rlhf.generation import GenerateConfig, generate, plan_generate
 from offline_rlhf.logprobs import LogprobsConfig, compute_logprobs
 from offline_rlhf.rewards.score import ScoreConfig, plan_score, score
 from offline_rlhf.shards import ShardWriter, open_dataset
-from offline_rlhf.stage import run_stage
 from offline_rlhf.toy import addition_prompts
 
 RAY = dict(executor="ray", ray_actors=2, ray_cpus_per_actor=0.5)  # 2 actors fit 2 CPUs

@@ -11,6 +11,9 @@ a lock taken on one client is seen by the others; if the holder's machine dies, 
 server frees its locks when the client's lease expires (about 90 s for NFSv4). A
 filesystem without lock support is refused with a one-line error. Object stores have
 no locks at all: dataset writers there go unlocked (see ``ShardWriter.claim``).
+
+A lock file is opened with ``O_NOFOLLOW``: a symbolic link planted where it goes is
+refused in one line, and its target is never truncated.
 """
 
 from __future__ import annotations

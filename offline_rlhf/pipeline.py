@@ -34,6 +34,10 @@ checkpoint). Stage names are plain names (letters, digits, ``-``, ``_``).
 workdir is refused with the holder's host, pid and start time (or waits, with
 ``wait``); a lock left by a killed run is taken over. Before anything runs, and on
 ``--dry-run``, :func:`preflight` makes every check that needs no model output.
+Every error names the job file and the stage key (``job.toml: stages.score: ...``).
+Literal paths are checked for their kind at ``--dry-run`` (data options take a dataset
+or a data file, ``metrics`` a metrics.jsonl, ...). The lock, ``run.log`` and each stage's
+directory are never opened through a symbolic link.
 Pipelines only compose stages: no tensor math here.
 """
 

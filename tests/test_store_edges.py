@@ -105,6 +105,17 @@ def test_changed_rerun_names_the_option_and_overwrite_starts_afresh(tmp_path):
     assert again.lineage["strategy"] == "margin" and again.num_rows > first
 
 
+def test_generate_rerun_with_another_option_names_it(tmp_path, policy_dir):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {i}+1?"}) + "\n" for i in range(3)))
+    args = ["generate", "--prompts", prompts, "--policy", policy_dir, "--output", tmp_path / "g",
+            "--num-samples", "1", "--max-new-tokens", "2"]
+    assert cli(*args).returncode == 0
+    line = one_error_line(cli(*args, "--temperature", "0.5"),
+                          "temperature: 1.0 before, 0.5 now", "--overwrite")
+    assert "config_hash" not in line and "max_new_tokens" not in line
+
+
 def test_overwrite_refuses_what_is_not_a_dataset(tmp_path):
     ds = gens(tmp_path / "gens", chunks=1)
     mine = tmp_path / "mine"
@@ -233,7 +244,7 @@ def test_metrics_not_a_metrics_file_refused_at_dry_run(tmp_path, policy_dir):
 def test_pipeline_error_names_job_and_stage(tmp_path, policy_dir, stage, says):
     job = tmp_path / "job.toml"
     job.write_text(f'workdir = "{tmp_path / "w"}"\n[inputs]\ngens = "{gens(tmp_path / "g", 1)}"\n'
-                   f'[stages.s]\n{stage.format(policy=policy_dir)}\n')
+                   f'[stages.s]\n{stage.replace("{policy}", str(policy_dir))}\n')
     one_error_line(cli("pipeline", "run", job, "--dry-run"), f"{job}: {says}")
 
 

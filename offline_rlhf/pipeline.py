@@ -335,7 +335,7 @@ def preflight(p: Pipeline) -> None:
                             load_config(path, trust)   # (an adapter directory has none)
                     elif k in PATH_OPTIONS and is_dataset(path):
                         open_dataset(path, require_complete=True)
-                    else:
+                    elif k in PATH_OPTIONS:
                         _check_path_kind(k, path)
                 except InputError as e:
                     raise InputError(f"{p.source}: stages.{stage.name}.{k}: {e}") from None

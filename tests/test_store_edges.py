@@ -257,3 +257,11 @@ def test_writer_refuses_a_planted_bookkeeping_folder(tmp_path):
     one_error_line(cli("pairs", "--generations", gens(tmp_path / "g", 1), "--output", out),
                    f"{out}/.offline-rlhf: is a symbolic link")
     assert list(outside.iterdir()) == []
+
+
+def test_planted_shard_link_refused(tmp_path):
+    ds = gens(tmp_path / "gens", chunks=2)
+    outside = tmp_path / "outside.parquet"
+    shard(ds, 1).rename(outside)
+    shard(ds, 1).symlink_to(outside)          # same bytes, but not inside the dataset
+    one_error_line(cli("inspect", ds), f"{shard(ds, 1)}: is a symbolic link")

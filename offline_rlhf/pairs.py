@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import math
 
+import numpy as np
 import pyarrow as pa
 
 from .config import opt, to_dict
@@ -174,12 +175,16 @@ def _check_inputs(src, reward_column: str) -> None:
     for e in src.shards:
         table = src.read_shard(e["chunk"], columns=["prompt_id", reward_column], verify=False)
         where = src.store.display(e["name"])
-        for i, r in enumerate(table.column(reward_column).to_pylist()):
-            if r is None:
-                raise InputError(located("row has no reward: run `offline-rlhf score` first",
-                                         where, i, reward_column))
-            if not math.isfinite(r):
-                raise InputError(located(f"reward is {r} (not finite)", where, i, reward_column))
+        rewards = table.column(reward_column)
+        missing = np.flatnonzero(rewards.is_null().to_numpy(zero_copy_only=False))
+        if len(missing):
+            raise InputError(located("row has no reward: run `offline-rlhf score` first",
+                                     where, int(missing[0]), reward_column))
+        values = rewards.to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad):
+            raise InputError(located(f"reward is {values[bad[0]]} (not finite)", where,
+                                     int(bad[0]), reward_column))
         for pid in set(table.column("prompt_id").to_pylist()):
             if owner.setdefault(pid, e["chunk"]) != e["chunk"]:
                 raise InputError(f"{src.url}: prompt {pid} has samples in chunks {owner[pid]} and "

@@ -8,6 +8,11 @@ executor's own dependencies (Ray) are needed only when it is chosen.
 score, logprobs), so the flags, config-file keys and pipeline keys are defined once.
 None of them changes which rows are written, only where they are made: they are left
 out of every config hash and pipeline key (:data:`EXECUTOR_OPTIONS`).
+
+:func:`run_stage` is what a stage calls: it removes an old output first when the plan
+says ``overwrite`` (after the plan has checked every input), then runs the executor.
+It lives here, not in ``stage.py``, so that the stage contract never imports its
+executors (layers point down).
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@ from pathlib import Path
 
 from .errors import InputError
 
+# Options that name files, datasets or models (in any command's config): outputs must not
+# collide with them, and a pipeline fingerprints them when given literally.
+PATH_OPTIONS = ("policy", "reward_model", "reference", "prompts", "generations", "data",
+                "baseline", "eval_prompts", "ilql_heads", "checkpoints", "metrics", "previous_data")
+
 
 def opt(default=dataclasses.MISSING, help: str = "", **kw):
     """A dataclass field with a help string (``default`` may be a list or dict)."""
@@ -230,7 +235,6 @@ def add_config_file_argument(parser: argparse.ArgumentParser) -> None:
 def check_output(cfg) -> None:
     """Refuse an output (``output`` or ``out``) that is one of the command's inputs, holds
     one, or lies inside one, before any work."""
-    from .pipeline import PATH_OPTIONS
     out = getattr(cfg, "output", None) or getattr(cfg, "out", None)
     if not out or "://" in str(out):
         return

@@ -12,8 +12,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .dataset import Dataset
 from .errors import InputError, located
-from .shards import MANIFEST, Dataset
+from .manifest import MANIFEST
 
 
 def _open_input(path: str):

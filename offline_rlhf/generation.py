@@ -20,19 +20,19 @@ import pyarrow as pa
 from .backends import SPEED_OPTIONS, BackendOptions, Sampling, backend_module, check_backend
 from .config import opt, to_dict
 from .errors import InputError, located
-from .executors import EXECUTOR_OPTIONS, ExecutorOptions
+from .executors import EXECUTOR_OPTIONS, ExecutorOptions, run_stage
 from .layouts import prompt_ids
 from .lineage import canonical_json, code_version, config_hash, utc_now
 from .models import apply_chat_template, check_model_dir, fingerprint, load_tokenizer
 from .prompts import normalize_prompts
 from .schemas import load_schema
 from .shards import is_dataset, open_dataset, read_rows
-from .stage import LazyWorker, StagePlan, run_stage
+from .stage import LazyWorker, StagePlan
 
 OVERLONG = ("error", "truncate", "skip")
 # Settings that change how fast rows are made, not which rows: left out of the config hash.
 # (the backend is hashed: engines may differ in the last bits of their arithmetic)
-NOT_HASHED = ("output", "token_budget", "device", *EXECUTOR_OPTIONS, *SPEED_OPTIONS)
+NOT_HASHED = ("output", "overwrite", "token_budget", "device", *EXECUTOR_OPTIONS, *SPEED_OPTIONS)
 
 
 @dataclasses.dataclass
@@ -40,6 +40,7 @@ class GenerateConfig(BackendOptions, ExecutorOptions):
     prompts: str = opt(help="prompts dataset (directory/URL), or a JSONL/JSON/Parquet prompt file")
     output: str = opt(help="output generations dataset (directory or URL)")
     policy: str = opt(help="policy model directory (transformers, safetensors)")
+    overwrite: bool = opt(False, "replace an existing output dataset: it is removed (datasets only) once every input is checked, and the stage starts afresh")
     num_samples: int = opt(4, "K: responses sampled per prompt")
     temperature: float = opt(1.0, "sampling temperature")
     top_p: float = opt(1.0, "nucleus sampling: keep the smallest set of tokens with this mass")
@@ -189,11 +190,13 @@ def plan_generate(cfg: GenerateConfig) -> StagePlan:
     units = [prompts.slice(c * cfg.chunk_prompts, cfg.chunk_prompts).num_rows for c in range(total)]
     return StagePlan(
         name="generate", unit="prompts", units=units,
-        writer={"url": cfg.output, "schema": "generations", "config_hash": chash, "lineage": {
+        writer={"url": cfg.output, "schema": "generations", "config_hash": chash,
+                "config": hashed, "lineage": {
             "policy_fingerprint": policy_fp, "prompts": prompts_fp, "decoding": decoding,
             "stop": cfg.stop, "code_version": code_version()}},
         worker=GenerateWorker(cfg, prompts, texts, meta),
-        info={"config": to_dict(cfg), "prompts_source": str(Path(cfg.prompts))})
+        info={"config": to_dict(cfg), "prompts_source": str(Path(cfg.prompts))},
+        overwrite=cfg.overwrite)
 
 
 def _heads_fingerprint(path: str) -> str:

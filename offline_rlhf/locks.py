@@ -11,6 +11,9 @@ a lock taken on one client is seen by the others; if the holder's machine dies, 
 server frees its locks when the client's lease expires (about 90 s for NFSv4). A
 filesystem without lock support is refused with a one-line error. Object stores have
 no locks at all: dataset writers there go unlocked (see ``ShardWriter.claim``).
+
+A lock file is opened with ``O_NOFOLLOW``: a symbolic link planted where it goes is
+refused in one line, and its target is never truncated.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .lineage import utc_now
+from .storage import open_nofollow
 
 # Errors that mean "this filesystem cannot lock", as opposed to "someone holds it".
 NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
@@ -100,7 +104,7 @@ class FileLock:
     def _locked_fd(self, wait: bool, message: str | None, hint: str) -> int:
         """An open descriptor of ``path``, flocked; refused while a live process holds it."""
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)   # a planted link: refused
             try:
                 got = self._try(fd)
                 for _ in range(3):  # a probe (is_held) holds a shared lock for a moment
@@ -160,7 +164,7 @@ class FileLock:
 def is_held(path: str | os.PathLike) -> bool:
     """Whether a live process holds the lock on ``path`` (probed with a shared lock)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_nofollow(path)
     except FileNotFoundError:
         return False
     try:

@@ -1,87 +1,27 @@
-"""Log-probabilities of responses, and the reference log-probs stage.
+"""The reference log-probs stage (the log-prob math itself is in :mod:`offline_rlhf.logps`).
 
-:func:`processed_logps` is the sampling distribution (temperature, top-k, top-p) that
-the generator samples from and stores as behaviour log-probs; :func:`sequence_logps`
-recomputes it teacher-forced. The ``logprobs`` stage stores the reference model's
-per-token and summed log-probs of every response, so no optimiser loads the reference
-model: DPO-family training reads them from the shard.
+It stores the reference model's per-token and summed log-probs of every response, so no
+optimiser loads the reference model: DPO-family training reads them from the shard.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
-import torch
+import pyarrow.compute as pc
 
 from .backends import SPEED_OPTIONS, BackendOptions, backend_module, check_backend
-from .batching import budget_batches, pad
 from .config import opt, to_dict
-from .errors import InputError
-from .executors import EXECUTOR_OPTIONS, ExecutorOptions
+from .errors import InputError, located
+from .executors import EXECUTOR_OPTIONS, ExecutorOptions, run_stage
 from .lineage import config_hash
+from .logps import processed_logps, sequence_logps  # noqa: F401  (their old home)
 from .models import check_model_dir, fingerprint, load_tokenizer
 from .schemas import replace_column
 from .shards import open_dataset
-from .stage import LazyWorker, StagePlan, run_stage
-
-
-def processed_logps(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                    top_p: float = 1.0) -> torch.Tensor:
-    """Log-probs of the distribution actually sampled: logits / temperature, then top-k
-    and top-p (nucleus) filtering; filtered tokens get -inf. Computed in float32."""
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    vocab = logits.shape[-1]
-    if 0 < top_k < vocab:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each token
-        sorted_logits = sorted_logits.masked_fill(before > top_p, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.log_softmax(logits, dim=-1)
-
-
-@torch.no_grad()
-def sequence_logps(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-                   *, pad_id: int, token_budget: int = 16384, temperature: float = 1.0,
-                   top_k: int = 0, top_p: float = 1.0) -> list[np.ndarray]:
-    """Per-token log-probs of each response given its prompt (teacher forcing).
-
-    Rows are batched by ``token_budget`` with length bucketing and right padding; only
-    the response positions go through the (vocabulary-sized) softmax.
-    """
-    device = next(model.parameters()).device
-    out: list[np.ndarray | None] = [None] * len(prompts)
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    for batch in budget_batches(lengths, token_budget):
-        seqs = [list(prompts[i]) + list(responses[i]) for i in batch]
-        ids, mask = pad(seqs, pad_id, "right", device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        rows, cols, targets = [], [], []
-        for r, i in enumerate(batch):
-            start, n = len(prompts[i]), len(responses[i])
-            if start == 0:
-                raise InputError("a response needs at least one prompt token before it")
-            rows += [r] * n
-            cols += range(start - 1, start - 1 + n)
-            targets += list(responses[i])
-        picked = logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
-        lp = processed_logps(picked, temperature, top_k, top_p)
-        tok_lp = lp.gather(1, torch.tensor(targets, device=device)[:, None])[:, 0].cpu().numpy()
-        at = 0
-        for i in batch:
-            n = len(responses[i])
-            out[i] = tok_lp[at:at + n]
-            at += n
-    return out  # type: ignore[return-value]
-
+from .stage import LazyWorker, StagePlan
 
 # --------------------------------------------------------------------------- the stage
 
@@ -90,6 +30,7 @@ class LogprobsConfig(BackendOptions, ExecutorOptions):
     generations: str = opt(help="input generations dataset (directory or URL)")
     output: str = opt(help="output dataset: the input rows with ref_logps and ref_logps_sum")
     reference: str = opt(help="reference model directory (usually the starting policy)")
+    overwrite: bool = opt(False, "replace an existing output dataset: it is removed (datasets only) once every input is checked, and the stage starts afresh")
     token_budget: int = opt(16384, "hf backend: tokens per forward batch (rows x longest "
                             "prompt+response)")
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")
@@ -115,16 +56,39 @@ def plan_logprobs(cfg: LogprobsConfig) -> StagePlan:
         raise InputError(f"{cfg.generations}: is a {src.schema_name} dataset, not generations")
     check_model_dir(cfg.reference, "reference model")
     check_backend(cfg, "logprobs")
+    check_inputs(src, len(load_tokenizer(cfg.reference, cfg.trust_remote_code)), cfg.reference)
     ref_fp = fingerprint(cfg.reference)
     hashed = {k: v for k, v in to_dict(cfg).items()
-              if k not in ("output", "token_budget", "device", *EXECUTOR_OPTIONS,
+              if k not in ("output", "overwrite", "token_budget", "device", *EXECUTOR_OPTIONS,
                            *SPEED_OPTIONS)}
     hashed.update(generations=src.fingerprint, reference=ref_fp)
     lineage = {**src.lineage, "reference_fingerprint": ref_fp, "generations": src.fingerprint}
     return StagePlan(name="logprobs", unit="rows", units=[e["rows"] for e in src.shards],
                      writer={"url": cfg.output, "schema": "generations", "lineage": lineage,
-                             "config_hash": config_hash(hashed)},
-                     worker=LogprobsWorker(cfg, ref_fp), info={"config": to_dict(cfg)})
+                             "config_hash": config_hash(hashed), "config": hashed},
+                     worker=LogprobsWorker(cfg, ref_fp), info={"config": to_dict(cfg)},
+                     overwrite=cfg.overwrite)
+
+
+def check_inputs(src, vocab: int, reference: str) -> None:
+    """Before the first output: every shard's size and sha256, token ids on every row,
+    and every id inside the reference's vocabulary."""
+    src.verify()
+    for e in src.shards:
+        table = src.read_shard(e["chunk"], columns=["prompt_token_ids", "response_token_ids"],
+                               verify=False)
+        where = src.store.display(e["name"])
+        missing = table.column("prompt_token_ids").is_null().to_pylist()
+        if any(missing):
+            raise InputError(located("no prompt_token_ids: the logprobs stage needs the "
+                                     "generator's token ids", where, missing.index(True),
+                                     "prompt_token_ids"))
+        for column in ("prompt_token_ids", "response_token_ids"):
+            top = pc.max(pc.list_flatten(table.column(column))).as_py()
+            if top is not None and top >= vocab:
+                raise InputError(f"{where}: token id {top} in {column} is outside the "
+                                 f"reference tokenizer {reference} (vocabulary {vocab}): the "
+                                 "reference must share the policy's tokenizer")
 
 
 class LogprobsWorker(LazyWorker):

@@ -20,16 +20,18 @@ import hashlib
 import itertools
 import math
 
+import numpy as np
 import pyarrow as pa
 
 from .config import opt, to_dict
 from .errors import InputError, located
+from .executors import run_stage
 from .layouts import number, preference, preference_texts
 from .lineage import code_version, config_hash, utc_now
 from .prompts import prompt_id_for
 from .schemas import load_schema, validate
 from .shards import ShardWriter, claim_output, is_dataset, open_dataset, open_dataset_of, read_rows
-from .stage import LazyWorker, StagePlan, run_stage
+from .stage import LazyWorker, StagePlan
 
 STRATEGIES = ("best_worst", "margin", "top_bottom")
 REF_SUM_COLUMNS = ("chosen_ref_logps_sum", "rejected_ref_logps_sum")
@@ -43,6 +45,7 @@ GEN_COLUMNS = ["prompt_id", "prompt", "prompt_token_ids", "sample_index", "respo
 class PairsConfig:
     generations: str = opt(help="scored generations dataset")
     output: str = opt(help="output pairs dataset")
+    overwrite: bool = opt(False, "replace an existing output dataset: it is removed (datasets only) once every input is checked, and the stage starts afresh")
     strategy: str = opt("best_worst", f"pairing strategy: {' | '.join(STRATEGIES)}")
     min_margin: float = opt(0.0, "smallest reward margin kept (ties are always dropped)")
     top_k: int = opt(2, "k of top_bottom")
@@ -129,14 +132,17 @@ def build_pairs(cfg: PairsConfig) -> dict:
     src = open_dataset(cfg.generations, require_complete=True)
     if src.schema_name != "generations":
         raise InputError(f"{cfg.generations}: is a {src.schema_name} dataset, not generations")
-    _check_prompts_within_shards(src)
-    chash = config_hash({**to_dict(cfg), "generations": src.fingerprint, "output": None})
+    _check_inputs(src, cfg.reward_column)
+    hashed = {**{k: v for k, v in to_dict(cfg).items() if k != "overwrite"},
+              "generations": src.fingerprint, "output": None}
+    chash = config_hash(hashed)
     plan = StagePlan(name="pairs", unit="rows", units=[e["rows"] for e in src.shards],
                      writer={"url": cfg.output, "schema": "pairs", "config_hash": chash,
+                             "config": hashed,
                              "lineage": {**src.lineage, "generations": src.fingerprint,
                                          "strategy": cfg.strategy}},
                      worker=PairsWorker(cfg, {"config_hash": chash, "code_version": code_version()}),
-                     info={"config": to_dict(cfg)})
+                     info={"config": to_dict(cfg)}, overwrite=cfg.overwrite)
     return run_stage(plan)
 
 
@@ -161,12 +167,25 @@ class PairsWorker(LazyWorker):
         return pa.Table.from_pylist(pairs, schema=load_schema("pairs").arrow), stats
 
 
-def _check_prompts_within_shards(src) -> None:
-    """Pairs are built shard by shard: a prompt's samples must not span shards."""
+def _check_inputs(src, reward_column: str) -> None:
+    """Before the first output: every shard's size and sha256, a finite reward on every
+    row, and each prompt's samples in one shard (pairs are built shard by shard)."""
+    src.verify()
     owner: dict[str, int] = {}
     for e in src.shards:
-        for pid in set(src.read_shard(e["chunk"], columns=["prompt_id"], verify=False)
-                       .column("prompt_id").to_pylist()):
+        table = src.read_shard(e["chunk"], columns=["prompt_id", reward_column], verify=False)
+        where = src.store.display(e["name"])
+        rewards = table.column(reward_column)
+        missing = np.flatnonzero(rewards.is_null().to_numpy(zero_copy_only=False))
+        if len(missing):
+            raise InputError(located("row has no reward: run `offline-rlhf score` first",
+                                     where, int(missing[0]), reward_column))
+        values = rewards.to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad):
+            raise InputError(located(f"reward is {values[bad[0]]} (not finite)", where,
+                                     int(bad[0]), reward_column))
+        for pid in set(table.column("prompt_id").to_pylist()):
             if owner.setdefault(pid, e["chunk"]) != e["chunk"]:
                 raise InputError(f"{src.url}: prompt {pid} has samples in chunks {owner[pid]} and "
                                  f"{e['chunk']}; pairs need each prompt's samples in one shard")

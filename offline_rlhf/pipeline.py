@@ -34,11 +34,16 @@ checkpoint). Stage names are plain names (letters, digits, ``-``, ``_``).
 workdir is refused with the holder's host, pid and start time (or waits, with
 ``wait``); a lock left by a killed run is taken over. Before anything runs, and on
 ``--dry-run``, :func:`preflight` makes every check that needs no model output.
+Every error names the job file and the stage key (``job.toml: stages.score: ...``).
+Literal paths are checked for their kind at ``--dry-run`` (data options take a dataset
+or a data file, ``metrics`` a metrics.jsonl, ...). The lock, ``run.log`` and each stage's
+directory are never opened through a symbolic link.
 Pipelines only compose stages: no tensor math here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import re
@@ -46,21 +51,34 @@ import sys
 import time
 from pathlib import Path
 
-from .config import apply_overrides, build, load_file
+from .config import PATH_OPTIONS, apply_overrides, build, load_file
 from .errors import InputError
 from .executors import EXECUTOR_OPTIONS
 from .lineage import canonical_json, code_version, utc_now
-from .storage import read_json_file, write_json_atomic
+from .storage import append_line, read_json_file, refuse_link, write_json_atomic
 
 KINDS = ("generate", "score", "logprobs", "pairs", "train", "rest", "eval")
-# Options that name files, datasets or models: given literally, they are fingerprinted too.
-PATH_OPTIONS = ("policy", "reward_model", "reference", "prompts", "generations", "data",
-                "baseline", "eval_prompts", "ilql_heads", "checkpoints", "metrics", "previous_data")
 # Options naming models: preflight checks them (safetensors, loadable config).
 MODEL_OPTIONS = {"policy": "policy", "reference": "reference model", "baseline": "baseline policy",
                  "checkpoints": "checkpoint model"}
+# Options that name data: a dataset, or a data file of one of these kinds.
+DATA_OPTIONS = ("prompts", "generations", "data", "eval_prompts", "previous_data")
+DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet")
+# Options kept out of a stage's key: where rows are made, and whether an old output goes.
+UNKEYED = (*EXECUTOR_OPTIONS, "overwrite")
 STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 LOCK = "pipeline.lock"
+
+
+@contextlib.contextmanager
+def naming(where: str):
+    """An error inside names ``where`` (the job file and the stage key) unless it does."""
+    try:
+        yield
+    except InputError as e:
+        if str(e).startswith(where.partition(": ")[0]):
+            raise
+        raise InputError(f"{where}: {e}") from None
 
 
 def _kind_class(kind: str, algorithm: str | None, where: str):
@@ -126,6 +144,8 @@ class Stage:
         parses (written atomically; an empty or cut file from older versions is not done)."""
         from .shards import is_complete
         o = self.output
+        refuse_link(o.parent)   # WORKDIR/stages, and the stage's own directory: never
+        refuse_link(o)          # written or read through a planted link
         if self.kind == "train":
             return read_json_file(o / "train_summary.json") is not None and (o / "final").is_dir()
         if self.kind == "rest":
@@ -223,7 +243,7 @@ def _stage(where: str, name: str, spec, inputs: dict, input_fp: dict, by_name: d
         if k not in fields or k == "output":
             raise InputError(f"{where}.{k}: unknown key for a {kind} stage "
                              f"(known: {', '.join(sorted(fields - {'output'}))})")
-        if k in EXECUTOR_OPTIONS:
+        if k in UNKEYED:
             continue  # where rows are made, not which: kept out of the key
         if _is_ref(v):
             refs[k] = v
@@ -241,7 +261,8 @@ def _stage(where: str, name: str, spec, inputs: dict, input_fp: dict, by_name: d
     trial = {k: ("/placeholder" if not isinstance(v, list) else ["/placeholder"]) if k in refs else v
              for k, v in spec.items()}
     trial["output"] = "/placeholder"
-    build(cls, trial, where)
+    with naming(where):
+        build(cls, trial, where)
     key = hashlib.sha256(canonical_json({"kind": kind, "algorithm": algorithm, **keyed})
                          .encode()).hexdigest()[:12]
     return Stage(name, kind, algorithm, spec, refs, key)
@@ -273,9 +294,13 @@ def _ref_path(p: Pipeline, by_name: dict, ref: str, option: str) -> Path:
 
 def plan(p: Pipeline) -> list[dict]:
     """What a run would do: for each stage, reuse (finished output) or run."""
-    return [{"stage": s.name, "kind": s.kind + (f" {s.algorithm}" if s.algorithm else ""),
-             "key": s.key, "action": "reuse" if s.done() else "run", "output": str(s.output)}
-            for s in p.stages]
+    rows = []
+    for s in p.stages:
+        with naming(f"{p.source}: stages.{s.name}"):
+            done = s.done()
+        rows.append({"stage": s.name, "kind": s.kind + (f" {s.algorithm}" if s.algorithm else ""),
+                     "key": s.key, "action": "reuse" if done else "run", "output": str(s.output)})
+    return rows
 
 
 def render_plan(rows: list[dict]) -> str:
@@ -314,8 +339,33 @@ def preflight(p: Pipeline) -> None:
                             load_config(path, trust)   # (an adapter directory has none)
                     elif k in PATH_OPTIONS and is_dataset(path):
                         open_dataset(path, require_complete=True)
+                    elif k in PATH_OPTIONS:
+                        _check_path_kind(k, path)
                 except InputError as e:
                     raise InputError(f"{p.source}: stages.{stage.name}.{k}: {e}") from None
+
+
+def _check_path_kind(option: str, path: str) -> None:
+    """A literal path that is not a dataset is the kind of file its option reads: a data
+    file (``.jsonl``, ``.json``, ``.parquet``) for data, a metrics.jsonl of JSON objects
+    (or a training directory holding one) for ``metrics``, heads for ``ilql_heads``."""
+    p = Path(path)
+    if "://" in path or not p.exists():
+        return   # fingerprinting has refused a missing local path
+    if option in DATA_OPTIONS and not (p.is_file() and p.suffix.lower() in DATA_SUFFIXES):
+        raise InputError(f"{path}: neither a dataset nor a data file "
+                         f"({', '.join(DATA_SUFFIXES)})")
+    if option == "metrics":
+        f = p / "metrics.jsonl" if p.is_dir() else p
+        if not (f.is_file() and f.suffix == ".jsonl"):
+            raise InputError(f"{path}: neither a metrics.jsonl file nor a training output "
+                             "directory holding one")
+        with open(f, "rb") as fh:
+            first = fh.readline(1 << 16).strip()
+        if first and not first.startswith(b"{"):
+            raise InputError(f"{f}: line 1 is not a JSON object (not a metrics file)")
+    if option == "ilql_heads" and not (p / "heads.safetensors").is_file():
+        raise InputError(f"{path}: not an ILQL heads directory (no heads.safetensors)")
 
 
 def run_pipeline(p: Pipeline, dry_run: bool = False, wait: bool = False) -> list[dict]:
@@ -352,19 +402,20 @@ def _run_stage(p: Pipeline, stage: Stage, row: dict, log: Path) -> float:
     if stage.done():
         _log(log, f"reuse {stage.name} {stage.output}")
         return 0.0
-    cls = _kind_class(stage.kind, stage.algorithm, stage.name)
-    cfg = build(cls, _resolve(p, stage), f"stages.{stage.name}")
+    where = f"{p.source}: stages.{stage.name}"
+    with naming(where):
+        cfg = build(_kind_class(stage.kind, stage.algorithm, where), _resolve(p, stage), where)
     _log(log, f"run {stage.name} ({row['kind']})")
     t0 = time.perf_counter()
-    _run_kind(stage.kind, stage.algorithm)(cfg)
+    with naming(where):
+        _run_kind(stage.kind, stage.algorithm)(cfg)
     seconds = time.perf_counter() - t0
     _log(log, f"done {stage.name} in {seconds:.1f} s -> {stage.output}")
     return seconds
 
 
 def _log(path: Path, msg: str) -> None:
-    with open(path, "a") as f:
-        f.write(f"{utc_now().isoformat()} {msg}\n")
+    append_line(path, f"{utc_now().isoformat()} {msg}\n")   # never through a planted link
 
 
 def stage_output(p: Pipeline, name: str) -> Path:

@@ -35,18 +35,17 @@ written, so two processes never write the same chunk at once; workers ``--worker
 --num-workers N`` own disjoint chunks and share the output freely. On object stores
 there are no locks: run one process per worker slot there.
 
-Readers verify each shard's size and sha256 against its entry before use and name
-the file on any mismatch or decoding error.
-
-Users' JSONL/JSON/Parquet files are read by ``datafiles.py`` (re-exported here).
+The manifest, the entries and their checks are in ``manifest.py``; the reader
+(:class:`Dataset`, which verifies each shard's size and sha256 against its entry
+before use) in ``dataset.py``; users' JSONL/JSON/Parquet files in ``datafiles.py``.
+All are re-exported here. Local files inside a dataset are never opened through a
+symbolic link (see ``storage.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -56,96 +55,34 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import digests
-from .errors import InputError, located
-from .lineage import code_version, utc_now
-from .schemas import Schema, conform, find_violations, load_schema
-from .storage import HASH_BLOCK, Staged, Store, storage_errors
+from .datafiles import column_stats, read_rows, read_table_file  # noqa: F401
 
-FORMAT = "offline-rlhf-dataset"
-FORMAT_VERSION = 1
-META = ".offline-rlhf"
-MANIFEST = f"{META}/manifest.json"
-ENTRIES = f"{META}/shards"
-WRITERS = f"{META}/writers"
+# the reader and the layout, where callers always found them
+from .dataset import Dataset, is_complete, is_dataset, open_dataset, open_dataset_of  # noqa: F401
+from .errors import InputError
+from .lineage import code_version, utc_now
+from .manifest import (  # noqa: F401
+    ENTRIES,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    META,
+    WRITERS,
+    aggregate,
+    check_header,
+    check_unique_keys,
+    config_diff,
+    entry_name,
+    json_bytes,
+    read_entries,
+    read_json,
+    shard_name,
+)
+from .schemas import Schema, conform, find_violations, load_schema
+from .storage import Staged, Store, refuse_link, storage_errors
+
 # Row groups of about this many Arrow bytes: streaming readers hold one at a time.
 ROW_GROUP_BYTES = 64 << 20
-
-
-def shard_name(chunk: int) -> str:
-    return f"part-{chunk:06d}.parquet"
-
-
-def _entry_name(chunk: int) -> str:
-    return f"{ENTRIES}/part-{chunk:06d}.json"
-
-
-def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode()
-
-
-def _read_json(store: Store, rel: str) -> dict | None:
-    try:
-        return json.loads(store.read_bytes(rel))
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{store.display(rel)}: not a valid JSON manifest ({e})") from None
-
-
-def _read_entries(store: Store) -> dict[str, dict]:
-    names = [n for n in store.listdir(ENTRIES) if n.endswith(".json") and not n.startswith(".")]
-    paths = [store.path(f"{ENTRIES}/{n}") for n in names]
-    blobs = store.fs.cat(paths) if paths else {}
-    if isinstance(blobs, bytes):  # fsspec returns bare bytes for a single path
-        blobs = {paths[0]: blobs}
-    out = {}
-    for p in paths:
-        entry = json.loads(blobs[p])
-        out[entry["name"]] = entry
-    return out
-
-
-def _aggregate(header: dict, entries: dict[str, dict]) -> dict:
-    """The manifest: the header plus every entry (less its row key hashes) and totals."""
-    totals: dict[str, int] = {}
-    for e in entries.values():
-        for k, v in e.get("stats", {}).items():
-            totals[k] = totals.get(k, 0) + v
-    return {**header, "shards": [{k: v for k, v in entries[n].items() if k != "key_hashes"}
-                                 for n in sorted(entries)],
-            "num_rows": sum(e["rows"] for e in entries.values()),
-            "num_shards": len(entries), "stats": totals}
-
-
-def _check_unique_keys(store: Store, entries: list[dict], schema: Schema) -> None:
-    """Refuse a key (e.g. ``(prompt_id, sample_index)``) present in two rows of the
-    dataset, naming the file and row of the second; uses the entries' key hashes (a
-    shard written without them has its key columns read)."""
-    if not schema.key or not entries:
-        return
-    key = tuple(schema.key)
-    cache: dict[str, pa.Table] = {}
-
-    def keys_of(entry: dict) -> pa.Table:
-        if entry["name"] not in cache:
-            try:
-                cache[entry["name"]] = pq.read_table(store.path(entry["name"]), columns=list(key),
-                                                     filesystem=store.fs)
-            except (pa.ArrowException, OSError) as e:
-                raise InputError(f"{store.display(entry['name'])}: cannot read shard "
-                                 f"({(str(e).splitlines() or [''])[0]})") from None
-        return cache[entry["name"]]
-
-    per_shard = [digests.decode_hashes(e["key_hashes"]) if "key_hashes" in e
-                 else digests.key_hashes(keys_of(e), key) for e in entries]
-    for shard, row, first_shard, first_row in digests.colliding_rows(per_shard):
-        value = digests.key_value(keys_of(entries[shard]), key, row)
-        if value == digests.key_value(keys_of(entries[first_shard]), key, first_row):
-            shown = "(" + ", ".join(str(v) for v in value) + ")"   # (not a hash collision)
-            raise InputError(located(
-                f"duplicate key ({', '.join(key)}) = {shown}, first at "
-                f"{store.display(entries[first_shard]['name'])} row {first_row}",
-                store.display(entries[shard]["name"]), row, key[-1]))
 
 
 # --------------------------------------------------------------------------- writing
@@ -174,6 +111,7 @@ class ShardWriter:
     schema: Schema | str
     lineage: dict = field(default_factory=dict)
     config_hash: str | None = None
+    config: dict | None = None    # what config_hash hashes: kept, so a rerun can name what differs
     on_invalid: str = "error"
     compression: str = "zstd"
     row_group_bytes: int = ROW_GROUP_BYTES
@@ -184,20 +122,16 @@ class ShardWriter:
         if self.on_invalid not in ("error", "quarantine"):
             raise ValueError(f"on_invalid must be 'error' or 'quarantine', not {self.on_invalid!r}")
         self.store = Store(self.url)
+        self.store.refuse_links(META, ENTRIES, WRITERS)
         self.quarantine_store = Store(self.store.url + ".quarantine")
         self.header = {"format": FORMAT, "format_version": FORMAT_VERSION,
                        "schema": self.schema.name, "schema_version": self.schema.version,
                        "config_hash": self.config_hash, "lineage": self.lineage,
                        "code_version": code_version()}
-        old = _read_json(self.store, MANIFEST)
-        if old is not None:
-            for key in ("schema", "config_hash"):
-                if old.get(key) != self.header[key]:
-                    raise InputError(
-                        f"{self.store.display(MANIFEST)}: dataset was written with {key} "
-                        f"{old.get(key)!r}, this run has {self.header[key]!r}; "
-                        "write to a new path or delete the old dataset")
-        self._entries = _read_entries(self.store)
+        if self.config is not None:
+            self.header["config"] = self.config
+        self._check_same_run(read_json(self.store, MANIFEST))
+        self._entries = read_entries(self.store)
         self._stale = self.store.stale_tmp(("", ENTRIES))
         self._stale_quarantine = self.quarantine_store.stale_tmp(("",))
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-commit")
@@ -208,6 +142,21 @@ class ShardWriter:
                            b"offline_rlhf.schema_version": self.schema.version.encode(),
                            b"offline_rlhf.lineage": json.dumps(self.lineage, default=str).encode(),
                            b"offline_rlhf.config_hash": str(self.config_hash).encode()}
+
+    def _check_same_run(self, old: dict | None) -> None:
+        """Reopening a dataset is resuming it: refused unless the same schema and config
+        (the message names the options that differ)."""
+        if old is None:
+            return
+        check_header(self.store, old)
+        for key in ("schema", "config_hash"):
+            if old.get(key) != self.header[key]:
+                diff = config_diff(old.get("config"), self.config) if key == "config_hash" else ""
+                what = f"other options ({diff})" if diff else \
+                    f"{key} {old.get(key)!r}, this run has {self.header[key]!r}"
+                raise InputError(f"{self.store.display(MANIFEST)}: dataset was written with "
+                                 f"{what}; pass --overwrite to start afresh, or write to a new "
+                                 "path")
 
     def __enter__(self):
         return self
@@ -248,7 +197,7 @@ class ShardWriter:
     def committed(self, chunk: int) -> bool:
         """Whether chunk ``chunk`` is already written (its entry and shard both exist)."""
         name = shard_name(chunk)
-        entry = _read_json(self.store, _entry_name(chunk))
+        entry = read_json(self.store, entry_name(chunk))
         return entry is not None and self.store.exists(name) and \
             self.store.size(name) == entry["bytes"]
 
@@ -301,7 +250,7 @@ class ShardWriter:
         table = conform(table, self.schema, source)
         with storage_errors(self.store.display(name)):
             self.store.remove_stale_tmp(name, self._stale)
-            self.store.remove_stale_tmp(_entry_name(chunk), self._stale)
+            self.store.remove_stale_tmp(entry_name(chunk), self._stale)
             staged = Staged(self.store, name, parquet=True)
         # Encode on the helper thread while the checks run here (both release the GIL);
         # a refused chunk's temporary file is deleted, never renamed.
@@ -345,7 +294,7 @@ class ShardWriter:
                 entry.update(bytes=staged.size, sha256=staged.sha256,
                              content_hash=staged.content_hash)
                 on_disk = entry if keys is None else {**entry, "key_hashes": keys}
-                self.store.write_atomic(_entry_name(entry["chunk"]), _json_bytes(on_disk))
+                self.store.write_atomic(entry_name(entry["chunk"]), json_bytes(on_disk))
         finally:
             if held is not None:   # the chunk is committed (or failed): let it go
                 held.release()
@@ -378,9 +327,9 @@ class ShardWriter:
         with self.store.lock(f"{META}/lock"):
             if self.store.local:  # under the lock no live writer has a manifest temp open
                 self.store.remove_stale_tmp(MANIFEST, self.store.stale_tmp((META,)))
-            manifest = {**_aggregate(self.header, self._entries), "complete": complete,
+            manifest = {**aggregate(self.header, self._entries), "complete": complete,
                         "updated_at": utc_now().isoformat()}
-            self.store.write_atomic(MANIFEST, _json_bytes(manifest))
+            self.store.write_atomic(MANIFEST, json_bytes(manifest))
         return manifest
 
     def finish(self, total_chunks: int | None = None, info: dict | None = None) -> dict:
@@ -393,237 +342,19 @@ class ShardWriter:
         """
         try:
             self.flush()
-            self._entries = _read_entries(self.store)
-            _check_unique_keys(self.store, [self._entries[n] for n in sorted(self._entries)],
+            self._entries = read_entries(self.store)
+            check_unique_keys(self.store, [self._entries[n] for n in sorted(self._entries)],
                                self.schema)
             done = {e["chunk"] for e in self._entries.values()}
             complete = total_chunks is None or done.issuperset(range(total_chunks))
             if info:
                 self.header = {**self.header, "info": info}
+            if total_chunks is not None:   # what readers of a complete dataset expect
+                self.header = {**self.header, "num_chunks": total_chunks}
             with storage_errors(self.store.display(MANIFEST)):
                 return self._write_manifest(complete=complete)
         finally:
             self._unclaim()
-
-
-# --------------------------------------------------------------------------- reading
-
-class Dataset:
-    """A dataset written by :class:`ShardWriter`, opened for reading.
-
-    Every reader checks each shard's size and sha256 against the manifest first
-    (``verify=False`` skips the hash, not the size) and names the file on failure.
-    ``require_complete`` refuses a dataset whose writing stage did not finish, or
-    (written by another tool or an older version) with a key in two rows.
-    """
-
-    def __init__(self, url: str, require_complete: bool = False):
-        self.store = Store(url)
-        self.url = self.store.url
-        header = _read_json(self.store, MANIFEST)
-        if header is None:
-            raise InputError(f"{self.url}: not an offline-rlhf dataset (no {MANIFEST})")
-        if header.get("format") != FORMAT:
-            raise InputError(f"{self.store.display(MANIFEST)}: unknown format {header.get('format')!r}")
-        self._entries = _read_entries(self.store)
-        self.manifest = {**header, **_aggregate(header, self._entries)}
-        if require_complete and not self.complete:
-            raise InputError(f"{self.url}: dataset is incomplete (a stage did not finish); "
-                             "rerun the stage that writes it")
-        if require_complete:
-            self.check_keys()
-
-    def check_keys(self) -> None:
-        """Refuse a key (e.g. ``(prompt_id, sample_index)``) present in two rows, naming
-        the file and row (from the entries' key hashes; no data is read for them)."""
-        _check_unique_keys(self.store, [self._entries[n] for n in sorted(self._entries)],
-                           load_schema(self.schema_name))
-
-    schema_name = property(lambda self: self.manifest["schema"])
-    schema_version = property(lambda self: self.manifest["schema_version"])
-    lineage = property(lambda self: self.manifest.get("lineage") or {})
-    config_hash = property(lambda self: self.manifest.get("config_hash"))
-    complete = property(lambda self: bool(self.manifest.get("complete")))
-    num_rows = property(lambda self: self.manifest["num_rows"])
-    shards = property(lambda self: self.manifest["shards"])
-    stats = property(lambda self: self.manifest["stats"])
-
-    def files(self) -> list[str]:
-        """Full paths (within the filesystem) of the committed shards, in chunk order."""
-        return [self.store.path(e["name"]) for e in self.shards]
-
-    @property
-    def filesystem(self):
-        return self.store.fs
-
-    def check_shard(self, entry: dict, verify: bool = True) -> None:
-        """Raise :class:`InputError` naming the file if a shard is missing, truncated or altered."""
-        name, where = entry["name"], self.store.display(entry["name"])
-        try:
-            size = self.store.size(name)
-        except FileNotFoundError:
-            raise InputError(f"{where}: shard listed in the manifest is missing") from None
-        if size != entry["bytes"]:
-            raise InputError(f"{where}: shard is truncated or altered "
-                             f"({size} bytes, manifest says {entry['bytes']})")
-        if verify:
-            h = hashlib.sha256()
-            with self.store.fs.open(self.store.path(name), "rb") as f:
-                while block := f.read(HASH_BLOCK):
-                    h.update(block)
-            if h.hexdigest() != entry["sha256"]:
-                raise InputError(f"{where}: sha256 mismatch (shard corrupted or altered)")
-
-    def verify(self, verify: bool = True) -> None:
-        for e in self.shards:
-            self.check_shard(e, verify)
-
-    @contextlib.contextmanager
-    def _reading(self, entry: dict):
-        try:
-            yield
-        except (pa.ArrowException, OSError, ValueError) as e:
-            if isinstance(e, InputError):
-                raise
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise InputError(f"{self.store.display(entry['name'])}: cannot read shard ({msg})") from None
-
-    def iter_batches(self, batch_size: int = 1024, columns: list[str] | None = None,
-                     verify: bool = True) -> Iterator[pa.RecordBatch]:
-        """Stream record batches shard by shard; memory stays at about one row group."""
-        for entry in self.shards:
-            self.check_shard(entry, verify)
-            with self._reading(entry), self.store.fs.open(self.store.path(entry["name"]), "rb") as f:
-                pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
-                have = set(pf.schema_arrow.names)
-                missing = [c for c in (columns or []) if c not in have]
-                for batch in pf.iter_batches(batch_size=batch_size, use_threads=False,
-                                             columns=[c for c in columns if c in have] if columns else None):
-                    yield self._fill(batch, columns, missing) if missing else batch
-
-    def _fill(self, batch: pa.RecordBatch, columns: list[str], missing: list[str]) -> pa.RecordBatch:
-        schema = load_schema(self.schema_name).arrow
-        arrays = {n: batch.column(n) for n in batch.schema.names}
-        for c in missing:
-            arrays[c] = pa.nulls(batch.num_rows, schema.field(c).type)
-        return pa.RecordBatch.from_arrays([arrays[c] for c in columns], names=columns)
-
-    @property
-    def fingerprint(self) -> str:
-        """The content key: sha256 over the schema and every shard's content hash (its
-        rows, less when they were made), so two runs of one job agree on it. Shards
-        written before content hashes existed count with their file sha256."""
-        h = hashlib.sha256(f"{self.schema_name}:{self.schema_version}".encode())
-        for e in self.shards:
-            h.update(f"\n{e['name']}:{e.get('content_hash') or e['sha256']}".encode())
-        return h.hexdigest()
-
-    def unreadable(self, error: Exception) -> InputError:
-        """The one-line error for a failure while reading (e.g. in polars): the first
-        shard that does not decode, named; else the error itself."""
-        for entry in self.shards:
-            try:
-                self._read_file(entry, None)
-            except InputError as e:
-                return e
-        return InputError(f"{self.url}: cannot read ({(str(error).splitlines() or [''])[0]})")
-
-    def entry(self, chunk: int) -> dict:
-        for e in self.shards:
-            if e["chunk"] == chunk:
-                return e
-        raise InputError(f"{self.url}: has no shard for chunk {chunk}")
-
-    def _read_file(self, entry: dict, columns: list[str] | None) -> pa.Table:
-        """One shard's table with the current schema's columns: a nullable column that
-        the file predates (written under an older minor version) reads as nulls."""
-        schema = load_schema(self.schema_name).arrow
-        path = self.store.path(entry["name"])
-        with self._reading(entry):
-            names = set(pq.read_schema(path, filesystem=self.store.fs).names)
-            want = columns or [n for n in schema.names if n in names or schema.field(n).nullable]
-            table = pq.read_table(path, columns=[c for c in want if c in names],
-                                  filesystem=self.store.fs)
-        for c in want:
-            if c not in names:
-                if c not in schema.names:
-                    raise InputError(f"{self.store.display(entry['name'])}: no column '{c}'")
-                table = table.append_column(schema.field(c), pa.nulls(table.num_rows, schema.field(c).type))
-        return table.select(want)
-
-    def read_shard(self, chunk: int, columns: list[str] | None = None,
-                   verify: bool = True) -> pa.Table:
-        """One shard (by chunk number) as an Arrow table."""
-        entry = self.entry(chunk)
-        self.check_shard(entry, verify)
-        return self._read_file(entry, columns)
-
-    def read(self, columns: list[str] | None = None, verify: bool = True) -> pa.Table:
-        """The whole dataset (or some columns) as one Arrow table."""
-        tables = []
-        for entry in self.shards:
-            self.check_shard(entry, verify)
-            tables.append(self._read_file(entry, columns))
-        if not tables:
-            schema = load_schema(self.schema_name).arrow
-            if columns:
-                schema = pa.schema([schema.field(c) for c in columns])
-            return schema.empty_table()
-        return pa.concat_tables(tables)
-
-    def to_arrow_dataset(self, verify: bool = True):
-        """A ``pyarrow.dataset.Dataset`` over the committed shards."""
-        import pyarrow.dataset as pads
-        self.verify(verify)
-        return pads.dataset(self.files(), format="parquet", filesystem=self.store.fs,
-                            schema=load_schema(self.schema_name).arrow)
-
-    def to_polars(self, verify: bool = True):
-        """A polars ``LazyFrame`` over the committed shards."""
-        import polars as pl
-        if self.store.local:
-            self.verify(verify)
-            if not self.shards:
-                return pl.from_arrow(self.read(verify=False)).lazy()
-            schema = pl.from_arrow(load_schema(self.schema_name).arrow.empty_table()).schema
-            return pl.scan_parquet(self.files(), schema=schema, missing_columns="insert")
-        return pl.scan_pyarrow_dataset(self.to_arrow_dataset(verify))
-
-    def to_hf(self, verify: bool = True):
-        """A Hugging Face ``datasets.Dataset`` over the committed shards."""
-        import datasets
-        if self.store.local and self.shards:
-            self.verify(verify)
-            return datasets.Dataset.from_parquet(self.files())
-        return datasets.Dataset(self.read(verify=verify))
-
-
-def open_dataset(url: str, require_complete: bool = False) -> Dataset:
-    return Dataset(url, require_complete)
-
-
-def is_dataset(url: str) -> bool:
-    return Store(url).exists(MANIFEST)
-
-
-def is_complete(url: str) -> bool:
-    """Whether ``url`` holds a dataset whose writing stage finished."""
-    return is_dataset(url) and Dataset(url).complete
-
-
-def open_dataset_of(url: str, schema: str, command: str, made_by: str = "") -> Dataset:
-    """The complete dataset at ``url`` if it holds ``schema`` rows, else one line that
-    says what ``command`` reads (and, for a file, which command makes the dataset)."""
-    if not is_dataset(url):
-        fs, p = fsspec.core.url_to_fs(str(url))
-        if fs.isfile(p):
-            raise InputError(f"{url}: is a file; {command} reads a {schema} dataset (a directory"
-                             + (f" made by {made_by})" if made_by else ")"))
-    ds = Dataset(url, require_complete=True)
-    if ds.schema_name != schema:
-        raise InputError(f"{url}: is a {ds.schema_name} dataset; {command} reads {schema}"
-                         + (f" (made by {made_by})" if made_by else ""))
-    return ds
 
 
 def claim_output(url: str, overwrite: bool) -> None:
@@ -641,5 +372,31 @@ def claim_output(url: str, overwrite: bool) -> None:
         fs.rm(quarantine, recursive=True)
 
 
-# users' files, read by datafiles.py; re-exported where the readers always lived
-from .datafiles import column_stats, read_rows, read_table_file  # noqa: E402,F401
+
+def remove_dataset(url: str) -> None:
+    """``--overwrite`` of a stage: delete the dataset at ``url`` (and its quarantine) so
+    that the stage starts afresh. Only a dataset or an empty directory is removed: a
+    file or another directory is refused, as are (locally) a link at ``url`` and a
+    dataset that a live process is writing."""
+    store = Store(url)
+    if store.local:
+        refuse_link(store.root)
+    if not store.fs.exists(store.root):
+        return
+    if not is_dataset(url):
+        if store.fs.isdir(store.root) and not store.fs.ls(store.root):
+            return
+        raise InputError(f"{url}: --overwrite replaces datasets only, and this is not one (a "
+                         "file or another directory); remove it yourself or write elsewhere")
+    if store.local:
+        from .locks import describe, is_held, read_holder
+        store.refuse_links(META, WRITERS)
+        for name in store.listdir(WRITERS):
+            lock = store.path(f"{WRITERS}/{name}")
+            if is_held(lock):
+                raise InputError(f"{url}: is being written by {describe(read_holder(lock))}; "
+                                 "--overwrite would delete its work: let it finish or stop it")
+    store.fs.rm(store.root, recursive=True)
+    quarantine = store.root.rstrip("/") + ".quarantine"
+    if store.fs.exists(quarantine):
+        store.fs.rm(quarantine, recursive=True)

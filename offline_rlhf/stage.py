@@ -133,6 +133,7 @@ class StagePlan:
     units: list[int]              # work units per chunk; len(units) is the chunk count
     worker: ChunkWorker
     info: dict = dataclasses.field(default_factory=dict)
+    overwrite: bool = False       # remove an existing output first (--overwrite)
 
     @property
     def total_chunks(self) -> int:
@@ -142,11 +143,3 @@ class StagePlan:
         from .shards import ShardWriter
         return ShardWriter(**self.writer)
 
-
-def run_stage(plan: StagePlan, options=None) -> dict:
-    """Run ``plan`` where ``options`` (an :class:`~offline_rlhf.executors.ExecutorOptions`,
-    e.g. the stage's config; default: this process alone) says; return the output manifest
-    (with ``run`` timing figures of this run)."""
-    from .executors import ExecutorOptions, get_executor
-    options = options if options is not None else ExecutorOptions()
-    return get_executor(options.executor)(plan, options)

@@ -4,14 +4,20 @@ Every file whose presence means something (a shard, its entry, a manifest, an ev
 ``results.json``, a train summary) is written under a temporary name that no reader or
 glob matches (``.NAME.<id>.tmp``), fsynced and renamed; on object stores it is one PUT.
 A kill at any moment leaves the previous state or the whole new file, never a part.
+
+Inside a dataset or a workdir no local file is opened through a symbolic link
+(``O_NOFOLLOW``, :func:`open_nofollow`): a link planted where a lock, log, manifest,
+entry or shard goes is refused in one line and its target is left untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import stat
 import uuid
 
 import fsspec
@@ -23,6 +29,36 @@ from .errors import InputError
 
 # Bytes hashed per read when a staged file is committed.
 HASH_BLOCK = 8 << 20
+
+
+def planted_link(path) -> InputError:
+    return InputError(f"{path}: is a symbolic link; refusing to follow it (remove the link)")
+
+
+def open_nofollow(path, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+    """``os.open`` that refuses a symbolic link at ``path`` in one line (the link's
+    target is never opened, so never truncated or appended to)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP or (e.errno == errno.EEXIST and os.path.islink(path)):
+            raise planted_link(path) from None
+        raise
+
+
+def refuse_link(path) -> None:
+    """Refuse ``path`` when it is a symbolic link (a directory planted as a link, say)."""
+    if os.path.islink(path):
+        raise planted_link(path)
+
+
+def append_line(path, line: str) -> None:
+    """Append one line to a local log file, never through a symbolic link."""
+    fd = open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 def _fsync(fd: int) -> None:
@@ -48,11 +84,42 @@ class Store:
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 
+    def refuse_links(self, *rels: str) -> None:
+        """Refuse folders or files of the dataset that are symbolic links (local only)."""
+        if self.local:
+            for rel in rels:
+                refuse_link(self.path(rel))
+
     def size(self, rel: str) -> int:
-        return self.fs.size(self.path(rel))
+        if not self.local:
+            return self.fs.size(self.path(rel))
+        st = os.lstat(self.path(rel))
+        if stat.S_ISLNK(st.st_mode):
+            raise planted_link(self.display(rel))
+        return st.st_size
+
+    def sizes(self, rel: str = "") -> dict[str, int]:
+        """Sizes of the plain files in a folder, by name, from one listing (links left out)."""
+        target = self.path(rel) if rel else self.root
+        if not self.fs.exists(target):
+            return {}
+        out = {}
+        for info in self.fs.ls(target, detail=True):
+            if info.get("type") == "file" and not info.get("islink"):
+                out[info["name"].rstrip("/").rsplit("/", 1)[-1]] = info["size"]
+        return out
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.path(rel))
+        if not self.local:
+            return self.fs.cat_file(self.path(rel))
+        with self.open_read(rel) as f:
+            return f.read()
+
+    def open_read(self, rel: str):
+        """A binary file object of ``rel`` for reading (locally: never through a link)."""
+        if not self.local:
+            return self.fs.open(self.path(rel), "rb")
+        return os.fdopen(open_nofollow(self.path(rel)), "rb")
 
     def listdir(self, rel: str = "") -> list[str]:
         target = self.path(rel) if rel else self.root
@@ -94,12 +161,12 @@ class Store:
             return
         import fcntl
         os.makedirs(self.path(rel).rpartition("/")[0], exist_ok=True)
-        with open(self.path(rel), "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        fd = open_nofollow(self.path(rel), os.O_WRONLY | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)   # closing drops the lock
 
 
 class Staged:

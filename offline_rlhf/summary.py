@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from .shards import Dataset
+from .dataset import Dataset
 
 STAT_COLUMNS = {
     "generations": ["reward", "reward_normalized", "ref_logps_sum"],

@@ -405,9 +405,10 @@ def test_docs_link_only_inside_the_repository():
 
 
 def test_pipeline_overrides_before_or_after_flags(tmp_path, policy_dir, capsys):
-    job = tmp_path / "job.toml"
+    job, prompts = tmp_path / "job.toml", tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')   # (a job file is not prompts: refused at --dry-run)
     job.write_text(f'workdir = "{tmp_path / "w"}"\n[inputs]\npolicy = "{policy_dir}"\n'
-                   f'prompts = "{job}"\n[stages.generate]\nkind = "generate"\n'
+                   f'prompts = "{prompts}"\n[stages.generate]\nkind = "generate"\n'
                    'prompts = "inputs.prompts"\npolicy = "inputs.policy"\nnum_samples = 4\n')
     plans = []
     for args in (["pipeline", "run", str(job), "--dry-run", "stages.generate.num_samples=8"],

@@ -23,7 +23,7 @@ import torch
 
 from ..batching import budget_batches, pad, positions
 from ..console import status
-from ..logprobs import processed_logps, sequence_logps
+from ..logps import processed_logps, sequence_logps
 from ..models import frozen_forward, load_policy, load_reference
 from . import Sampling, eos_token_ids
 

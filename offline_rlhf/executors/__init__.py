@@ -8,6 +8,11 @@ executor's own dependencies (Ray) are needed only when it is chosen.
 score, logprobs), so the flags, config-file keys and pipeline keys are defined once.
 None of them changes which rows are written, only where they are made: they are left
 out of every config hash and pipeline key (:data:`EXECUTOR_OPTIONS`).
+
+:func:`run_stage` is what a stage calls: it removes an old output first when the plan
+says ``overwrite`` (after the plan has checked every input), then runs the executor.
+It lives here, not in ``stage.py``, so that the stage contract never imports its
+executors (layers point down).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import importlib
 
 from ..config import opt
 from ..errors import InputError
-from ..stage import resolve_worker
+from ..stage import StagePlan, resolve_worker
 
 EXECUTORS = {
     "local": "offline_rlhf.executors.local",   # this process; static --worker/--num-workers
@@ -82,3 +87,17 @@ def get_executor(name: str):
     if name not in EXECUTORS:
         raise InputError(f"executor: must be one of {', '.join(EXECUTORS)}, got {name!r}")
     return importlib.import_module(EXECUTORS[name]).run
+
+
+def run_stage(plan: StagePlan, options: ExecutorOptions | None = None) -> dict:
+    """Run ``plan`` where ``options`` (an :class:`ExecutorOptions`, e.g. the stage's
+    config; default: this process alone) says; return the output manifest (with ``run``
+    timing figures of this run)."""
+    options = options if options is not None else ExecutorOptions()
+    if plan.overwrite:   # the plan has checked every input: now the old output may go
+        if options.executor == "local" and resolve_worker(options.worker, options.num_workers)[1] > 1:
+            raise InputError("overwrite: with several workers each would delete the others' "
+                             "shards; remove the output once before launching them")
+        from ..shards import remove_dataset
+        remove_dataset(plan.writer["url"])
+    return get_executor(options.executor)(plan, options)

@@ -13,12 +13,12 @@ import pyarrow as pa
 from ..backends import BackendOptions, backend_module, check_backend
 from ..config import opt, to_dict
 from ..errors import InputError, located
-from ..executors import ExecutorOptions
+from ..executors import ExecutorOptions, run_stage
 from ..lineage import canonical_json, config_hash
 from ..models import check_reward_model, fingerprint
 from ..schemas import replace_column
 from ..shards import open_dataset
-from ..stage import LazyWorker, StagePlan, run_stage
+from ..stage import LazyWorker, StagePlan
 from . import rules
 
 COMPONENTS = ("reward_model", "exact_match", "numeric_match", "format", "length_penalty", "kimi_length")
@@ -31,6 +31,7 @@ class ScoreConfig(BackendOptions, ExecutorOptions):
     generations: str = opt(help="input generations dataset (never modified)")
     output: str = opt(help="output dataset: the same rows with reward columns filled")
     reward_model: str | None = opt(None, "reward model directory (sequence classification, one label)")
+    overwrite: bool = opt(False, "replace an existing output dataset: it is removed (datasets only) once every input is checked, and the stage starts afresh")
     weights: dict[str, float] = opt({}, "component weights, e.g. reward_model=1 exact_match=0.5; "
                                     f"components: {', '.join(COMPONENTS)} (default: reward_model=1)")
     format_pattern: str = opt(rules.DEFAULT_FORMAT, "regex the whole response must match for 'format'")
@@ -123,6 +124,22 @@ def _groups(prompt_ids: list[str]) -> dict[str, list[int]]:
     return groups
 
 
+def check_inputs(cfg: ScoreConfig, src) -> None:
+    """Before the first output: every shard's size and sha256, and the values the rules
+    need (a reference answer on every row), so nothing is committed before a refusal."""
+    src.verify()
+    needs = [n for n in cfg.weights if n in NEEDS_REFERENCE]
+    if not needs:
+        return
+    for e in src.shards:
+        refs = src.read_shard(e["chunk"], columns=["reference_answer"], verify=False)
+        missing = refs.column("reference_answer").is_null().to_pylist()
+        if any(missing):
+            raise InputError(located(f"{needs[0]} needs a reference answer",
+                                     src.store.display(e["name"]), missing.index(True),
+                                     "reference_answer"))
+
+
 def score(cfg: ScoreConfig) -> dict:
     """Run the score stage; return the output manifest."""
     return run_stage(plan_score(cfg), cfg)
@@ -135,6 +152,7 @@ def plan_score(cfg: ScoreConfig) -> StagePlan:
     if cfg.reward_model:
         check_reward_model(cfg.reward_model, cfg.trust_remote_code)
         check_backend(cfg, "score")
+    check_inputs(cfg, src)
     rm_fp = fingerprint(cfg.reward_model) if cfg.reward_model else None
     scorer_spec = {"reward_model": rm_fp, "weights": cfg.weights,
                    "format_pattern": cfg.format_pattern if "format" in cfg.weights else None,
@@ -142,14 +160,16 @@ def plan_score(cfg: ScoreConfig) -> StagePlan:
                    "numeric_tolerance": cfg.numeric_tolerance, "max_length": cfg.max_length,
                    "length_correct": cfg.length_correct if "kimi_length" in cfg.weights else None}
     reward_fp = hashlib.sha256(canonical_json(scorer_spec).encode()).hexdigest()
-    chash = config_hash({"generations": src.fingerprint, "scorer": reward_fp, "dtype": cfg.dtype,
-                         "bits": cfg.bits, **({"backend": cfg.backend} if cfg.reward_model else {})})
+    hashed = {"generations": src.fingerprint, "scorer": reward_fp, "dtype": cfg.dtype,
+              "bits": cfg.bits, **({"backend": cfg.backend} if cfg.reward_model else {})}
+    chash = config_hash(hashed)
     return StagePlan(name="score", unit="rows", units=[e["rows"] for e in src.shards],
                      writer={"url": cfg.output, "schema": "generations", "config_hash": chash,
-                             "lineage": {**src.lineage, "reward_fingerprint": reward_fp,
+                             "config": {**hashed, **scorer_spec}, "lineage": {**src.lineage, "reward_fingerprint": reward_fp,
                                          "reward_model_fingerprint": rm_fp, "scorer": scorer_spec,
                                          "generations": src.fingerprint}},
-                     worker=ScoreWorker(cfg, reward_fp), info={"config": to_dict(cfg)})
+                     worker=ScoreWorker(cfg, reward_fp), info={"config": to_dict(cfg)},
+                     overwrite=cfg.overwrite)
 
 
 class ScoreWorker(LazyWorker):

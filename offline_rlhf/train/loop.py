@@ -265,15 +265,15 @@ def make_optimizer(cfg: TrainConfig, params, steps: int):
 
 # --------------------------------------------------------------------------- the loop
 
-def _step(acc, model, task: Task, mine: list[list[int]], examples: list[int]):
-    """Forward/backward this process's micro-batches of one step; summed metrics. An
-    empty micro-batch runs the step's first example with its loss and metrics weighted
-    zero (sums add 0, maxima -inf, minima +inf): the gradient is unchanged, the process
-    takes part in DDP's reduction."""
+def _step(acc, model, task: Task, mine: list[list[int]], n_step: int, filler: int = 0):
+    """Forward/backward this process's micro-batches of a step of ``n_step`` examples;
+    summed metrics. An empty micro-batch runs the example ``filler`` with its loss and
+    metrics weighted zero (sums add 0, maxima -inf, minima +inf): the gradient is
+    unchanged, and the process takes part in DDP's reduction."""
     sums: dict[str, torch.Tensor] = {}
-    scale = acc.num_processes / len(examples)
+    scale = acc.num_processes / n_step
     for j, mb in enumerate(mine):
-        batch = task.collate(mb or examples[:1], acc.device)
+        batch = task.collate(mb or [filler], acc.device)
         sync = j == len(mine) - 1
         ctx = acc.no_sync(model) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
         with ctx, acc.autocast():
@@ -433,7 +433,8 @@ def _train(run: Run, lengths, steps: int, start: int) -> dict:
         if hasattr(task, "begin_step"):
             task.begin_step(examples)
         run.model.train()
-        sums = _step(acc, run.model, task, mbs[acc.process_index::acc.num_processes], examples)
+        sums = _step(acc, run.model, task, mbs[acc.process_index::acc.num_processes], len(examples),
+                     examples[0])
         # max_grad_norm 0: the norm is measured (for the guard), the gradient multiplied by 1
         grad_norm = acc.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0
                                         else math.inf)

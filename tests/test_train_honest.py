@@ -105,6 +105,53 @@ def test_poisoned_grpo_row_refused_before_training(tmp_path, policy_dir, monkeyp
     assert not (tmp_path / "out").exists()
 
 
+def _forged(path, schema, rows, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr("offline_rlhf.shards.find_violations", lambda table, schema: [])
+        with ShardWriter(str(path), schema) as w:
+            w.write(0, pa.Table.from_pylist(rows, schema=load_schema(schema).arrow))
+            w.finish(total_chunks=1)
+    return open_dataset(str(path)).files()[0]
+
+
+def _pair_rows(pairs_ds, column, row, value):
+    """8 pairs with reference sums and margins, one bad value in ``column``."""
+    rows = open_dataset(pairs_ds).read().to_pylist()[:8]
+    for r in rows:
+        r.update(chosen_ref_logps_sum=-1.0, rejected_ref_logps_sum=-2.0, margin=0.5)
+    rows[row][column] = value
+    return rows
+
+
+@pytest.mark.parametrize("algo", ["dpo", "rm", "ilql", "sft"])
+def test_every_trainer_refuses_non_finite_values_before_loading_a_model(
+        tmp_path, policy_dir, pairs_ds, monkeypatch, algo):
+    from offline_rlhf.train import ALGORITHMS
+    if algo in ("dpo", "rm"):
+        column = "rejected_ref_logps_sum" if algo == "dpo" else "margin"
+        rows, schema = _pair_rows(pairs_ds, column, 3, math.nan if algo == "dpo" else math.inf), "pairs"
+        extra = {"use_margin": True} if algo == "rm" else {}
+    else:
+        rows, schema, extra = generation_rows(16), "generations", {}
+        column = "token_rewards" if algo == "ilql" else "reward"
+        for r in rows:
+            r["token_rewards"] = [0.0] * len(r["response_token_ids"])
+        if algo == "ilql":
+            rows[4]["token_rewards"][1] = -math.inf
+        else:
+            rows[4]["reward"] = math.nan
+    shard = _forged(tmp_path / "data", schema, rows, monkeypatch)
+    loaded = []
+    monkeypatch.setattr("offline_rlhf.train.loop.load_model_for_training",
+                        lambda *a, **k: loaded.append(1))
+    cls, run, _ = ALGORITHMS[algo]
+    cfg = cls(data=str(tmp_path / "data"), output=str(tmp_path / "out"), policy=str(policy_dir),
+              report_to="none", **extra)
+    with pytest.raises(InputError, match=f"{shard}, row (3|4), column '{column}': non-finite value"):
+        run(cfg)
+    assert not loaded and not (tmp_path / "out").exists()
+
+
 def test_first_non_finite_names_row_and_position():
     assert first_non_finite(pa.chunked_array([[1.0, None, 2.0]])) is None
     assert first_non_finite(pa.chunked_array([[1.0, 2.0], [-math.inf]])) == (2, "-inf")

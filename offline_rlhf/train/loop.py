@@ -7,7 +7,7 @@ gradient accumulation, clipping, mixed precision, gradient checkpointing, schedu
 with warm-up, length-grouped token-budget micro-batches, checkpoints with exact resume,
 metrics (JSONL, TensorBoard), a progress bar and the final save.
 
-Batches are planned independently of the process count: each optimiser step takes
+Batches are planned (``plan.py``) independently of the process count: each optimiser step takes
 ``batch_size`` examples (a seeded permutation per epoch; an epoch is ceil(n / batch_size)
 steps, its last step the rest, so every example is trained every epoch), split by length
 into micro-batches that are dealt round-robin to the processes. Every per-example loss is
@@ -38,6 +38,7 @@ from ..lineage import code_version, config_hash
 from ..storage import write_json_atomic
 from . import checkpoint as ckpt
 from .identity import Finished, prepare_output, run_identity
+from .plan import micro_batches, plan_epoch, steps_per_epoch, total_steps, warmup_steps
 
 SCHEDULES = ("linear", "cosine", "cosine_with_min_lr", "constant_with_warmup")
 
@@ -63,12 +64,14 @@ class TrainConfig:
                               "up (set this or warmup_steps, not both)")
     max_steps: int = opt(0, "optimizer steps (0: run `epochs` epochs)")
     epochs: float = opt(1.0, "passes over the data when max_steps is 0")
-    batch_size: int = opt(16, "examples per optimizer step, over all processes")
+    batch_size: int = opt(16, "examples per optimizer step, over all processes (an epoch is "
+                          "ceil(examples / batch_size) steps, the last one the rest)")
     micro_batch_size: int = opt(8, "most examples per forward pass on one process")
     max_tokens_per_micro_batch: int = opt(16384, "most padded tokens per forward pass")
     group_by_length: bool = opt(True, "sort each step's examples by length before cutting "
                                 "micro-batches (off: fixed-size micro-batches in data order)")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off; the norm is still logged, "
+                               "and a non-finite one stops the run)")
     seed: int = opt(0, "seed of data order and initialisation")
     save_steps: int = opt(0, "checkpoint every N steps (0: only at the end)")
     save_total_limit: int = opt(2, "checkpoints kept")
@@ -155,66 +158,6 @@ class Task(Protocol):
     # Optional hooks: ``begin_step(examples)`` before a step's micro-batches (every
     # process gets the whole step's example list); ``finish_record(record)`` may derive
     # metrics from the reduced record in place; ``after_step(step)`` after the update.
-
-
-# --------------------------------------------------------------------------- planning
-
-def micro_batches(indices: list[int], lengths: np.ndarray, max_rows: int, max_tokens: int,
-                  world: int, group_by_length: bool = True) -> list[list[int]]:
-    """Split one step's examples into micro-batches of at most ``max_rows`` examples and
-    (when grouped by length) ``max_tokens`` padded tokens; the count is a multiple of
-    ``world`` so that every process does the same number of passes."""
-    if not group_by_length:
-        return _even_out([indices[i:i + max_rows] for i in range(0, len(indices), max_rows)],
-                         world, len(indices))
-    out: list[list[int]] = []
-    for i in sorted(indices, key=lambda i: (-int(lengths[i]), i)):
-        if out and len(out[-1]) < max_rows and \
-                (len(out[-1]) + 1) * max(int(lengths[out[-1][0]]), int(lengths[i])) <= max_tokens:
-            out[-1].append(i)
-        else:
-            out.append([i])
-    return _even_out(out, world, len(indices))
-
-
-def _even_out(out: list[list[int]], world: int, n: int) -> list[list[int]]:
-    """Halve the largest micro-batches until their count is a multiple of ``world``. A
-    step of fewer examples than processes gets empty micro-batches: a process given one
-    runs a pass whose loss counts zero (see :func:`_step`), so that every process makes
-    the same collective calls."""
-    while len(out) % world:
-        big = max(range(len(out)), key=lambda j: len(out[j]))
-        if len(out[big]) < 2:
-            out.append([])
-            continue
-        half = len(out[big]) // 2
-        out[big:big + 1] = [out[big][:half], out[big][half:]]
-    return out
-
-
-def plan_epoch(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Examples of each step of an epoch: a seeded permutation cut into batches of
-    ``batch_size``, the last one holding the rest (every example, every epoch)."""
-    perm = np.random.default_rng([seed, epoch]).permutation(n).tolist()
-    return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    if n == 0:
-        raise InputError("no training examples")
-    return -(-n // batch_size)
-
-
-def total_steps(cfg: TrainConfig, n: int) -> int:
-    """``max_steps``, else ``epochs`` passes of ceil(n / batch_size) steps (a fraction of
-    an epoch rounds down, to at least one step)."""
-    per_epoch = steps_per_epoch(n, cfg.batch_size)
-    return cfg.max_steps or max(1, math.floor(per_epoch * cfg.epochs + 1e-9))
-
-
-def warmup_steps(cfg: TrainConfig, steps: int) -> int:
-    """``warmup_steps``, or ``warmup_ratio`` of the total steps rounded up (as transformers)."""
-    return cfg.warmup_steps or math.ceil(cfg.warmup_ratio * steps)
 
 
 # --------------------------------------------------------------------------- set-up
@@ -477,7 +420,9 @@ def _guard(run: Run, record: dict, steps: int) -> None:
         bad.append("grad_norm")
     if not bad:
         return
-    run.logger.log(record)
+    if hasattr(run.task, "finish_record"):
+        run.task.finish_record(record)
+    run.logger.log(record)        # the bad step's record, as a finished step's would be
     last = ckpt.find_resume(run.out, "auto")
     raise TrainingDiverged(
         f"training diverged at step {record['step']} of {steps}: "

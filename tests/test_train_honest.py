@@ -226,6 +226,21 @@ def test_identical_killed_run_resumes_and_another_policy_is_refused(tmp_path, fi
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_resume_never_trains_from_step_0_over_another_run(tmp_path, finished_run, policy_dir):
+    d, data = finished_run
+    out = tmp_path / "out"
+    shutil.copytree(d / "out", out)
+    kw = dict(data=str(data), output=str(out), policy=str(policy_dir), lr=2e-3, batch_size=4,
+              max_steps=4, save_steps=3, report_to="none")
+    with pytest.raises(InputError, match=r"differing: lr \(0.001 there, 0.002 now\)"):
+        train_sft(SFTTrainConfig(**kw))
+    s = train_sft(SFTTrainConfig(resume="never", **kw))
+    assert s["steps_run"] == 4 and s["resumed_from"] is None
+    # the other run's checkpoint (step 2) is gone; this run's own (step 3) is there
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-0000003"]
+    assert json.loads((out / "config.json").read_text())["config"]["lr"] == 2e-3
+
+
 # --------------------------------------------------------------------------- 3. every example
 
 def test_plan_covers_every_example_every_epoch():

@@ -117,6 +117,10 @@ def _train(cfg, run) -> int:
     summary = run(cfg)
     if not summary.get("is_main_process", True):
         return 0
+    if summary.get("already_done"):
+        print(f"{cfg.output}: already trained by an identical run ({summary.get('steps')} steps); "
+              "nothing to do")
+        return 0
     last = summary.get("last") or {}
     shown = "  ".join(f"{k} {v:.4g}" for k, v in last.items()
                       if isinstance(v, float) and k not in ("seconds", "epoch"))

@@ -23,3 +23,9 @@ def located(message: str, file: str | None = None, row: int | None = None,
     if column is not None:
         where.append(f"column '{column}'")
     return f"{', '.join(where)}: {message}" if where else message
+
+
+class TrainingDiverged(InputError):
+    """A training run stopped at a non-finite loss or gradient norm, before that step's
+    update. Reported like bad input (one line, exit 2): what to change is an option (the
+    learning rate) or the data, and nothing of the run looks finished."""

@@ -158,6 +158,8 @@ def test_pickled_optimizer_state_refused_in_one_line(tmp_path, policy_dir):
     common = dict(data=str(data), output=str(tmp_path / "out"), policy=str(policy_dir),
                   batch_size=2, micro_batch_size=2, save_steps=2, report_to="none")
     train_sft(SFTTrainConfig(max_steps=4, **common))
+    shutil.rmtree(tmp_path / "out" / "final")      # as if killed: the same command resumes
+    (tmp_path / "out" / "train_summary.json").unlink()
     ckpt = tmp_path / "out" / "checkpoints" / "step-0000002"
     ran = tmp_path / "PICKLE_RAN"
 
@@ -166,7 +168,7 @@ def test_pickled_optimizer_state_refused_in_one_line(tmp_path, policy_dir):
             return (open, (str(ran), "w"))
     torch.save({"state": Payload()}, ckpt / "optimizer.pt")
     out = cli("train", "sft", "--data", data, "--output", tmp_path / "out", "--policy", policy_dir,
-              "--batch-size", 2, "--micro-batch-size", 2, "--save-steps", 2, "--max-steps", 6,
+              "--batch-size", 2, "--micro-batch-size", 2, "--save-steps", 2, "--max-steps", 4,
               "--report-to", "none")
     one_error_line(out, f"{ckpt / 'optimizer.pt'}: refused: the file holds pickled objects")
     assert not ran.exists()

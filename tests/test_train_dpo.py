@@ -299,8 +299,9 @@ def test_reference_pass_runs_once_and_is_keyed_by_content(tmp_path, pairs_ds, po
     monkeypatch.setattr(DPOTask, "loss", loss)
     monkeypatch.setattr(reference, "load_reference", tracked)
 
-    def run(**kw):
-        return train_dpo(cfg(pairs_ds, tmp_path / "o", policy_dir, max_steps=1, **kw))["data"]
+    def run(**kw):   # overwrite: trains again each time (it keeps the content-keyed cache)
+        return train_dpo(cfg(pairs_ds, tmp_path / "o", policy_dir, max_steps=1, overwrite=True,
+                             **kw))["data"]
     first = run()
     assert passes == [48] and first["ref_logps_computed"] == 48 and not loaded
     assert first["reference"] == "the policy before its first step"

@@ -1,8 +1,9 @@
 """Checkpoints with exact resume, metrics logging, and the final save.
 
 A checkpoint ``OUTPUT/checkpoints/step-0000012/`` holds the trainable weights
-(safetensors), the optimizer and scheduler state, every process's RNG state and the
-step (which fixes the data position: the plan is a function of seed and step). It is
+(safetensors), the optimizer and scheduler state, every process's RNG state, the
+step (which fixes the data position: the plan is a function of seed and step) and the
+run's identity (``identity.py``: a run resumes only a checkpoint of an identical run). It is
 written under a temporary name and renamed, so a kill never leaves a half checkpoint
 looking complete. Our own ``.pt`` files are read with ``weights_only=True``.
 
@@ -44,7 +45,8 @@ def find_resume(out: Path, resume: str) -> Path | None:
     return done[-1] if done else None
 
 
-def save(out: Path, step: int, acc, model, optimizer, scheduler, extras, cfg) -> Path:
+def save(out: Path, step: int, acc, model, optimizer, scheduler, extras, cfg,
+         identity: dict | None = None) -> Path:
     root = out / CKPT_DIR
     final, tmp = root / f"step-{step:07d}", root / f".step-{step:07d}.tmp"
     acc.wait_for_everyone()
@@ -63,7 +65,8 @@ def save(out: Path, step: int, acc, model, optimizer, scheduler, extras, cfg) ->
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps(
-            {"step": step, "num_processes": acc.num_processes, "config": to_dict(cfg)}, indent=1))
+            {"step": step, "num_processes": acc.num_processes, "config": to_dict(cfg),
+             "identity": identity}, indent=1))
     acc.wait_for_everyone()
     if acc.is_main_process:
         shutil.rmtree(final, ignore_errors=True)

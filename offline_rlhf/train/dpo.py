@@ -38,6 +38,7 @@ from ..models import check_model_dir
 from ..pairs import check_pairs_source, read_pairs
 from ..shards import is_dataset, open_dataset_of
 from .loop import TrainConfig, fit, micro_batches
+from .values import check_finite
 
 PAIR_COLUMNS = ["prompt", "prompt_token_ids", "chosen", "rejected", "chosen_token_ids",
                 "rejected_token_ids", "chosen_ref_logps_sum", "rejected_ref_logps_sum"]
@@ -386,6 +387,7 @@ def check_reference(cfg: DPOTrainConfig) -> None:
 def train_dpo(cfg: DPOTrainConfig) -> dict:
     check_pairs_source(cfg.data, "train dpo")
     check_reference(cfg)
+    check_finite(cfg.data, "pairs", [] if cfg.loss == "simpo" else PAIR_COLUMNS[-2:], "train dpo")
     holder = {}
 
     def factory(model, tokenizer, acc):
@@ -393,8 +395,7 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
         holder["task"].prepare(model, acc)
         return holder["task"]
 
-    summary = fit(cfg, factory)
-    summary["data"] = holder["task"].stats
+    summary = fit(cfg, factory)    # its "data": the task's stats (also when a finished run is reused)
     first, last = summary.get("first") or {}, summary.get("last") or {}
     if not reference_free(cfg) and cfg.nll_alpha == 0 and first and last and \
             last["logps/chosen"] < first["logps/chosen"] - 1.0:

@@ -47,6 +47,7 @@ from ..losses.grpo import (
 )
 from ..shards import open_dataset
 from .loop import TrainConfig, fit
+from .values import check_finite
 
 COLUMNS = ["prompt_id", "prompt", "prompt_token_ids", "response_token_ids", "behaviour_logps",
            "reward", "ref_logps", "decoding"]
@@ -274,5 +275,9 @@ class GRPOTask:
 
 
 def train_grpo(cfg: GRPOTrainConfig) -> dict:
-    """Train; the summary's ``data`` holds the task's counts (groups dropped, examples...)."""
+    """Train; the summary's ``data`` holds the task's counts (groups dropped, examples...).
+    Rewards and log-probs are checked finite first: one NaN reward would drop its group."""
+    columns = ["reward", "behaviour_logps"] + (["ref_logps"] if cfg.kl_coef > 0 else [])
+    for path in [cfg.data, *cfg.previous_data]:
+        check_finite(path, "generations", columns, "train grpo")
     return fit(cfg, lambda model, tokenizer, acc: GRPOTask(cfg, tokenizer))

@@ -30,6 +30,7 @@ from ..losses.ilql import (
 )
 from ..shards import open_dataset_of
 from .loop import TrainConfig, fit
+from .values import check_finite
 
 ILQL_MADE_BY = "`offline-rlhf generate` then `offline-rlhf score`"
 
@@ -159,6 +160,7 @@ class ILQLTask:
 
 def train_ilql(cfg: ILQLTrainConfig) -> dict:
     open_dataset_of(cfg.data, "generations", "train ilql", ILQL_MADE_BY)  # before any model loads
+    check_finite(cfg.data, "generations", ["reward", "token_rewards"], "train ilql")
     holder = {}
 
     def factory(model, tokenizer, acc):
@@ -170,6 +172,4 @@ def train_ilql(cfg: ILQLTrainConfig) -> dict:
         return ILQLHeads(model.config.hidden_size, model.config.vocab_size, cfg.two_qs).to(
             next(model.parameters()).device)
 
-    summary = fit(cfg, factory, extra_modules=make_heads)
-    summary["data"] = holder["task"].stats
-    return summary
+    return fit(cfg, factory, extra_modules=make_heads)   # its "data": the task's stats

@@ -7,18 +7,23 @@ gradient accumulation, clipping, mixed precision, gradient checkpointing, schedu
 with warm-up, length-grouped token-budget micro-batches, checkpoints with exact resume,
 metrics (JSONL, TensorBoard), a progress bar and the final save.
 
-Batches are planned independently of the process count: each optimiser step takes
-``batch_size`` examples (a seeded permutation per epoch), split by length into
-micro-batches that are dealt round-robin to the processes. Every per-example loss is
+Batches are planned (``plan.py``) independently of the process count: each optimiser step takes
+``batch_size`` examples (a seeded permutation per epoch; an epoch is ceil(n / batch_size)
+steps, its last step the rest, so every example is trained every epoch), split by length
+into micro-batches that are dealt round-robin to the processes. Every per-example loss is
 scaled by ``world_size / examples_in_step`` before DDP averages the gradients, so a
 step's gradient is the mean over its examples whatever the number of processes.
+
+A step whose loss, a loss term (``loss/*``) or gradient norm is not finite stops the run
+before its update (:class:`~offline_rlhf.errors.TrainingDiverged`): the checkpoints
+stay, no ``final/`` and no ``train_summary.json`` are written. Resuming, and what a run
+does with an output that holds another run, is ``identity.py``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -28,10 +33,14 @@ import numpy as np
 import torch
 
 from ..config import opt, to_dict
-from ..errors import InputError
+from ..errors import InputError, TrainingDiverged
 from ..lineage import code_version, config_hash
 from ..storage import write_json_atomic
 from . import checkpoint as ckpt
+from .identity import Finished, prepare_output, run_identity
+from .plan import micro_batches, plan_epoch, steps_per_epoch, total_steps, warmup_steps
+
+SCHEDULES = ("linear", "cosine", "cosine_with_min_lr", "constant_with_warmup")
 
 
 @dataclasses.dataclass
@@ -42,16 +51,27 @@ class TrainConfig:
     policy: str = opt(help="model to train: a transformers directory (safetensors)")
     lr: float = opt(1e-5, "peak learning rate")
     weight_decay: float = opt(0.0, "AdamW weight decay")
-    schedule: str = opt("cosine", "cosine | linear | constant (all after linear warm-up)")
-    warmup_steps: int = opt(0, "linear warm-up steps")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon")
+    schedule: str = opt("cosine", "learning-rate schedule after the linear warm-up, named as in "
+                        "transformers: linear | cosine | cosine_with_min_lr (cosine down to "
+                        "lr * min_lr_ratio) | constant_with_warmup (alias: constant)")
+    min_lr_ratio: float = opt(0.0, "cosine_with_min_lr: the rate it ends at, as a fraction of lr "
+                              "(transformers' min_lr_rate)")
+    warmup_steps: int = opt(0, "linear warm-up steps (set this or warmup_ratio, not both)")
+    warmup_ratio: float = opt(0.0, "linear warm-up over this fraction of the total steps, rounded "
+                              "up (set this or warmup_steps, not both)")
     max_steps: int = opt(0, "optimizer steps (0: run `epochs` epochs)")
     epochs: float = opt(1.0, "passes over the data when max_steps is 0")
-    batch_size: int = opt(16, "examples per optimizer step, over all processes")
+    batch_size: int = opt(16, "examples per optimizer step, over all processes (an epoch is "
+                          "ceil(examples / batch_size) steps, the last one the rest)")
     micro_batch_size: int = opt(8, "most examples per forward pass on one process")
     max_tokens_per_micro_batch: int = opt(16384, "most padded tokens per forward pass")
     group_by_length: bool = opt(True, "sort each step's examples by length before cutting "
                                 "micro-batches (off: fixed-size micro-batches in data order)")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off; the norm is still logged, "
+                               "and a non-finite one stops the run)")
     seed: int = opt(0, "seed of data order and initialisation")
     save_steps: int = opt(0, "checkpoint every N steps (0: only at the end)")
     save_total_limit: int = opt(2, "checkpoints kept")
@@ -68,7 +88,13 @@ class TrainConfig:
     lora_target_modules: list[str] = opt([], "LoRA target modules (default: all linear layers)")
     save_merged: bool = opt(True, "with LoRA, also save the adapter merged into the base model")
     report_to: str = opt("tensorboard", ckpt.TRACKERS_HELP)
-    resume: str = opt("auto", "auto (latest checkpoint in OUTPUT if any) | never | PATH")
+    resume: str = opt("auto", "auto: resume from the latest checkpoint in OUTPUT if an identical run "
+                      "wrote it (same options that change the trajectory, same data and policy "
+                      "content; see docs/training.md); an identical finished run is not redone; "
+                      "another run's output is refused | never: train from step 0 (checkpoints "
+                      "in OUTPUT are deleted) | PATH: a checkpoint of an identical run")
+    overwrite: bool = opt(False, "delete an earlier run's files in OUTPUT (checkpoints, final model, "
+                          "metrics, summary) and start afresh")
     trust_remote_code: bool = opt(False, "allow custom model code from the model directory")
 
     def __post_init__(self):
@@ -76,8 +102,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InputError(f"{name}: must be > 0, got {getattr(self, name)}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise InputError(f"schedule: must be cosine, linear or constant, got {self.schedule!r}")
+        self._check_optimizer()
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise InputError(f"mixed_precision: must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.device not in (None, "cpu", "cuda"):
@@ -88,7 +113,31 @@ class TrainConfig:
             raise InputError("bits: quantized base weights cannot be trained; set lora_r (QLoRA)")
         if self.max_steps < 0 or self.epochs <= 0:
             raise InputError("max_steps must be >= 0 and epochs > 0")
+        if self.overwrite and self.resume not in ("auto", "never"):
+            raise InputError("overwrite: starts afresh; it cannot be combined with --resume PATH")
         ckpt.resolve_trackers(self.report_to)  # an uninstalled tracker fails here, before any work
+
+    def _check_optimizer(self):
+        if self.schedule == "constant":
+            self.schedule = "constant_with_warmup"   # our earlier name, kept as an alias
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"schedule: must be one of {', '.join(SCHEDULES)} (or constant), "
+                             f"got {self.schedule!r}")
+        checks = [("adam_beta1", 0 <= self.adam_beta1 < 1, "must be in [0, 1)"),
+                  ("adam_beta2", 0 <= self.adam_beta2 < 1, "must be in [0, 1)"),
+                  ("adam_epsilon", self.adam_epsilon > 0, "must be > 0"),
+                  ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+                  ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
+                  ("warmup_ratio", 0 <= self.warmup_ratio < 1, "must be in [0, 1)"),
+                  ("min_lr_ratio", 0 <= self.min_lr_ratio < 1, "must be in [0, 1)")]
+        for name, ok, why in checks:
+            if not ok:
+                raise InputError(f"{name}: {why}, got {getattr(self, name)!r}")
+        if self.warmup_steps and self.warmup_ratio:
+            raise InputError("warmup_steps and warmup_ratio: set one of them, not both")
+        if self.min_lr_ratio and self.schedule != "cosine_with_min_lr":
+            raise InputError(f"min_lr_ratio: only used by the cosine_with_min_lr schedule "
+                             f"(schedule is {self.schedule})")
 
 
 class Task(Protocol):
@@ -109,51 +158,6 @@ class Task(Protocol):
     # Optional hooks: ``begin_step(examples)`` before a step's micro-batches (every
     # process gets the whole step's example list); ``finish_record(record)`` may derive
     # metrics from the reduced record in place; ``after_step(step)`` after the update.
-
-
-# --------------------------------------------------------------------------- planning
-
-def micro_batches(indices: list[int], lengths: np.ndarray, max_rows: int, max_tokens: int,
-                  world: int, group_by_length: bool = True) -> list[list[int]]:
-    """Split one step's examples into micro-batches of at most ``max_rows`` examples and
-    (when grouped by length) ``max_tokens`` padded tokens; the count is a multiple of
-    ``world`` so that every process does the same number of passes."""
-    if not group_by_length:
-        return _even_out([indices[i:i + max_rows] for i in range(0, len(indices), max_rows)],
-                         world, len(indices))
-    out: list[list[int]] = []
-    for i in sorted(indices, key=lambda i: (-int(lengths[i]), i)):
-        if out and len(out[-1]) < max_rows and \
-                (len(out[-1]) + 1) * max(int(lengths[out[-1][0]]), int(lengths[i])) <= max_tokens:
-            out[-1].append(i)
-        else:
-            out.append([i])
-    return _even_out(out, world, len(indices))
-
-
-def _even_out(out: list[list[int]], world: int, n: int) -> list[list[int]]:
-    """Halve the largest micro-batches until their count is a multiple of ``world``."""
-    while len(out) % world:
-        big = max(range(len(out)), key=lambda j: len(out[j]))
-        if len(out[big]) < 2:
-            raise InputError(f"batch_size: a step of {n} examples cannot feed "
-                             f"{world} processes; raise batch_size")
-        half = len(out[big]) // 2
-        out[big:big + 1] = [out[big][:half], out[big][half:]]
-    return out
-
-
-def plan_epoch(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Examples of each step of an epoch: a seeded permutation cut into full batches."""
-    perm = np.random.default_rng([seed, epoch]).permutation(n).tolist()
-    return [perm[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
-
-
-def total_steps(cfg: TrainConfig, n: int) -> int:
-    per_epoch = n // cfg.batch_size
-    if per_epoch == 0:
-        raise InputError(f"batch_size: {cfg.batch_size} is more than the {n} training examples")
-    return cfg.max_steps or max(1, math.floor(per_epoch * cfg.epochs))
 
 
 # --------------------------------------------------------------------------- set-up
@@ -194,29 +198,40 @@ def make_optimizer(cfg: TrainConfig, params, steps: int):
     params = [p for p in params if p.requires_grad]
     if not params:
         raise InputError("no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    name = {"constant": "constant_with_warmup"}.get(cfg.schedule, cfg.schedule)
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=steps)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    extra = {"min_lr_rate": cfg.min_lr_ratio} if cfg.schedule == "cosine_with_min_lr" else None
+    scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=warmup_steps(cfg, steps),
+                              num_training_steps=steps, scheduler_specific_kwargs=extra)
     return optimizer, scheduler
 
 
 # --------------------------------------------------------------------------- the loop
 
-def _step(acc, model, task: Task, mine: list[list[int]], n_step: int):
-    """Forward/backward this process's micro-batches of one step; summed metrics."""
+def _step(acc, model, task: Task, mine: list[list[int]], n_step: int, filler: int = 0):
+    """Forward/backward this process's micro-batches of a step of ``n_step`` examples;
+    summed metrics. An empty micro-batch runs the example ``filler`` with its loss and
+    metrics weighted zero (sums add 0, maxima -inf, minima +inf): the gradient is
+    unchanged, and the process takes part in DDP's reduction."""
     sums: dict[str, torch.Tensor] = {}
     scale = acc.num_processes / n_step
     for j, mb in enumerate(mine):
-        batch = task.collate(mb, acc.device)
+        batch = task.collate(mb or [filler], acc.device)
         sync = j == len(mine) - 1
         ctx = acc.no_sync(model) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
         with ctx, acc.autocast():
             losses, metrics = task.loss(model, batch)
-            acc.backward(losses.sum() * scale)
+            acc.backward(losses.sum() * (scale if mb else 0.0))
         for k, v in {"loss": losses, **metrics}.items():
-            sums[k] = _combine(k, sums.get(k), v.detach().float())
+            v = v.detach().float()
+            sums[k] = _combine(k, sums.get(k), v if mb else _neutral(k, v))
     return sums
+
+
+def _neutral(key: str, v: torch.Tensor) -> torch.Tensor:
+    if key.endswith(EXTREMA):
+        return torch.full_like(v, -math.inf if key.endswith("/max") else math.inf)
+    return torch.zeros_like(v)
 
 
 EXTREMA = ("/max", "/min")  # metrics reduced by max / min over the step, not averaged
@@ -265,8 +280,13 @@ def _fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=Non
     from ..models import check_model_dir, load_tokenizer
     check_model_dir(cfg.policy, "policy")
     out = Path(cfg.output)
+    identity = run_identity(cfg)
     acc = make_accelerator(cfg)
     try:
+        try:
+            resume_from = prepare_output(cfg, identity, acc)
+        except Finished as done:
+            return _finished(cfg, acc, done.summary)
         tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code, padding_side="right")
         model = load_model_for_training(cfg, acc.device, model_loader)
         task = task_factory(model, tokenizer, acc)
@@ -281,23 +301,24 @@ def _fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=Non
         else:
             model, optimizer = acc.prepare(model, optimizer)
         state = {"step": 0}
-        resume_from = ckpt.find_resume(out, cfg.resume)
         if resume_from is not None:
             state = ckpt.load(resume_from, acc, model, optimizer, scheduler, extras)
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(json.dumps(
-                {"algorithm": task.name, "config": to_dict(cfg), "code_version": code_version(),
-                 "config_hash": config_hash(to_dict(cfg))}, indent=1, default=str))
+            write_json_atomic(out / "config.json", {
+                "algorithm": task.name, "config": to_dict(cfg), "identity": identity,
+                "resumed_from": str(resume_from) if resume_from else None,
+                "code_version": code_version(), "config_hash": config_hash(to_dict(cfg))})
         logger = ckpt.MetricsLogger(out, acc, state["step"], to_dict(cfg))
-        summary = _train(cfg, acc, model, task, optimizer, scheduler, extras, lengths, steps,
-                         state["step"], out, logger)
+        run = Run(cfg, acc, model, task, optimizer, scheduler, extras, out, logger, identity)
+        summary = _train(run, lengths, steps, state["step"])
         if evaluate is not None:
             summary["eval"] = evaluate(acc.unwrap_model(model), acc)
             logger.log({"step": steps, **summary["eval"]})
         ckpt.save_final(cfg, acc, model, tokenizer, out, extras)
         summary.update(resumed_from=str(resume_from) if resume_from else None, steps=steps,
-                       is_main_process=acc.is_main_process, data=getattr(task, "stats", None))
+                       is_main_process=acc.is_main_process, data=getattr(task, "stats", None),
+                       identity=identity)
         if acc.is_main_process:
             write_json_atomic(out / "train_summary.json", summary)  # presence means done
         acc.wait_for_everyone()
@@ -312,49 +333,100 @@ def _fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=Non
             AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _train(cfg, acc, model, task, optimizer, scheduler, extras, lengths, steps, start, out, logger):
+def _finished(cfg: TrainConfig, acc, summary: dict) -> dict:
+    """The stored summary of the identical run that finished in OUTPUT; nothing runs."""
+    from ..console import status
+    if acc.is_main_process:
+        status(f"{cfg.output}: an identical run finished here ({summary.get('steps')} steps); "
+               "nothing to do (--overwrite trains again)")
+    return {**summary, "already_done": True, "steps_run": 0, "train_seconds": 0.0,
+            "is_main_process": acc.is_main_process}
+
+
+@dataclasses.dataclass
+class Run:
+    """What the steps of a run share."""
+    cfg: TrainConfig
+    acc: object
+    model: object
+    task: Task
+    optimizer: object
+    scheduler: object
+    extras: object
+    out: Path
+    logger: object
+    identity: dict
+
+
+def _train(run: Run, lengths, steps: int, start: int) -> dict:
     from ..console import progress
-    per_epoch = len(lengths) // cfg.batch_size
+    cfg, acc, task = run.cfg, run.acc, run.task
+    per_epoch = steps_per_epoch(len(lengths), cfg.batch_size)
     bar = progress(steps, f"train {task.name}", "step", initial=start, enabled=acc.is_main_process)
     history: list[dict] = []
     t0 = time.perf_counter()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if extras is not None:
-        trainable += [p for p in extras.parameters() if p.requires_grad]
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
+    if run.extras is not None:
+        trainable += [p for p in run.extras.parameters() if p.requires_grad]
     for step in range(start, steps):
         epoch, k = divmod(step, per_epoch)
         examples = plan_epoch(len(lengths), cfg.batch_size, cfg.seed, epoch)[k]
         mbs = micro_batches(examples, lengths, cfg.micro_batch_size,
                             cfg.max_tokens_per_micro_batch, acc.num_processes, cfg.group_by_length)
-        mine = mbs[acc.process_index::acc.num_processes]
         if hasattr(task, "begin_step"):
             task.begin_step(examples)
-        model.train()
-        sums = _step(acc, model, task, mine, len(examples))
-        grad_norm = acc.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0 \
-            else None
-        lr = scheduler.get_last_lr()[0]  # the rate this step used
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if hasattr(task, "after_step"):
-            task.after_step(step + 1)
+        run.model.train()
+        sums = _step(acc, run.model, task, mbs[acc.process_index::acc.num_processes], len(examples),
+                     examples[0])
+        # max_grad_norm 0: the norm is measured (for the guard), the gradient multiplied by 1
+        grad_norm = acc.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0
+                                        else math.inf)
         record = _reduce(acc, sums, len(examples))
-        if hasattr(task, "finish_record"):
-            task.finish_record(record)
-        record.update(step=step + 1, epoch=epoch, lr=lr,
+        record.update(step=step + 1, epoch=epoch, lr=run.scheduler.get_last_lr()[0],  # this step's
                       examples=len(examples), seconds=time.perf_counter() - t0)
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
+        _guard(run, record, steps)       # before the update: a bad step changes no weight
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        if hasattr(task, "after_step"):
+            task.after_step(step + 1)
+        if hasattr(task, "finish_record"):
+            task.finish_record(record)
         history.append(record)
         if (step + 1) % cfg.log_steps == 0 or step + 1 == steps:
-            logger.log(record)
+            run.logger.log(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
         bar.update(1)
         if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < steps:
-            ckpt.save(out, step + 1, acc, model, optimizer, scheduler, extras, cfg)
+            ckpt.save(run.out, step + 1, acc, run.model, run.optimizer, run.scheduler, run.extras,
+                      cfg, run.identity)
     bar.close()
     seconds = time.perf_counter() - t0
     return {"history_tail": history[-5:], "train_seconds": seconds,
             "steps_run": steps - start, "first": history[0] if history else None,
             "last": history[-1] if history else None}
+
+
+def _guard(run: Run, record: dict, steps: int) -> None:
+    """Stop the run at a non-finite loss, loss term or gradient norm (every process sees
+    the same reduced values, so all stop at the same step). Under fp16 loss scaling an
+    infinite gradient norm is the scaler's business (it skips that step), not divergence."""
+    bad = [k for k in sorted(record, key=lambda k: (k == "loss", k))
+           if (k == "loss" or k.startswith("loss/")) and not math.isfinite(record[k])]
+    if "grad_norm" in record and not math.isfinite(record["grad_norm"]) and \
+            getattr(run.acc, "scaler", None) is None:
+        bad.append("grad_norm")
+    if not bad:
+        return
+    if hasattr(run.task, "finish_record"):
+        run.task.finish_record(record)
+    run.logger.log(record)        # the bad step's record, as a finished step's would be
+    last = ckpt.find_resume(run.out, "auto")
+    raise TrainingDiverged(
+        f"training diverged at step {record['step']} of {steps}: "
+        + ", ".join(f"{k} is {record[k]}" for k in bad)
+        + "; that step was not applied and no final model was written; last good checkpoint: "
+        + (str(last) if last else "none (--save-steps N keeps some)")
+        + "; lower --lr or check the data")

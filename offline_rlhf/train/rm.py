@@ -23,6 +23,7 @@ from ..losses.reward import bradley_terry_loss
 from ..pairs import check_pairs_source, read_pairs
 from ..rewards.reward_model import last_token_rewards, rm_input_ids
 from .loop import TrainConfig, fit
+from .values import check_finite
 
 
 @dataclasses.dataclass
@@ -136,14 +137,13 @@ def check_start_model(path, trust_remote_code: bool = False) -> None:
 def train_rm(cfg: RMTrainConfig) -> dict:
     check_start_model(cfg.policy, cfg.trust_remote_code)
     check_pairs_source(cfg.data, "train rm")
+    check_finite(cfg.data, "pairs", ["margin"] if cfg.use_margin else [], "train rm")
     holder = {}
 
     def factory(model, tokenizer, acc):
         holder["task"] = RMTask(cfg, tokenizer)
-        holder["acc"] = acc
         return holder["task"]
 
-    summary = fit(cfg, factory, model_loader=load_reward_for_training,
-                  evaluate=lambda model, acc: holder["task"].evaluate(model, acc.device))
-    summary["data"] = holder["task"].stats
-    return summary
+    # the summary's "data" is the task's stats
+    return fit(cfg, factory, model_loader=load_reward_for_training,
+               evaluate=lambda model, acc: holder["task"].evaluate(model, acc.device))

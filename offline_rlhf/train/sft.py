@@ -22,6 +22,7 @@ from ..losses.common import token_logps
 from ..losses.sft import sft_loss
 from ..shards import is_dataset, open_dataset_of, read_rows
 from .loop import TrainConfig, fit
+from .values import check_finite
 
 GEN_COLUMNS = ["prompt_id", "prompt", "prompt_token_ids", "sample_index", "response",
                "response_token_ids", "reward", "reward_normalized"]
@@ -117,12 +118,6 @@ class SFTTask:
 
 def train_sft(cfg: SFTTrainConfig) -> dict:
     examples = check_sft_source(cfg)
-    holder = {}
-
-    def factory(model, tokenizer, acc):
-        holder["task"] = SFTTask(cfg, tokenizer, examples)
-        return holder["task"]
-
-    summary = fit(cfg, factory)
-    summary["data"] = holder["task"].stats
-    return summary
+    check_finite(cfg.data, "generations", [cfg.reward_column], "train sft")
+    # the summary's "data" is the task's stats
+    return fit(cfg, lambda model, tokenizer, acc: SFTTask(cfg, tokenizer, examples))

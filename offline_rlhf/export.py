@@ -135,6 +135,9 @@ def _recorded_fingerprint(state: dict) -> str | None:
     for holder in (state, state.get("identity"), state.get("config")):
         if isinstance(holder, dict) and isinstance(holder.get("policy_fingerprint"), str):
             return holder["policy_fingerprint"]
+    policy = (state.get("identity") or {}).get("policy")   # the run's identity (train/identity.py)
+    if isinstance(policy, str) and policy.startswith("model:"):
+        return policy[len("model:"):]
     return None
 
 

@@ -208,9 +208,9 @@ def test_model_labels_are_directory_names_made_distinct(tmp_path):
 
 
 def test_export_ilql_saves_heads_beside_the_policy(tmp_path, policy_dir):
-    """The policy with its V/Q heads as `generate --ilql-heads` loads them. A checkpoint
-    whose heads file lacks the target Q heads (which decoding uses) is refused in one line;
-    given them, the exported heads are exactly the checkpoint's."""
+    """The policy with its V/Q heads as `generate --ilql-heads` loads them: a checkpoint
+    holds the whole heads state (the target Q heads too, which decoding uses), and the
+    exported heads are exactly the checkpoint's. A heads file without them is refused."""
     import pyarrow as pa
     from conftest import generation_rows
 
@@ -224,11 +224,7 @@ def test_export_ilql_saves_heads_beside_the_policy(tmp_path, policy_dir):
           "--lr", "1e-3", "--max-steps", "2", "--save-steps", "1")
     ckpt = tmp_path / "o" / "checkpoints" / "step-0000001"
     extras = load_file(str(ckpt / "extras.safetensors"))
-    if not any(k.startswith("target_") for k in extras):
-        one_error_line(cli("export", ckpt, tmp_path / "x"), "target Q heads")
-        # what a checkpoint holding the whole heads state gives (final/'s heads stand in)
-        full = load_file(str(tmp_path / "o" / "final" / "heads.safetensors"))
-        save_file(full, str(ckpt / "extras.safetensors"))
+    assert any(k.startswith("target_") for k in extras)
     out = cli("export", ckpt, tmp_path / "m")
     assert out.returncode == 0, out.stderr
     want = load_file(str(ckpt / "extras.safetensors"))
@@ -237,6 +233,11 @@ def test_export_ilql_saves_heads_beside_the_policy(tmp_path, policy_dir):
     assert all(torch.equal(heads.state_dict()[k], v) for k, v in want.items())
     trained = load_file(str(ckpt / "trainable.safetensors"))
     assert all(torch.equal(weights(tmp_path / "m")[n], t) for n, t in trained.items())
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    save_file({k: v for k, v in extras.items() if not k.startswith("target_")},
+              str(bad / "extras.safetensors"))
+    one_error_line(cli("export", bad, tmp_path / "x"), "target Q heads")
 
 
 def test_report_labels_every_model_in_table_and_plots(tmp_path, monkeypatch):

@@ -229,3 +229,35 @@ def test_ilql_trainer_loss_uses_next_state_targets_and_positive_advantages(tmp_p
     assert m["loss/awac"].tolist() == pytest.approx(awac, rel=1e-5)
     assert total.tolist() == pytest.approx([a + b + c for a, b, c in zip(
         m["loss/q"].tolist(), m["loss/v"].tolist(), awac)], rel=1e-5)
+
+
+def test_ilql_resume_is_exact_target_heads_included(tmp_path, policy_dir):
+    """A run killed after its checkpoint and rerun ends with exactly the heads of a run
+    that never died: the checkpoint holds the target Q heads too (they follow the
+    trained heads by Polyak averaging, without a gradient)."""
+    import shutil
+
+    import pyarrow as pa
+    from conftest import generation_rows
+    from safetensors.torch import load_file
+
+    from offline_rlhf.schemas import load_schema
+    from offline_rlhf.shards import ShardWriter
+    from offline_rlhf.train.ilql import ILQLTrainConfig, train_ilql
+    with ShardWriter(str(tmp_path / "g"), "generations") as w:
+        w.write(0, pa.Table.from_pylist(generation_rows(16), schema=load_schema("generations").arrow))
+        w.finish(total_chunks=1)
+
+    def run(out):
+        return train_ilql(ILQLTrainConfig(data=str(tmp_path / "g"), output=str(out), policy=str(policy_dir),
+                                          max_steps=4, save_steps=2, batch_size=4, lr=1e-2,
+                                          report_to="none", device="cpu"))
+    run(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "final")                 # as if killed after step 2's checkpoint
+    (tmp_path / "b" / "train_summary.json").unlink()
+    summary = run(tmp_path / "b")
+    assert summary["resumed_from"] and summary["resumed_from"].endswith("step-0000002")
+    a, b = (load_file(str(tmp_path / x / "final" / "heads.safetensors")) for x in "ab")
+    assert any(k.startswith("target_") for k in a) and set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -28,8 +28,11 @@ from ..errors import InputError
 CKPT_DIR = "checkpoints"
 
 
-def _trainable_state(module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+def _trainable_state(module, everything: bool = False) -> dict[str, torch.Tensor]:
+    """The parameters training changes (``everything``: all of them, e.g. ILQL's target Q
+    heads, which follow the trained heads by Polyak averaging without a gradient)."""
+    return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters()
+            if p.requires_grad or everything}
 
 
 def find_resume(out: Path, resume: str) -> Path | None:
@@ -61,7 +64,8 @@ def save(out: Path, step: int, acc, model, optimizer, scheduler, extras, cfg,
     if acc.is_main_process:
         save_file(_trainable_state(acc.unwrap_model(model)), tmp / "trainable.safetensors")
         if extras is not None:
-            save_file(_trainable_state(acc.unwrap_model(extras)), tmp / "extras.safetensors")
+            save_file(_trainable_state(acc.unwrap_model(extras), everything=True),
+                      tmp / "extras.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps(
@@ -78,10 +82,10 @@ def save(out: Path, step: int, acc, model, optimizer, scheduler, extras, cfg,
     return final
 
 
-def _load_into(module, path: Path) -> None:
+def _load_into(module, path: Path, everything: bool = False) -> None:
     state = load_file(str(path))
     params = dict(module.named_parameters())
-    wanted = {n for n, p in params.items() if p.requires_grad}
+    wanted = {n for n, p in params.items() if p.requires_grad or everything}
     if wanted != set(state):
         extra = sorted(set(state) - wanted) or sorted(wanted - set(state))
         raise InputError(f"{path}: checkpoint does not match the model being trained "
@@ -114,7 +118,7 @@ def load(path: Path, acc, model, optimizer, scheduler, extras) -> dict:
                   f"resuming with {acc.num_processes}")
     _load_into(acc.unwrap_model(model), path / "trainable.safetensors")
     if extras is not None:
-        _load_into(acc.unwrap_model(extras), path / "extras.safetensors")
+        _load_into(acc.unwrap_model(extras), path / "extras.safetensors", everything=True)
     optimizer.load_state_dict(load_pt(path / "optimizer.pt"))
     scheduler.load_state_dict(load_pt(path / "scheduler.pt"))
     rng_file = path / f"rng-{acc.process_index}.pt"

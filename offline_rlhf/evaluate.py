@@ -40,7 +40,7 @@ from .generation import GenerateConfig, generate
 from .logprobs import LogprobsConfig, compute_logprobs
 from .rewards.score import ScoreConfig, score
 from .shards import is_complete, open_dataset
-from .storage import write_json_atomic
+from .storage import read_json_file, refuse_link, remove_run_output, write_json_atomic
 
 
 @dataclasses.dataclass
@@ -71,6 +71,9 @@ class EvalConfig(BackendOptions):
     kl_samples: int = opt(0, "responses per prompt sampled at temperature 1 from each evaluated "
                           "model for the KL estimate (0: estimate it only when the evaluation "
                           "itself samples at temperature 1)")
+    overwrite: bool = opt(False, "start afresh: remove an earlier eval's OUTPUT (a directory "
+                          "holding eval_key.json) once the inputs are checked; without it, an "
+                          "OUTPUT made with other options or model weights is refused")
 
     def __post_init__(self):
         super().__post_init__()
@@ -188,11 +191,44 @@ def win_rate(policy: dict, baseline: dict) -> float:
     return float(np.mean(wins))
 
 
+EVAL_KEY = "eval_key.json"   # what an OUTPUT's responses were made by: options and model content
+
+
+def _eval_key(cfg: EvalConfig) -> dict:
+    from .models import fingerprint
+    key = {k: v for k, v in to_dict(cfg).items() if k not in ("output", "overwrite")}
+    for name in ("policy", "baseline", "reference"):
+        if getattr(cfg, name, None) and Path(getattr(cfg, name)).is_dir():
+            key[f"{name}_content"] = fingerprint(getattr(cfg, name))
+    return key
+
+
+def _claim_output(cfg: EvalConfig, out: Path) -> None:
+    """Reuse what an identical eval left in ``out`` (a killed one resumes), never what
+    another made: a rerun with other options or other model weights is refused in one
+    line naming what differs (``--overwrite`` starts afresh)."""
+    from .manifest import config_diff
+    key = _eval_key(cfg)
+    refuse_link(out)
+    if out.is_dir() and any(out.iterdir()):
+        before = read_json_file(out / EVAL_KEY)
+        if before is None:
+            raise InputError(f"{out}: exists and holds no eval output ({EVAL_KEY}); write "
+                             "elsewhere, or pass --overwrite to replace an eval output")
+        if before != key:
+            raise InputError(f"{out}: holds an eval made with other settings "
+                             f"({config_diff(before, key)}); pass --overwrite to start afresh")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / EVAL_KEY, key)
+
+
 def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate ``cfg.policy`` (and the baseline); write results.json and report.md."""
     metrics = check_eval_inputs(cfg)
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite:
+        remove_run_output(out, EVAL_KEY, "eval")
+    _claim_output(cfg, out)
     reference = cfg.reference or cfg.baseline
     policy = {"label": "policy", **_scored(cfg, cfg.policy, out / "policy", reference)}
     results = {"config": to_dict(cfg), "policy": policy}

@@ -36,7 +36,7 @@ from .lineage import config_hash
 from .models import fingerprint
 from .rewards.score import ScoreConfig, score
 from .shards import is_complete, open_dataset
-from .storage import read_json_file, write_json_atomic
+from .storage import read_json_file, remove_run_output, write_json_atomic
 from .train.sft import SFTTrainConfig, train_sft
 
 
@@ -73,6 +73,8 @@ class RestConfig(BackendOptions):
     bits: int | None = opt(None, "4 or 8 with lora_r: QLoRA")
     gradient_checkpointing: bool = opt(False, "improve steps recompute activations in the backward "
                                        "pass to save memory")
+    overwrite: bool = opt(False, "start afresh: remove an earlier ReST job's OUTPUT (a directory "
+                          "holding config.json) first")
 
     def __post_init__(self):
         super().__post_init__()
@@ -165,6 +167,8 @@ def _improve(cfg: RestConfig, g: int, i: int, grow_dir: Path, start: str) -> dic
 def run_rest(cfg: RestConfig) -> dict:
     """Run (or resume) a ReST job; return the report data (also written to OUTPUT)."""
     out = Path(cfg.output)
+    if cfg.overwrite:
+        remove_run_output(out, "config.json", "rest")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     report = {"base": {"model": cfg.policy,

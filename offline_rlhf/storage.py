@@ -52,6 +52,22 @@ def refuse_link(path) -> None:
         raise planted_link(path)
 
 
+def remove_run_output(path, marker: str, command: str) -> None:
+    """``--overwrite`` of a command whose output is a directory of its own (``eval``,
+    ``rest``): remove ``path`` so that the command starts afresh. Only an empty directory
+    or one holding ``marker`` (the file that command writes first or last) is removed;
+    a link, a file or another directory is refused in one line."""
+    import shutil
+    refuse_link(path)
+    if not os.path.exists(path):
+        return
+    if not os.path.isdir(path) or (os.listdir(path) and not os.path.exists(os.path.join(path, marker))):
+        raise InputError(f"{path}: --overwrite replaces an earlier {command} output only (a "
+                         f"directory holding {marker}), and this is not one; remove it yourself "
+                         "or write elsewhere")
+    shutil.rmtree(path)
+
+
 def append_line(path, line: str) -> None:
     """Append one line to a local log file, never through a symbolic link."""
     fd = open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)

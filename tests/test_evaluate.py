@@ -127,3 +127,28 @@ def test_win_rate_pairs_samples_by_prompt_and_index():
     assert win_rate(policy, baseline) == 0.5   # only ("a", 0) won, ("a", 1) lost
     with pytest.raises(InputError, match="share no evaluated prompt"):
         win_rate({("b", 0): 1.0}, {("c", 0): 0.0})
+
+
+def test_eval_rerun_with_other_options_is_refused_and_overwrite_starts_afresh(tmp_path, policy_dir):
+    """Through the CLI: an eval rerun into the same OUTPUT with another option is refused in
+    one line naming that option; --overwrite removes the earlier eval and runs anew; a
+    directory that is not an eval's output is never removed by it."""
+    from cli_helpers import cli as run_cli
+    from cli_helpers import one_error_line
+    base = ["eval", "--policy", policy_dir, "--prompts", heldout(tmp_path), "--weights",
+            "exact_match=1", "--output", tmp_path / "ev"]
+    assert run_cli(*base, "--max-new-tokens", "3").returncode == 0
+    first = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert first["config"]["max_new_tokens"] == 3
+    one_error_line(run_cli(*base, "--max-new-tokens", "4"), "max_new_tokens: 3 before, 4 now",
+                   "--overwrite")
+    out = run_cli(*base, "--max-new-tokens", "4", "--overwrite")
+    assert out.returncode == 0, out.stderr
+    again = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert again["config"]["max_new_tokens"] == 4
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    one_error_line(run_cli(*base[:-1], other, "--max-new-tokens", "4", "--overwrite"),
+                   "--overwrite replaces an earlier eval output only")
+    assert (other / "keep.txt").read_text() == "mine"

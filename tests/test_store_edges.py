@@ -265,3 +265,29 @@ def test_planted_shard_link_refused(tmp_path):
     shard(ds, 1).rename(outside)
     shard(ds, 1).symlink_to(outside)          # same bytes, but not inside the dataset
     one_error_line(cli("inspect", ds), f"{shard(ds, 1)}: is a symbolic link")
+
+
+def test_overwrite_of_a_run_directory_removes_only_that_commands_output(tmp_path):
+    """`eval --overwrite` / `rest --overwrite`: an output holding the command's marker file
+    (or an empty one) is removed; another directory, a file or a planted link is refused
+    in one line and left as it was."""
+    import os
+
+    from offline_rlhf.errors import InputError
+    from offline_rlhf.storage import remove_run_output
+    ours = tmp_path / "ours"
+    (ours / "grow-0").mkdir(parents=True)
+    (ours / "config.json").write_text("{}")
+    remove_run_output(ours, "config.json", "rest")
+    assert not ours.exists()
+    remove_run_output(tmp_path / "absent", "config.json", "rest")     # nothing there: fine
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="replaces an earlier rest output only"):
+        remove_run_output(other, "config.json", "rest")
+    link = tmp_path / "link"
+    os.symlink(ours.parent / "other", link)
+    with pytest.raises(InputError, match="symbolic link"):
+        remove_run_output(link, "keep.txt", "rest")
+    assert (other / "keep.txt").read_text() == "mine"

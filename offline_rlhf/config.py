@@ -151,6 +151,33 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# Options whose command-line values understand backslash escapes (a shell cannot easily
+# type a newline). Values from a --config file or a KEY=VALUE override are taken as their
+# TOML/YAML/JSON parser gives them (TOML's "\n" is a newline already): never unescaped twice.
+ESCAPED_OPTIONS = ("stop",)
+ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """``\\n`` -> newline, ``\\t`` -> tab, ``\\\\`` -> one backslash; any other backslash
+    sequence is refused (argparse reports it in one line)."""
+    out, i = [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            nxt = text[i + 1:i + 2]
+            if nxt not in ESCAPES:
+                raise argparse.ArgumentTypeError(
+                    f"{text!r}: unknown escape '\\{nxt}' (known: \\n, \\t, \\\\; write a "
+                    "backslash as \\\\)")
+            out.append(ESCAPES[nxt])
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
 def _default_text(f) -> str:
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     if default in (None, [], {}, ""):
@@ -196,6 +223,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls, positional: tuple[str, .
             target.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
         elif origin is list:
             (item,) = typing.get_args(tp)
+            if f.name in ESCAPED_OPTIONS:
+                item = unescape
+                kw["help"] += " (on the command line \\n, \\t and \\\\ are escapes)"
             target.add_argument(_flag(f.name), nargs="*", type=item, metavar="X", **kw)
         elif origin is dict:
             target.add_argument(_flag(f.name), nargs="*", metavar="KEY=VALUE", **kw)

@@ -151,6 +151,57 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# Other names of options, as TRL (transformers' TrainingArguments, trl's configs) spells
+# them, where the meaning is the same: alias -> field. Each applies only to a command
+# that has the field and no field of the alias's own name (docs/cli.md has the table).
+ALIASES = {
+    "learning_rate": ("lr",),
+    "num_train_epochs": ("epochs",),
+    "lr_scheduler_type": ("schedule",),
+    "logging_steps": ("log_steps",),
+    "loss_type": ("loss",),
+    "max_length": ("max_tokens",),          # prompt + response tokens
+    "max_tokens": ("max_length",),          # (the reward model's inputs are called max_length)
+    "max_prompt_length": ("max_prompt_tokens",),
+    "max_completion_length": ("max_completion_tokens", "max_new_tokens"),
+    "output_dir": ("output",),
+    "model_name_or_path": ("policy",),
+    "torch_dtype": ("dtype",),
+}
+
+
+def alias_target(alias: str, fields) -> str | None:
+    """The field that ``alias`` names in a command whose fields are ``fields`` (None: the
+    command has a field of that name, or none of the alias's fields)."""
+    if alias in fields:
+        return None
+    return next((f for f in ALIASES.get(alias, ()) if f in fields), None)
+
+
+def flag_spellings(field: str, fields) -> list[str]:
+    """Every flag that sets ``field``: ``--max-steps`` first (the one help shows), then
+    ``--max_steps`` and the TRL names in both spellings."""
+    out = [_flag(field)]
+    names = [field] + [a for a in ALIASES if alias_target(a, fields) == field]
+    for name in names:
+        out += [s for s in ("--" + name.replace("_", "-"), "--" + name) if s not in out]
+    return out
+
+
+def resolve_aliases(cls, data: dict, where: str) -> dict:
+    """A config file's keys with dashes and TRL names turned into ``cls``'s field names;
+    a key given twice (by two names) is refused."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in data.items():
+        name = key.replace("-", "_") if isinstance(key, str) else key
+        name = alias_target(name, fields) or name
+        if name in out:
+            raise InputError(f"{where}.{key}: {name} is given twice (by two of its names)")
+        out[name] = value
+    return out
+
+
 # Options whose command-line values understand backslash escapes (a shell cannot easily
 # type a newline). Values from a --config file or a KEY=VALUE override are taken as their
 # TOML/YAML/JSON parser gives them (TOML's "\n" is a newline already): never unescaped twice.
@@ -190,11 +241,28 @@ def _default_text(f) -> str:
     return str(default)
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls, positional: tuple[str, ...] = ()) -> None:
+class Switch(argparse.BooleanOptionalAction):
+    """``--x`` / ``--no-x``, whose usage shows the first spelling only (not its aliases)."""
+
+    def format_usage(self):
+        return " | ".join(self.option_strings[:2])
+
+
+def _group_title(base) -> str:
+    """A dataclass base's docstring's first line as a help heading."""
+    return (base.__doc__ or "").strip().split("\n")[0].rstrip(".:").replace("``", "`")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, positional: tuple[str, ...] = (),
+                  required: bool = True) -> None:
     """Add one option per field of ``cls``: help from the field, its default shown;
     fields named in ``positional`` become positional arguments (optional on the command
-    line, so that a ``--config`` file can give them)."""
+    line, so that a ``--config`` file can give them). Each option is spelled with dashes,
+    underscores and its TRL names (:data:`ALIASES`; ``action.aliases`` are the spellings
+    help leaves out). ``required``: fields without a default are required flags (off
+    when a ``--config`` file may give them)."""
     hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
     # fields a dataclass base contributes (e.g. ExecutorOptions) come last, in a group
     # titled by the base's docstring
     inherited = {f.name: base for base in reversed(cls.__mro__[1:])
@@ -205,12 +273,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls, positional: tuple[str, .
         if f.name in inherited:
             base = inherited[f.name]
             if base not in groups:
-                groups[base] = parser.add_argument_group((base.__doc__ or "").split("\n")[0])
+                groups[base] = parser.add_argument_group(_group_title(base))
             target = groups[base]
         tp, _ = _unwrap_optional(hints[f.name])
         help_text = f.metadata.get("help", "")
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if not required and "(default:" not in help_text:
+        needed = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if not needed and "(default:" not in help_text:
             help_text += f" (default: {_default_text(f)})"
         origin = typing.get_origin(tp)
         kw = dict(help=help_text.replace("%", "%%"), default=argparse.SUPPRESS)
@@ -219,20 +287,23 @@ def add_arguments(parser: argparse.ArgumentParser, cls, positional: tuple[str, .
             parser.add_argument(f.name, nargs="*" if origin is list else "?", **kw)
             continue
         kw["dest"] = f.name
+        flags = flag_spellings(f.name, names)
         if tp is bool:
-            target.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+            action = target.add_argument(*flags, action=Switch, **kw)
         elif origin is list:
             (item,) = typing.get_args(tp)
             if f.name in ESCAPED_OPTIONS:
                 item = unescape
                 kw["help"] += " (on the command line \\n, \\t and \\\\ are escapes)"
-            target.add_argument(_flag(f.name), nargs="*", type=item, metavar="X", **kw)
+            action = target.add_argument(*flags, nargs="*", type=item, metavar="X", **kw)
         elif origin is dict:
-            target.add_argument(_flag(f.name), nargs="*", metavar="KEY=VALUE", **kw)
+            action = target.add_argument(*flags, nargs="*", metavar="KEY=VALUE", **kw)
         else:
-            if required:
+            if needed:
                 kw["help"] = "required. " + kw["help"]
-            target.add_argument(_flag(f.name), type=tp, metavar=f.name.upper(), **kw)
+            action = target.add_argument(*flags, type=tp, metavar=f.name.upper(),
+                                         required=needed and required, **kw)
+        action.aliases = set(action.option_strings[2:] if tp is bool else flags[1:])
 
 
 def from_namespace(cls, ns: argparse.Namespace, base: dict | None = None, where: str = "option"):

@@ -294,7 +294,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls, positional: tuple[str, .
             (item,) = typing.get_args(tp)
             if f.name in ESCAPED_OPTIONS:
                 item = unescape
-                kw["help"] += " (on the command line \\n, \\t and \\\\ are escapes)"
+                kw["help"] = kw["help"].replace(" (default:", "; on the command line \\n, \\t "
+                                                "and \\\\ are escapes (default:", 1)
             action = target.add_argument(*flags, nargs="*", type=item, metavar="X", **kw)
         elif origin is dict:
             action = target.add_argument(*flags, nargs="*", metavar="KEY=VALUE", **kw)

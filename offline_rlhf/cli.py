@@ -12,16 +12,13 @@ stderr with exit status 2; ``--debug`` shows the traceback instead. ``--quiet`` 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
-import difflib
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
-from .config import opt
+from .config import HelpFormatter, Parser, opt, suggest
 from .console import LEVELS
 from .errors import InputError
 
@@ -270,39 +267,6 @@ def _demo(cfg, _) -> int:
 
 
 # --------------------------------------------------------------------------- the parser
-
-class Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (``offline-rlhf train dpo: error:
-    ...``), exit status 2, naming each option by its first spelling."""
-
-    def error(self, message):
-        message = re.sub(r"(--[\w-]+)(?:/--[\w-]+)+", r"\1", message)
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Help that lists each option once: the aliases (underscores, TRL's names) are left
-    out (docs/cli.md lists them)."""
-
-    def _format_action_invocation(self, action):
-        hidden = getattr(action, "aliases", ())
-        if hidden:
-            action = copy.copy(action)
-            action.option_strings = [x for x in action.option_strings if x not in hidden]
-        return super()._format_action_invocation(action)
-
-
-def suggest(parser: argparse.ArgumentParser, flag: str) -> str:
-    """`` (did you mean --max-steps?)`` for an unknown ``flag``, from ``parser``'s options
-    in any of their spellings; empty when none is close."""
-    spellings = {}
-    for action in parser._actions:
-        for s in action.option_strings:
-            spellings.setdefault(s.replace("_", "-"), action.option_strings[0])
-    name = flag.split("=", 1)[0].replace("_", "-")
-    match = difflib.get_close_matches(name, list(spellings), n=1, cutoff=0.6)
-    return f" (did you mean {spellings[match[0]]}?)" if match else ""
-
 
 def _global_flags(on_subcommand: bool) -> argparse.ArgumentParser:
     """--debug, --quiet and --log-level: before the command or after it."""

@@ -1,7 +1,8 @@
 """Configuration: dataclasses whose fields carry their help text.
 
 One dataclass per command is the schema of its options. From it come the CLI flags
-(:func:`add_arguments` / :func:`from_namespace`), loading from TOML or YAML files
+(:func:`add_arguments` / :func:`from_namespace`; each spelled with dashes, underscores
+and TRL's name, :data:`ALIASES`; :class:`Parser` errors are one line), loading from TOML or YAML files
 (:func:`build`: unknown keys and wrong types are refused with the key's name), and
 ``key=value`` overrides. :func:`to_dict` gives the resolved config that is hashed for
 lineage and written next to every output.
@@ -10,8 +11,11 @@ lineage and written next to every output.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import difflib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -305,6 +309,39 @@ def add_arguments(parser: argparse.ArgumentParser, cls, positional: tuple[str, .
             action = target.add_argument(*flags, type=tp, metavar=f.name.upper(),
                                          required=needed and required, **kw)
         action.aliases = set(action.option_strings[2:] if tp is bool else flags[1:])
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``offline-rlhf train dpo: error:
+    ...``), exit status 2, naming each option by its first spelling."""
+
+    def error(self, message):
+        message = re.sub(r"(--[\w-]+)(?:/--[\w-]+)+", r"\1", message)
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that lists each option once: the aliases (underscores, TRL's names) are left
+    out (docs/cli.md lists them)."""
+
+    def _format_action_invocation(self, action):
+        hidden = getattr(action, "aliases", ())
+        if hidden:
+            action = copy.copy(action)
+            action.option_strings = [x for x in action.option_strings if x not in hidden]
+        return super()._format_action_invocation(action)
+
+
+def suggest(parser: argparse.ArgumentParser, flag: str) -> str:
+    """`` (did you mean --max-steps?)`` for an unknown ``flag``, from ``parser``'s options
+    in any of their spellings; empty when none is close."""
+    spellings = {}
+    for action in parser._actions:
+        for s in action.option_strings:
+            spellings.setdefault(s.replace("_", "-"), action.option_strings[0])
+    name = flag.split("=", 1)[0].replace("_", "-")
+    match = difflib.get_close_matches(name, list(spellings), n=1, cutoff=0.6)
+    return f" (did you mean {spellings[match[0]]}?)" if match else ""
 
 
 def from_namespace(cls, ns: argparse.Namespace, base: dict | None = None, where: str = "option"):

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import opt
+from .config import HelpFormatter, Parser, opt, suggest
 from .console import LEVELS
 from .errors import InputError
 
@@ -90,9 +90,9 @@ class PipelineRunConfig:
 def _config(cls, args):
     """The command's config: the --config file's values (and, for `rest`, KEY=VALUE
     overrides of them), overridden by the flags given."""
-    from .config import apply_overrides, from_namespace, load_file
+    from .config import apply_overrides, from_namespace, load_file, resolve_aliases
     path = getattr(args, "config", None)
-    base = load_file(path) if path else {}
+    base = resolve_aliases(cls, load_file(path), str(path)) if path else {}
     if "overrides" not in {f.name for f in dataclasses.fields(cls)}:
         base = apply_overrides(base, getattr(args, "overrides", []))
     cfg = from_namespace(cls, args, base, str(path) if path else "option")
@@ -370,32 +370,42 @@ def _epilog(commands: list[tuple]) -> str:
     rows.append(("pipeline run", "run a job file (nightly, rescore, train_from_shards, demo)"))
     return "commands (offline-rlhf COMMAND --help for each):\n" + \
         "\n".join(f"  {name:<15} {text}" for name, text in rows) + \
-        "\n\nEvery command takes --config FILE (TOML or YAML) holding any of its options."
+        "\n\nEvery command takes --config FILE (TOML or YAML) holding any of its options. " \
+        "Options may\nbe spelled with underscores (--max_steps) and TRL's names (--learning_rate): " \
+        "docs/cli.md."
 
 
-def _add(sub, name, cls, runner, run, positional, short, long, parents):
+def _add(sub, name, cls, runner, run, positional, short, long, parents, required=True):
     from .config import add_arguments, add_config_file_argument
-    s = sub.add_parser(name, help=short, description=long, parents=parents)
+    s = sub.add_parser(name, help=short, description=long, parents=parents,
+                       formatter_class=HelpFormatter)
     add_config_file_argument(s)
-    add_arguments(s, cls, positional)
+    add_arguments(s, cls, positional, required)
     if name == "rest":
         s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", default=argparse.SUPPRESS,
                        help="override keys of the --config file (default: none)")
-    s.set_defaults(fn=lambda args: runner(_config(cls, args), run),
+    s.set_defaults(fn=lambda args: runner(_config(cls, args), run), command_parser=s,
                    takes_overrides=name == "rest" or "overrides" in positional)
     return s
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(required: bool = True) -> argparse.ArgumentParser:
+    """The CLI's parser; ``required``: options without a default are required flags
+    (off when a --config file may give them)."""
+    from .lineage import code_version
     commands = _commands()
-    p = argparse.ArgumentParser(
-        prog="offline-rlhf", description="Offline / batch preference optimisation over Parquet "
+    p = Parser(
+        prog="offline-rlhf", usage="%(prog)s [-h] [--version] [--debug] [--quiet] "
+        "[--log-level {debug,info,warning,error}] COMMAND ...", description="Offline / batch preference optimisation over Parquet "
         "shards.", epilog=_epilog(commands), formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[_global_flags(False)])
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    p.add_argument("--version", action="version", version=f"offline-rlhf {code_version()}")
+    # the epilog lists the commands (with `train ALGO` and `pipeline run`): not argparse too
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", help=argparse.SUPPRESS,
+                           prog="offline-rlhf")
     flags = [_global_flags(True)]
     for name, cls, runner, run, positional, short, long in commands:
-        _add(sub, name, cls, runner, run, positional, short, long, flags)
+        _add(sub, name, cls, runner, run, positional, short, long, flags, required)
 
     train = sub.add_parser("train", help="train on stored shards", parents=flags,
                            description="Train a model on stored shards with the shared loop "
@@ -404,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     algos = train.add_subparsers(dest="algorithm", metavar="ALGO", required=True)
     from .train import ALGORITHMS
     for algo, (cls, run, short) in ALGORITHMS.items():
-        _add(algos, algo, cls, _train, run, (), short, short, flags)
+        _add(algos, algo, cls, _train, run, (), short, short, flags, required)
 
     s = sub.add_parser("pipeline", help="run a job file (stages keyed by fingerprints)", parents=flags,
                        description="Run a pipeline job file stage by stage. A stage whose inputs "
@@ -412,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     psub = s.add_subparsers(dest="pipeline_command", metavar="run", required=True)
     _add(psub, "run", PipelineRunConfig, _pipeline, None, ("file", "overrides"),
          "run (or --dry-run: plan) a job file", "Run (or, with --dry-run, plan) a job file; "
-         "KEY=VALUE overrides may come before or after the flags.", flags)
+         "KEY=VALUE overrides may come before or after the flags.", flags, required)
     return p
 
 
@@ -427,17 +437,19 @@ def check_model_paths(argv: list[str]) -> None:
     """Model directories named by flags or in a --config file, checked before torch and
     transformers are imported, so that a mistyped path fails at once (the loaders check
     them again: this is the early, fast copy of the same check)."""
-    from .config import load_file
+    from .config import ALIASES, alias_target, flag_spellings, load_file
     from .export import is_checkpoint
     from .models import check_model_dir, check_tokenizer_dir
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     for name in MODEL_OPTIONS:
-        pre.add_argument("--" + name.replace("_", "-"), dest=name,
+        pre.add_argument(*flag_spellings(name, MODEL_OPTIONS), dest=name,
                          nargs="*" if name == "checkpoints" else None)
     given, _ = pre.parse_known_args(argv)
-    values = {k: v for k, v in load_file(given.config).items() if k in MODEL_OPTIONS} \
-        if given.config else {}
+    keys = {**{a: alias_target(a, MODEL_OPTIONS) for a in ALIASES if alias_target(a, MODEL_OPTIONS)},
+            **{m: m for m in MODEL_OPTIONS}}
+    values = {keys[k.replace("-", "_")]: v for k, v in load_file(given.config).items()
+              if isinstance(k, str) and k.replace("-", "_") in keys} if given.config else {}
     values.update({k: getattr(given, k) for k in MODEL_OPTIONS if getattr(given, k) is not None})
     for name, value in values.items():
         for path in value if isinstance(value, list) else [value]:
@@ -456,6 +468,31 @@ def _fail(command: str, error: BaseException) -> int:
 INPUT_ERRORS = (InputError, OSError)
 
 
+def _early_console(argv: list[str]) -> None:
+    """The console set up from --quiet/--log-level before the parser is built, so that
+    libraries imported on the way (bitsandbytes' kernel notices) stay quiet, --help too."""
+    from .console import setup
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--quiet", action="store_true")
+    pre.add_argument("--log-level", default="warning")
+    given, _ = pre.parse_known_args(argv)
+    try:
+        setup(given.log_level, given.quiet)
+    except InputError:
+        setup()   # the parser refuses the bad level in one line
+
+
+def _check_extra(parser, args, extra: list[str]) -> None:
+    """Arguments the command does not know: KEY=VALUE overrides where it takes them, else
+    one line from the command's own parser, with the closest option."""
+    if getattr(args, "takes_overrides", False) and \
+            not any(x.startswith("-") or "=" not in x for x in extra):
+        return
+    own = getattr(args, "command_parser", parser)
+    flag = next((x for x in extra if x.startswith("-")), None)
+    own.error(f"unrecognized arguments: {' '.join(extra)}" + (suggest(own, flag) if flag else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # models are local directories, always
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -466,12 +503,12 @@ def main(argv: list[str] | None = None) -> int:
             if "--debug" in argv:
                 raise
             return _fail(next((a for a in argv if a in COMMAND_NAMES), ""), e)
-    parser = build_parser()
+    _early_console(argv)
+    parser = build_parser(required=not any(a == "--config" or a.startswith("--config=")
+                                           for a in argv))
     args, extra = parser.parse_known_args(argv)
     if extra:   # KEY=VALUE overrides given after flags (argparse stops at the first flag)
-        if not getattr(args, "takes_overrides", False) or \
-                any(x.startswith("-") or "=" not in x for x in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        _check_extra(parser, args, extra)
         args.overrides = list(getattr(args, "overrides", [])) + extra
     if not getattr(args, "fn", None):
         parser.print_help()

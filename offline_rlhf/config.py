@@ -1,7 +1,8 @@
 """Configuration: dataclasses whose fields carry their help text.
 
 One dataclass per command is the schema of its options. From it come the CLI flags
-(:func:`add_arguments` / :func:`from_namespace`), loading from TOML or YAML files
+(:func:`add_arguments` / :func:`from_namespace`; each spelled with dashes, underscores
+and TRL's name, :data:`ALIASES`; :class:`Parser` errors are one line), loading from TOML or YAML files
 (:func:`build`: unknown keys and wrong types are refused with the key's name), and
 ``key=value`` overrides. :func:`to_dict` gives the resolved config that is hashed for
 lineage and written next to every output.
@@ -10,8 +11,11 @@ lineage and written next to every output.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import difflib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -156,6 +160,84 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# Other names of options, as TRL (transformers' TrainingArguments, trl's configs) spells
+# them, where the meaning is the same: alias -> field. Each applies only to a command
+# that has the field and no field of the alias's own name (docs/cli.md has the table).
+ALIASES = {
+    "learning_rate": ("lr",),
+    "num_train_epochs": ("epochs",),
+    "lr_scheduler_type": ("schedule",),
+    "logging_steps": ("log_steps",),
+    "loss_type": ("loss",),
+    "max_length": ("max_tokens",),          # prompt + response tokens
+    "max_tokens": ("max_length",),          # (the reward model's inputs are called max_length)
+    "max_prompt_length": ("max_prompt_tokens",),
+    "max_completion_length": ("max_completion_tokens", "max_new_tokens"),
+    "output_dir": ("output",),
+    "model_name_or_path": ("policy",),
+    "torch_dtype": ("dtype",),
+}
+
+
+def alias_target(alias: str, fields) -> str | None:
+    """The field that ``alias`` names in a command whose fields are ``fields`` (None: the
+    command has a field of that name, or none of the alias's fields)."""
+    if alias in fields:
+        return None
+    return next((f for f in ALIASES.get(alias, ()) if f in fields), None)
+
+
+def flag_spellings(field: str, fields) -> list[str]:
+    """Every flag that sets ``field``: ``--max-steps`` first (the one help shows), then
+    ``--max_steps`` and the TRL names in both spellings."""
+    out = [_flag(field)]
+    names = [field] + [a for a in ALIASES if alias_target(a, fields) == field]
+    for name in names:
+        out += [s for s in ("--" + name.replace("_", "-"), "--" + name) if s not in out]
+    return out
+
+
+def resolve_aliases(cls, data: dict, where: str) -> dict:
+    """A config file's keys with dashes and TRL names turned into ``cls``'s field names;
+    a key given twice (by two names) is refused."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in data.items():
+        name = key.replace("-", "_") if isinstance(key, str) else key
+        name = alias_target(name, fields) or name
+        if name in out:
+            raise InputError(f"{where}.{key}: {name} is given twice (by two of its names)")
+        out[name] = value
+    return out
+
+
+# Options whose command-line values understand backslash escapes (a shell cannot easily
+# type a newline). Values from a --config file or a KEY=VALUE override are taken as their
+# TOML/YAML/JSON parser gives them (TOML's "\n" is a newline already): never unescaped twice.
+ESCAPED_OPTIONS = ("stop",)
+ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """``\\n`` -> newline, ``\\t`` -> tab, ``\\\\`` -> one backslash; any other backslash
+    sequence is refused (argparse reports it in one line)."""
+    out, i = [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            nxt = text[i + 1:i + 2]
+            if nxt not in ESCAPES:
+                raise argparse.ArgumentTypeError(
+                    f"{text!r}: unknown escape '\\{nxt}' (known: \\n, \\t, \\\\; write a "
+                    "backslash as \\\\)")
+            out.append(ESCAPES[nxt])
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
 def _default_text(f) -> str:
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     if default in (None, [], {}, ""):
@@ -168,11 +250,28 @@ def _default_text(f) -> str:
     return str(default)
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls, positional: tuple[str, ...] = ()) -> None:
+class Switch(argparse.BooleanOptionalAction):
+    """``--x`` / ``--no-x``, whose usage shows the first spelling only (not its aliases)."""
+
+    def format_usage(self):
+        return " | ".join(self.option_strings[:2])
+
+
+def _group_title(base) -> str:
+    """A dataclass base's docstring's first line as a help heading."""
+    return (base.__doc__ or "").strip().split("\n")[0].rstrip(".:").replace("``", "`")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, positional: tuple[str, ...] = (),
+                  required: bool = True) -> None:
     """Add one option per field of ``cls``: help from the field, its default shown;
     fields named in ``positional`` become positional arguments (optional on the command
-    line, so that a ``--config`` file can give them)."""
+    line, so that a ``--config`` file can give them). Each option is spelled with dashes,
+    underscores and its TRL names (:data:`ALIASES`; ``action.aliases`` are the spellings
+    help leaves out). ``required``: fields without a default are required flags (off
+    when a ``--config`` file may give them)."""
     hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
     # fields a dataclass base contributes (e.g. ExecutorOptions) come last, in a group
     # titled by the base's docstring
     inherited = {f.name: base for base in reversed(cls.__mro__[1:])
@@ -183,12 +282,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls, positional: tuple[str, .
         if f.name in inherited:
             base = inherited[f.name]
             if base not in groups:
-                groups[base] = parser.add_argument_group((base.__doc__ or "").split("\n")[0])
+                groups[base] = parser.add_argument_group(_group_title(base))
             target = groups[base]
         tp, _ = _unwrap_optional(hints[f.name])
         help_text = f.metadata.get("help", "")
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if not required and "(default:" not in help_text:
+        needed = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if not needed and "(default:" not in help_text:
             help_text += f" (default: {_default_text(f)})"
         origin = typing.get_origin(tp)
         kw = dict(help=help_text.replace("%", "%%"), default=argparse.SUPPRESS)
@@ -197,17 +296,57 @@ def add_arguments(parser: argparse.ArgumentParser, cls, positional: tuple[str, .
             parser.add_argument(f.name, nargs="*" if origin is list else "?", **kw)
             continue
         kw["dest"] = f.name
+        flags = flag_spellings(f.name, names)
         if tp is bool:
-            target.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+            action = target.add_argument(*flags, action=Switch, **kw)
         elif origin is list:
             (item,) = typing.get_args(tp)
-            target.add_argument(_flag(f.name), nargs="*", type=item, metavar="X", **kw)
+            if f.name in ESCAPED_OPTIONS:
+                item = unescape
+                kw["help"] = kw["help"].replace(" (default:", "; on the command line \\n, \\t "
+                                                "and \\\\ are escapes (default:", 1)
+            action = target.add_argument(*flags, nargs="*", type=item, metavar="X", **kw)
         elif origin is dict:
-            target.add_argument(_flag(f.name), nargs="*", metavar="KEY=VALUE", **kw)
+            action = target.add_argument(*flags, nargs="*", metavar="KEY=VALUE", **kw)
         else:
-            if required:
+            if needed:
                 kw["help"] = "required. " + kw["help"]
-            target.add_argument(_flag(f.name), type=tp, metavar=f.name.upper(), **kw)
+            action = target.add_argument(*flags, type=tp, metavar=f.name.upper(),
+                                         required=needed and required, **kw)
+        action.aliases = set(action.option_strings[2:] if tp is bool else flags[1:])
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``offline-rlhf train dpo: error:
+    ...``), exit status 2, naming each option by its first spelling."""
+
+    def error(self, message):
+        message = re.sub(r"(--[\w-]+)(?:/--[\w-]+)+", r"\1", message)
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that lists each option once: the aliases (underscores, TRL's names) are left
+    out (docs/cli.md lists them)."""
+
+    def _format_action_invocation(self, action):
+        hidden = getattr(action, "aliases", ())
+        if hidden:
+            action = copy.copy(action)
+            action.option_strings = [x for x in action.option_strings if x not in hidden]
+        return super()._format_action_invocation(action)
+
+
+def suggest(parser: argparse.ArgumentParser, flag: str) -> str:
+    """`` (did you mean --max-steps?)`` for an unknown ``flag``, from ``parser``'s options
+    in any of their spellings; empty when none is close."""
+    spellings = {}
+    for action in parser._actions:
+        for s in action.option_strings:
+            spellings.setdefault(s.replace("_", "-"), action.option_strings[0])
+    name = flag.split("=", 1)[0].replace("_", "-")
+    match = difflib.get_close_matches(name, list(spellings), n=1, cutoff=0.6)
+    return f" (did you mean {spellings[match[0]]}?)" if match else ""
 
 
 def from_namespace(cls, ns: argparse.Namespace, base: dict | None = None, where: str = "option"):

@@ -183,7 +183,8 @@ def plan_generate(cfg: GenerateConfig) -> StagePlan:
         hashed["ilql_heads"] = _heads_fingerprint(cfg.ilql_heads)
     chash = config_hash(hashed)
     decoding = {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
-                "max_new_tokens": cfg.max_new_tokens, "greedy": cfg.greedy, "seed": cfg.seed}
+                "max_new_tokens": cfg.max_new_tokens, "greedy": cfg.greedy, "seed": cfg.seed,
+                "stop": list(cfg.stop)}
     meta = {"decoding": decoding, "policy_fingerprint": policy_fp, "config_hash": chash,
             "code_version": code_version()}
     total = max(1, math.ceil(prompts.num_rows / cfg.chunk_prompts))

@@ -129,9 +129,19 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return prompt_ids(tokenizer, [text])[0]
 
 
+def end_of_turn(tokenizer, turn_ids: list[int]) -> list[int]:
+    """What ends a trained assistant turn: nothing when the template's rendering of the
+    turn holds a special token (its end-of-turn, e.g. ``<|im_end|>``, ``<|eot_id|>``);
+    else EOS, so that a model fine-tuned on conversations learns to stop."""
+    if tokenizer.eos_token_id is None or set(turn_ids) & set(tokenizer.all_special_ids):
+        return []
+    return [tokenizer.eos_token_id]
+
+
 def encode_pieces(tokenizer, pieces: list[tuple[str, bool]], file, row, column):
     """(prompt ids, response ids, response loss mask) of rendered pieces: the prompt is
-    everything before the first trained piece."""
+    everything before the first trained piece. Each trained piece (an assistant turn as
+    the template renders it) ends with :func:`end_of_turn`, trained too."""
     first = next(i for i, (_, keep) in enumerate(pieces) if keep)
     prompt = encode_prompt(tokenizer, "".join(t for t, _ in pieces[:first]))
     if not prompt:
@@ -140,6 +150,8 @@ def encode_pieces(tokenizer, pieces: list[tuple[str, bool]], file, row, column):
     ids, mask = [], []
     for text, keep in pieces[first:]:
         part = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        if keep:
+            part = part + end_of_turn(tokenizer, part)
         ids += part
         mask += [int(keep)] * len(part)
     return prompt, ids, mask

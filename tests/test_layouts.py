@@ -77,10 +77,13 @@ def test_sft_text_and_chat_train_on_the_chat_template_ids(tmp_path, policy_dir, 
         want = tokenizer.apply_chat_template([user(p), assistant(c)], tokenize=True, return_dict=False)
         head = tokenizer.apply_chat_template([user(p)], add_generation_prompt=True, tokenize=True,
                                              return_dict=False)
+        # the tiny template ends a turn with a plain newline (no end-of-turn token): EOS
+        # follows it, trained, so that the model learns to stop
+        want += [eos]
         assert want[:len(head)] == head and tuple(want) in chat_rows
         mask = chat_rows[tuple(want)]
         assert mask == [0] * len(head) + [1] * (len(want) - len(head))
-        assert tokenizer.decode([t for t, m in zip(want, mask) if m]) == c + "\n"
+        assert tokenizer.decode([t for t, m in zip(want, mask) if m]) == c + "\n</s>"
     for ids in chat_rows:   # never the Python repr of the message lists
         assert "role" not in tokenizer.decode(list(ids)) and "{" not in tokenizer.decode(list(ids))
 
@@ -92,7 +95,9 @@ def test_sft_messages_train_on_assistant_turns_only(tmp_path, policy_dir, tokeni
     assert run_sft(tmp_path, data, policy_dir, "m")["data"]["layout"] == "messages"
     (ids, mask), *_ = trained_batches
     want = tokenizer.apply_chat_template(conv[:5], tokenize=True, return_dict=False)
-    assert ids == want     # the trailing user turn (after the last answer) is left out
+    eos = tokenizer.eos_token_id   # ends each answer turn (the template has no end-of-turn)
+    assert [t for t in ids if t != eos] == want and ids.count(eos) == 2 and ids[-1] == eos
+    # the trailing user turn (after the last answer) is left out
     trained = [i for i, m in enumerate(mask) if m]
     runs = []   # contiguous trained spans
     for i in trained:
@@ -100,7 +105,7 @@ def test_sft_messages_train_on_assistant_turns_only(tmp_path, policy_dir, tokeni
             runs[-1].append(i)
         else:
             runs.append([i])
-    assert [tokenizer.decode([ids[i] for i in r]) for r in runs] == ["1 2\n", "3 4\n"]
+    assert [tokenizer.decode([ids[i] for i in r]) for r in runs] == ["1 2\n</s>", "3 4\n</s>"]
 
 
 def test_sft_text_layout(tmp_path, policy_dir, tokenizer, trained_batches):

@@ -147,7 +147,7 @@ def test_every_command_runs_from_a_config_file(tmp_path, policy_dir, reward_dir,
     assert run(["import-pairs"], file=str(t / "prefs.jsonl"), out=str(t / "ip")).startswith(f"{t / 'ip'}: 4 pairs")
     train = dict(policy=str(policy_dir), max_steps=1, batch_size=2, report_to="none")
     for algo, data, extra in (("sft", t / "s", {}), ("dpo", t / "pairs", {}), ("ilql", t / "s", {}),
-                              ("grpo", t / "s", {}),
+                              ("grpo", t / "s", {}), ("kto", t / "l", {}),
                               ("rm", t / "ip", {"eval_fraction": 0.0})):
         out = run(["train", algo], data=str(data), output=str(t / algo), **train, **extra)
         assert out.startswith(f"{t / algo}: 1 steps") and (t / algo / "final" / "config.json").exists()

@@ -82,6 +82,7 @@ def test_export_refusals_in_one_line(sft_runs, tmp_path):
         state = json.loads((copy / "state.json").read_text())
         for holder in (state, state.get("identity") or {}, state["config"]):
             holder.pop("policy_fingerprint", None)
+        (state.get("identity") or {}).pop("policy", None)   # the identity's fingerprint too
         state["config"].update(changes.pop("config", {}))
         state.update(changes)
         (copy / "state.json").write_text(json.dumps(state))
@@ -89,6 +90,9 @@ def test_export_refusals_in_one_line(sft_runs, tmp_path):
     one_error_line(cli("export", planted("moved", config={"policy": str(tmp_path / "gone")}),
                        tmp_path / "x"), "base policy", "not found", "--policy")
     other = build_tiny_model(tmp_path / "wide", hidden=32, seed=1)
+    # recorded in the run's identity: the base is checked by its fingerprint
+    one_error_line(cli("export", ckpt, tmp_path / "x", "--policy", other),
+                   "is not the one this run trained", "--policy")
     one_error_line(cli("export", planted("other"), tmp_path / "x", "--policy", other),
                    "do not fit the base policy", "first differing parameter")
     one_error_line(cli("export", planted("fp", policy_fingerprint="0" * 64), tmp_path / "x"),
@@ -191,7 +195,9 @@ def test_eval_takes_a_checkpoint_and_labels_every_model(sft_runs, policy_dir, tm
     trained = load_file(str(other / "trainable.safetensors"))
     save_file({n: t.flip(0).contiguous() for n, t in trained.items()}, str(other / "trainable.safetensors"))
     args[args.index(ckpt)] = other
-    out = cli(*args)
+    # the same OUTPUT with another checkpoint is refused, naming it; --overwrite starts afresh
+    one_error_line(cli(*args), "checkpoints:", "--overwrite")
+    out = cli(*args, "--overwrite")
     assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((tmp_path / "e" / "checkpoint-0" / "model" / "export.json").read_text())
     assert record["checkpoint"] == str(other)

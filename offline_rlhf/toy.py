@@ -75,17 +75,23 @@ def setup_copy_task(root, n_train: int = 300, n_test: int = 100, seed: int = 0) 
     (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def exact_match(model, prompts, work, **generate_kw) -> float:
-    """Greedy exact match of ``model`` on a prompts dataset (extra generate options allowed)."""
-    import numpy as np
-
+def _exact_match_rows(model, prompts, work, **generate_kw) -> dict:
+    """Generate from ``model`` on a prompts dataset (10 new tokens at most) and score by
+    exact match; the ``prompt_id`` and ``reward`` columns of the scored rows."""
     from .generation import GenerateConfig, generate
     from .rewards.score import ScoreConfig, score
     from .shards import open_dataset
     generate(GenerateConfig(prompts=str(prompts), output=str(work) + "/g", policy=str(model),
-                            num_samples=1, greedy=True, max_new_tokens=10, **generate_kw))
+                            max_new_tokens=10, **generate_kw))
     score(ScoreConfig(generations=str(work) + "/g", output=str(work) + "/s", weights={"exact_match": 1.0}))
-    return float(np.mean(open_dataset(str(work) + "/s").read(columns=["reward"]).column("reward").to_pylist()))
+    return open_dataset(str(work) + "/s").read(columns=["prompt_id", "reward"]).to_pydict()
+
+
+def exact_match(model, prompts, work, **generate_kw) -> float:
+    """Greedy exact match of ``model`` on a prompts dataset (extra generate options allowed)."""
+    import numpy as np
+    rows = _exact_match_rows(model, prompts, work, num_samples=1, greedy=True, **generate_kw)
+    return float(np.mean(rows["reward"]))
 
 
 def sampled_yield(model, prompts, work, num_samples: int = 16, temperature: float = 0.7,
@@ -95,16 +101,8 @@ def sampled_yield(model, prompts, work, num_samples: int = 16, temperature: floa
     ``num_samples`` samples are *informative* (some right, some wrong: the prompts that
     yield a pair, or a non-zero group advantage)."""
     import numpy as np
-
-    from .generation import GenerateConfig, generate
-    from .rewards.score import ScoreConfig, score
-    from .shards import open_dataset
-    generate(GenerateConfig(prompts=str(prompts), output=str(work) + "/g", policy=str(model),
-                            num_samples=num_samples, temperature=temperature, max_new_tokens=10,
-                            seed=seed))
-    score(ScoreConfig(generations=str(work) + "/g", output=str(work) + "/s",
-                      weights={"exact_match": 1.0}))
-    t = open_dataset(str(work) + "/s").read(columns=["prompt_id", "reward"]).to_pydict()
+    t = _exact_match_rows(model, prompts, work, num_samples=num_samples,
+                          temperature=temperature, seed=seed)
     groups: dict[str, list[float]] = {}
     for pid, r in zip(t["prompt_id"], t["reward"]):
         groups.setdefault(pid, []).append(r)

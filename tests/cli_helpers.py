@@ -59,6 +59,7 @@ class _ForkServer:
         self.proc = None
         self.lock = threading.Lock()
         self.disabled = os.environ.get("OFFLINE_RLHF_TEST_FRESH", "") not in ("", "0")
+        self.cpu_seconds = 0.0   # used by the commands it ran (conftest's CPU report reads it)
 
     def _start(self) -> None:
         env = {**os.environ, **QUIET}
@@ -101,9 +102,11 @@ class _ForkServer:
         timer = threading.Timer(timeout, lambda: (fired.set(), _kill_group(pid)))
         timer.start()
         try:
-            status = self._reply()["status"]
+            reply = self._reply()
         finally:
             timer.cancel()
+        self.cpu_seconds += reply.get("cpu", 0.0)
+        status = reply["status"]
         if fired.is_set():
             raise subprocess.TimeoutExpired(["offline-rlhf", *args], timeout)
         return status

@@ -12,8 +12,8 @@ CUDA_VISIBLE_DEVICES). ``cli_helpers.cli`` sends such calls to a real subprocess
 and so does any test that asks for one (``fresh=True``).
 
 Protocol (one JSON object a line): request ``{"args", "env", "cwd", "stdout", "stderr"}``;
-replies ``{"pid": N}`` once forked, then ``{"status": CODE}`` (negative: killed by that
-signal) when the child ends; ``{"refuse": WHY}`` where forking is not safe (a CUDA context
+replies ``{"pid": N}`` once forked, then ``{"status": CODE, "cpu": SECONDS}`` (negative
+code: killed by that signal; CPU seconds the child used) when the child ends; ``{"refuse": WHY}`` where forking is not safe (a CUDA context
 exists, or another Python thread runs), and the caller runs a subprocess.
 """
 
@@ -100,8 +100,9 @@ def serve() -> None:
         if pid == 0:
             _exit(_child(cli, req))
         print(json.dumps({"pid": pid}), flush=True)
-        _, status = os.waitpid(pid, 0)
-        print(json.dumps({"status": os.waitstatus_to_exitcode(status)}), flush=True)
+        _, status, usage = os.wait4(pid, 0)
+        print(json.dumps({"status": os.waitstatus_to_exitcode(status),
+                          "cpu": usage.ru_utime + usage.ru_stime}), flush=True)
 
 
 if __name__ == "__main__":

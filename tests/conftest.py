@@ -67,6 +67,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """OFFLINE_RLHF_TEST_CPU=FILE: append each test's CPU seconds, set-up included (this
+    process, its subprocesses and the CLI server's children), to FILE: what a test costs,
+    a measure that holds on a busy machine, unlike wall time."""
+    path = os.environ.get("OFFLINE_RLHF_TEST_CPU")
+    if not path:
+        return (yield)
+    import resource
+
+    import cli_helpers
+    def used():
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime + cli_helpers._SERVER.cpu_seconds
+    start = used()
+    try:
+        return (yield)
+    finally:
+        with open(path, "a") as f:
+            f.write(f"{item.nodeid}\t{used() - start:.2f}\n")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("OFFLINE_RLHF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

@@ -150,8 +150,9 @@ def aggregate(header: dict, entries: dict[str, dict]) -> dict:
             "num_shards": len(entries), "stats": totals}
 
 
-def config_diff(old: dict | None, new: dict | None) -> str:
-    """The options that differ between two resolved configs, as ``key: old -> new``."""
+def config_diff(old: dict | None, new: dict | None, opaque: tuple[str, ...] = ()) -> str:
+    """The options that differ between two resolved configs, as ``key: OLD before, NEW now``
+    (``key: other content`` for the ``opaque`` keys, e.g. fingerprints of models and data)."""
     if not isinstance(old, dict) or not isinstance(new, dict):
         return ""
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -159,7 +160,8 @@ def config_diff(old: dict | None, new: dict | None) -> str:
     def shown(v) -> str:
         text = json.dumps(v, sort_keys=True, default=str)
         return text if len(text) <= 40 else text[:37] + "..."
-    return "; ".join(f"{k}: {shown(old.get(k))} before, {shown(new.get(k))} now" for k in keys)
+    return "; ".join(f"{k}: other content" if k in opaque else
+                     f"{k}: {shown(old.get(k))} before, {shown(new.get(k))} now" for k in keys)
 
 
 def check_unique_keys(store: Store, entries: list[dict], schema: Schema) -> None:

@@ -193,7 +193,7 @@ def test_changed_rerun_refused_naming_the_options_then_overwrite_starts_afresh(
     args = sft_args(other, out, policy_dir, "--lr", "5e-2", "--batch-size", "4", "--max-steps", "4",
                     "--save-steps", "2")
     one_error_line(cli(*args), f"{out / 'checkpoints' / 'step-0000002'}: written by a run with other "
-                   "settings (differing: data (other content), lr (0.001 there, 0.05 now))",
+                   "settings (data: other content; lr: 0.001 before, 0.05 now)",
                    "--overwrite", "--resume never")
     assert json.loads((out / "config.json").read_text())["config"]["lr"] == 1e-3   # untouched
     res = cli(*args, "--overwrite")
@@ -217,7 +217,7 @@ def test_identical_killed_run_resumes_and_another_policy_is_refused(tmp_path, fi
     from safetensors.torch import save_file
     save_file({k: v + 0.01 for k, v in w.items()}, str(other / "model.safetensors"))
     common = ["--lr", "1e-3", "--batch-size", "4", "--max-steps", "4", "--save-steps", "2"]
-    one_error_line(cli(*sft_args(data, out, other, *common)), "differing: policy (other content)")
+    one_error_line(cli(*sft_args(data, out, other, *common)), "(policy: other content)")
     res = cli(*sft_args(data, out, policy_dir, *common))
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resumed from" in res.stdout + res.stderr and "2 steps in" in res.stdout
@@ -232,7 +232,7 @@ def test_resume_never_trains_from_step_0_over_another_run(tmp_path, finished_run
     shutil.copytree(d / "out", out)
     kw = dict(data=str(data), output=str(out), policy=str(policy_dir), lr=2e-3, batch_size=4,
               max_steps=4, save_steps=3, report_to="none")
-    with pytest.raises(InputError, match=r"differing: lr \(0.001 there, 0.002 now\)"):
+    with pytest.raises(InputError, match=r"\(lr: 0.001 before, 0.002 now\)"):
         train_sft(SFTTrainConfig(**kw))
     s = train_sft(SFTTrainConfig(resume="never", **kw))
     assert s["steps_run"] == 4 and s["resumed_from"] is None

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..config import to_dict
 from ..errors import InputError
+from ..manifest import config_diff
 from ..storage import read_json_file
 from . import checkpoint as ckpt
 
@@ -79,16 +80,7 @@ def differences(recorded: dict | None, current: dict) -> str:
     """The differing keys, with their values where they are short."""
     if not isinstance(recorded, dict):
         return "it records no run identity (written by an older version)"
-    parts = []
-    for key in sorted(set(recorded) | set(current)):
-        a, b = recorded.get(key, "unset"), current.get(key, "unset")
-        if a == b:
-            continue
-        if key in MODEL_PATHS + DATA_PATHS:
-            parts.append(f"{key} (other content)")
-        else:
-            parts.append(f"{key} ({json.dumps(a)} there, {json.dumps(b)} now)")
-    return "differing: " + ", ".join(parts)
+    return config_diff(recorded, current, opaque=MODEL_PATHS + DATA_PATHS)
 
 
 class Finished(Exception):

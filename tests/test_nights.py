@@ -127,10 +127,71 @@ def test_killed_nights_run_resumes_and_keeps_every_nights_lineage(tmp_path, inpu
     assert n0["train"]["data"]["sources"] == 1 and n1["train"]["data"]["sources"] == 2
     assert n1["train"]["first"]["staleness_kl"] > n0["train"]["first"]["staleness_kl"]  # night 0's data is stale
     for r in records:
-        assert r["eval"]["policy_reward"] is not None and Path(r["eval"]["report"]).exists()
+        assert r["evals"]["eval"]["policy_reward"] is not None and Path(r["evals"]["eval"]["report"]).exists()
         assert Path(r["policy_out"], "model.safetensors").exists() and Path(r["data"]).exists()
     resolved = json.loads((work / "night-001" / "pipeline.resolved.json").read_text())
     assert resolved["stages"]["generate"]["seed"] == 6                    # fresh samples each night
     assert "| 1 |" in (work / "nights.md").read_text()
     again = run_nights(f)                                                 # nothing left to do
     assert all(x["action"] == "reuse" for r in again for x in r["stages"])
+
+
+GUARDED = JOB.replace("previous = 1\n", "previous = 0\nprompts_per_night = 3\nseed = 7\n").replace(
+    "reference_refresh = {refresh}\n", "reference_refresh = {refresh}\n[nights.guard]\nkl_max = {kl_max}\n").replace(
+    "max_steps = 8", "max_steps = 2").replace("save_steps = 2", "save_steps = 10") + """
+[stages.eval_sampled]
+kind = "eval"
+policy = "stages.train"
+baseline = "inputs.policy"
+prompts = "inputs.heldout"
+reward_model = "inputs.reward_model"
+weights = {{ reward_model = 1.0 }}
+max_new_tokens = 6
+greedy = false
+num_samples = 2
+temperature = 1.0
+"""
+
+
+def test_guarded_nights_draw_keep_history_and_fall_back_to_the_best(tmp_path, inputs, monkeypatch):
+    """Three nights of 3 prompts from a pool of 8; night 1 trains with a huge lr (forced to
+    regress): it is not promoted, night 2 starts from night 0's policy, best/ is night 0's."""
+    import offline_rlhf.nights as nights
+    from offline_rlhf.models import fingerprint
+    from offline_rlhf.shards import open_dataset
+    plain = nights.night_overrides
+    monkeypatch.setattr(nights, "night_overrides", lambda pl, n, *a: plain(pl, n, *a) + (
+        ["stages.train.lr=0.1"] if n == 1 else []))
+    f = tmp_path / "guarded.toml"
+    f.write_text(GUARDED.format(work=tmp_path / "g", refresh=0, algorithm="grpo", kl_max=0.5, **inputs))
+    records = run_nights(str(f), count=3)
+    work = tmp_path / "g"
+    n0, n1, n2 = records
+    # the draw: disjoint until the pool of 8 is used up, then a new pass; recorded and fed to generate
+    ids = [r["draw"]["prompt_ids"] for r in records]
+    assert len(set(ids[0]) | set(ids[1])) == 6 and n2["draw"]["replayed"] == 1
+    assert set(ids[0] + ids[1] + ids[2]) == set(open_dataset(str(inputs["prompts"])).read(
+        columns=["prompt_id"]).column("prompt_id").to_pylist())
+    for r, drawn in zip(records, ids):
+        gen = open_dataset(r["data"]).read(columns=["prompt_id", "reward"])
+        assert set(gen.column("prompt_id").to_pylist()) == set(drawn)
+        # the history's figures are the night's own scores
+        hist = open_dataset(r["history"]["history"]).read().to_pylist()
+        by = {}
+        for pid, rew in zip(gen.column("prompt_id").to_pylist(), gen.column("reward").to_pylist()):
+            by.setdefault(pid, []).append(rew)
+        assert {h["prompt_id"]: (h["samples"], h["reward_mean"], h["informative"]) for h in hist} == {
+            p: (len(v), pytest.approx(sum(v) / len(v)), max(v) > min(v)) for p, v in by.items()}
+    # two eval stages kept by name, greedy and sampled
+    assert n0["evals"]["eval"]["decoding"] == "greedy" and n0["evals"]["eval"]["responses"] == 4
+    assert n0["evals"]["eval_sampled"]["decoding"] == "sampled"
+    assert n0["evals"]["eval_sampled"]["samples_per_prompt"] == 2 and n0["evals"]["eval_sampled"]["responses"] == 8
+    assert n0["drift"]["responses"] == 8 and 0 < n0["drift"]["distinct_1"] <= 1
+    # the guard: night 1 regressed (KL to the start far above the bound), night 2 starts from night 0
+    assert n0["guard"]["promoted"] and n0["drift"]["kl"] < 0.5 < n1["drift"]["kl"]
+    assert not n1["guard"]["promoted"] and "kl_max" in n1["guard"]["message"]
+    assert n2["policy_in"] == n0["policy_out"]
+    assert fingerprint(work / "best") == n0["policy_out_fingerprint"]
+    assert json.loads((work / "best.json").read_text())["night"] in (0, 2)
+    md = (work / "nights.md").read_text()
+    assert "night 1: not promoted" in md and "eval_sampled" in md and (work / "nights.png").stat().st_size > 0

@@ -124,6 +124,7 @@ class NightsPlan:
     eval_stages: list[str] = dataclasses.field(default_factory=list)
     guard_stage: str | None = None
     drift_stage: str | None = None
+    reuse_baseline: list[str] = dataclasses.field(default_factory=list)
 
 
 def has_nights(path: str, overrides: list[str] | None = None) -> bool:
@@ -170,7 +171,9 @@ def load_plan(path: str, overrides: list[str] | None = None, count: int | None =
     plan = NightsPlan(cfg, Path(data["workdir"]), policy_stage, train_stage, data_stage, logprobs, seeds,
                       cfg.score_stage or _last(stages, ("score",)), evals,
                       cfg.guard.stage or (evals[-1] if evals else None),
-                      cfg.drift_stage or next((n for n in evals if stages[n].get("greedy") is False), None))
+                      cfg.drift_stage or next((n for n in evals if stages[n].get("greedy") is False), None),
+                      [n for n in evals if stages[n].get("baseline") == f"inputs.{cfg.policy_input}"
+                       and stages[n].get("policy") == f"stages.{policy_stage}"])
     _check_observers(path, plan, stages)
     return plan
 
@@ -243,6 +246,7 @@ def run_nights(path: str, overrides: list[str] | None = None, count: int | None 
     references: dict[str, str] = {}
     records: list[dict] = []
     state = _State()
+    evaluated: dict[str, dict[str, str]] = {}   # policy -> {eval stage: the eval that scored it}
     for n in range(pl.cfg.count):
         if n and not Path(policies[n]).exists():
             records.append({"night": n, "pending": f"needs night-{n - 1:03d}'s policy"})
@@ -251,6 +255,8 @@ def run_nights(path: str, overrides: list[str] | None = None, count: int | None 
             base = load_pipeline(path, overrides + night_overrides(pl, 0, policies, data, references))
             pool = pool_ids(base.inputs[pl.cfg.prompts_input])
         draw, extra = _draw(pl, n, pool, write=not dry_run)
+        extra += [f"stages.{e}.baseline_from={evaluated[policies[n]][e]}" for e in pl.reuse_baseline
+                  if n and e in evaluated.get(policies[n], {})]
         p = load_pipeline(path, overrides + night_overrides(pl, n, policies, data, references) + extra)
         if n == 0:
             policies.append(p.inputs[pl.cfg.policy_input])
@@ -258,6 +264,7 @@ def run_nights(path: str, overrides: list[str] | None = None, count: int | None 
             references = {s: _resolved(p, s, "reference") for s in pl.logprobs_stages}
         rows = run_pipeline(p, dry_run=dry_run)
         out = str(stage_output(p, pl.policy_stage))
+        evaluated[out] = {s.name: str(s.output) for s in p.stages if s.kind == "eval"}
         data.append(str(stage_output(p, pl.data_stage)) if pl.data_stage else "")
         rec = _record(pl, p, n, rows, policies[n], out, data, dry_run)
         if draw:

@@ -154,8 +154,8 @@ temperature = 1.0
 
 
 def test_guarded_nights_draw_keep_history_and_fall_back_to_the_best(tmp_path, inputs, monkeypatch):
-    """Three nights of 3 prompts from a pool of 8; night 1 trains with a huge lr (forced to
-    regress): it is not promoted, night 2 starts from night 0's policy, best/ is night 0's."""
+    """Nights of 3 prompts from a pool of 8; night 1 trains with a huge lr (forced to regress):
+    it is not promoted, night 2 (planned) starts from night 0's policy, best/ is night 0's."""
     import offline_rlhf.nights as nights
     from offline_rlhf.models import fingerprint
     from offline_rlhf.shards import open_dataset
@@ -164,15 +164,15 @@ def test_guarded_nights_draw_keep_history_and_fall_back_to_the_best(tmp_path, in
         ["stages.train.lr=0.1"] if n == 1 else []))
     f = tmp_path / "guarded.toml"
     f.write_text(GUARDED.format(work=tmp_path / "g", refresh=0, algorithm="grpo", kl_max=0.5, **inputs))
-    records = run_nights(str(f), count=3)
-    work = tmp_path / "g"
-    n0, n1, n2 = records
+    n0, n1 = run_nights(str(f), count=2)
+    n2 = run_nights(str(f), count=3, dry_run=True)[2]    # night 2 is planned, not run
+    records, work = [n0, n1, n2], tmp_path / "g"
     # the draw: disjoint until the pool of 8 is used up, then a new pass; recorded and fed to generate
     ids = [r["draw"]["prompt_ids"] for r in records]
     assert len(set(ids[0]) | set(ids[1])) == 6 and n2["draw"]["replayed"] == 1
     assert set(ids[0] + ids[1] + ids[2]) == set(open_dataset(str(inputs["prompts"])).read(
         columns=["prompt_id"]).column("prompt_id").to_pylist())
-    for r, drawn in zip(records, ids):
+    for r, drawn in zip(records[:2], ids):
         gen = open_dataset(r["data"]).read(columns=["prompt_id", "reward"])
         assert set(gen.column("prompt_id").to_pylist()) == set(drawn)
         # the history's figures are the night's own scores
@@ -190,8 +190,12 @@ def test_guarded_nights_draw_keep_history_and_fall_back_to_the_best(tmp_path, in
     # the guard: night 1 regressed (KL to the start far above the bound), night 2 starts from night 0
     assert n0["guard"]["promoted"] and n0["drift"]["kl"] < 0.5 < n1["drift"]["kl"]
     assert not n1["guard"]["promoted"] and "kl_max" in n1["guard"]["message"]
-    assert n2["policy_in"] == n0["policy_out"]
+    assert n2["policy_in"] == n0["policy_out"] and n2["stages"][0]["action"] == "run"
     assert fingerprint(work / "best") == n0["policy_out_fingerprint"]
-    assert json.loads((work / "best.json").read_text())["night"] in (0, 2)
+    assert json.loads((work / "best.json").read_text())["night"] == 0
+    # each night's baseline is the previous night's policy: its figures are reused, not remade
+    for e in ("eval", "eval_sampled"):
+        assert n1["evals"][e]["baseline_reused_from"] == str(Path(n0["evals"][e]["report"]).parent)
+        assert n1["evals"][e]["baseline_reward"] == n0["evals"][e]["policy_reward"]
     md = (work / "nights.md").read_text()
     assert "night 1: not promoted" in md and "eval_sampled" in md and (work / "nights.png").stat().st_size > 0

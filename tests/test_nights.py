@@ -199,3 +199,34 @@ def test_guarded_nights_draw_keep_history_and_fall_back_to_the_best(tmp_path, in
         assert n1["evals"][e]["baseline_reward"] == n0["evals"][e]["policy_reward"]
     md = (work / "nights.md").read_text()
     assert "night 1: not promoted" in md and "eval_sampled" in md and (work / "nights.png").stat().st_size > 0
+
+
+def test_plain_draws_are_disjoint_until_the_pool_is_used_up_and_depend_on_seed_and_night_only():
+    from offline_rlhf.nights_draw import plain_draws
+    ids = [f"p{i}" for i in range(10)]
+    draws = plain_draws(ids, 4, seed=3, nights=5)
+    assert draws[:2] == plain_draws(ids, 4, seed=3, nights=2)           # night n: (seed, n) only
+    assert len(set(draws[0] + draws[1])) == 8 and set(draws[0] + draws[1] + draws[2][:2]) == set(ids)
+    assert all(len(set(d)) == 4 for d in draws)                           # no prompt twice a night
+    assert set(draws[2] + draws[3] + draws[4][:2]) == set(ids)            # the second pass
+    assert plain_draws(ids, 4, seed=4, nights=1) != draws[:1]
+    with pytest.raises(InputError, match="nights.prompts_per_night: 11 is more than the pool's 10"):
+        plain_draws(ids, 11, 0, 1)
+
+
+def test_curated_draw_prefers_unseen_and_informative_and_skips_settled_prompts():
+    from offline_rlhf.nights_draw import curated_draw
+    ids = [f"p{i}" for i in range(8)]
+    history = {"p0": [(0, False), (1, False)],     # settled: skipped
+               "p1": [(0, True), (1, False)],      # last uninformative, once: last class
+               "p2": [(1, True)],                  # last informative: first class
+               "p3": [(0, False)]}                 # uninformative once (skip_after 2): last class
+    draw, counts = curated_draw(ids, 5, 0, 2, history, skip_after=2)
+    assert set(draw) == {"p2", "p4", "p5", "p6", "p7"}
+    assert counts == {"skipped": 1, "replayed": 1, "unseen": 4}
+    draw, counts = curated_draw(ids, 7, 0, 2, history, skip_after=2)
+    assert set(draw) == set(ids) - {"p0"} and counts["replayed"] == 3
+    draw, counts = curated_draw(ids, 8, 0, 2, history, skip_after=2)   # too few left: p0 fills
+    assert draw[-1] == "p0" and counts["skipped"] == 0
+    draw, _ = curated_draw(ids, 4, 0, 2, history, skip_after=1)
+    assert not {"p0", "p1", "p3"} & set(draw)

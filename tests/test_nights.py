@@ -230,3 +230,16 @@ def test_curated_draw_prefers_unseen_and_informative_and_skips_settled_prompts()
     assert draw[-1] == "p0" and counts["skipped"] == 0
     draw, _ = curated_draw(ids, 4, 0, 2, history, skip_after=1)
     assert not {"p0", "p1", "p3"} & set(draw)
+
+
+@pytest.mark.parametrize("name", ["nightly_grpo.toml", "nightly_grpo_small.toml"])
+def test_shipped_nights_jobs_plan(tmp_path, inputs, name):
+    root = Path(__file__).resolve().parents[1]
+    ov = [f"inputs.{k}={v}" for k, v in (("policy", inputs["policy"]), ("prompts", inputs["prompts"]),
+                                         ("heldout", inputs["heldout"]))] + [f"workdir={tmp_path}"]
+    pl = load_plan(str(root / "pipelines" / name), ov)
+    assert pl.guard_stage == "eval" and pl.train_stage == "train"
+    if name == "nightly_grpo_small.toml":
+        assert pl.cfg.curate == "informative" and pl.cfg.prompts_per_night == 500
+        assert pl.drift_stage == "eval_sampled" and pl.reuse_baseline == ["eval", "eval_sampled"]
+        assert pl.cfg.guard.patience == 3 and pl.cfg.guard.reward_margin == 0.01

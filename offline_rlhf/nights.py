@@ -16,6 +16,14 @@ night, at its unfinished stage (which resumes at its unfinished shard or checkpo
 Every night keeps its data, policy, eval report and run log; ``WORKDIR/nights.json``
 records the lineage (policy in and out, reference, data, previous data, fingerprints)
 and each night's training and held-out figures, ``WORKDIR/nights.md`` tabulates them.
+
+Beside that (docs/nights.md): ``prompts_per_night`` draws each night's prompts from the
+pool (``nights_draw.py``; ``curate = "informative"`` reads the per-prompt history the
+driver stores in ``WORKDIR/history``); the drift metrics (``drift.py``) and the guard
+(``nights_guard.py``) decide whether a night's policy is promoted, the next night
+starting from the best one otherwise (``WORKDIR/best/``); ``nights_report.py`` writes
+nights.json, nights.md and nights.png. A night's eval baseline reuses the previous
+night's scored responses of the same policy (eval ``baseline_from``).
 Only composition here: every stage is the pipeline's.
 """
 

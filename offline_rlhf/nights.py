@@ -99,6 +99,9 @@ class NightsConfig:
                       "skip prompts uninformative on their last `skip_after` nights")
     skip_after: int = opt(2, "curate: a prompt whose last this-many groups were all right or "
                           "all wrong is skipped")
+    replay_input: str = opt("replay", "the input holding human data (an SFT file) to replay")
+    replay_fraction: float = opt(0.0, "share of every night's training examples that are replay "
+                                 "rows of inputs.<replay_input> (train grpo: an SFT term); 0: off")
     score_stage: str | None = opt(None, "the stage whose scored groups the history keeps "
                                   "(default: the last score stage)")
     drift_stage: str | None = opt(None, "the eval stage whose sampled held-out responses give "
@@ -114,6 +117,8 @@ class NightsConfig:
             raise InputError(f"nights.skip_after: must be >= 1, got {self.skip_after}")
         if self.curate not in CURATE:
             raise InputError(f"nights.curate: must be one of {', '.join(CURATE)}, got {self.curate!r}")
+        if not 0 <= self.replay_fraction < 1:
+            raise InputError(f"nights.replay_fraction: must be in [0, 1), got {self.replay_fraction}")
         if self.curate != "none" and not self.prompts_per_night:
             raise InputError("nights.curate: needs nights.prompts_per_night (a draw to curate)")
 
@@ -183,6 +188,12 @@ def load_plan(path: str, overrides: list[str] | None = None, count: int | None =
                       [n for n in evals if stages[n].get("baseline") == f"inputs.{cfg.policy_input}"
                        and stages[n].get("policy") == f"stages.{policy_stage}"])
     _check_observers(path, plan, stages)
+    if cfg.replay_fraction:
+        if cfg.replay_input not in inputs:
+            raise InputError(f"{path}: nights.replay_input: '{cfg.replay_input}' is not defined in [inputs]")
+        if stages[train_stage].get("algorithm") != "grpo":
+            raise InputError(f"{path}: nights.replay_fraction: only `train grpo` mixes replay rows in "
+                             f"(stages.{train_stage} is {stages[train_stage].get('algorithm')})")
     return plan
 
 
@@ -217,6 +228,9 @@ def night_overrides(pl: NightsPlan, n: int, policies: list[str], data: list[str]
                     references: dict[str, str]) -> list[str]:
     """The overrides that make the job night ``n`` (given nights 0..n-1's outputs)."""
     out = [f"workdir={pl.workdir / f'night-{n:03d}'}"]
+    if pl.cfg.replay_fraction:
+        out += [f"stages.{pl.train_stage}.replay=inputs.{pl.cfg.replay_input}",
+                f"stages.{pl.train_stage}.replay_fraction={pl.cfg.replay_fraction}"]
     if n == 0:
         return out
     out.append(f"inputs.{pl.cfg.policy_input}={policies[n]}")

@@ -73,7 +73,8 @@ def _row(r: dict, names: list[str]) -> list[str]:
     cells = [str(r["night"]),
              f"{dr['count']} ({dr['replayed']} / {dr['skipped']})" if dr else "all",
              f"{h['informative']} / {h['groups']} ({h['informative_fraction']:.0%})" if h.get("groups") else "-",
-             str(data.get("examples", "-")),
+             str(data.get("examples", "-")) + (f" (+{data['replay_examples']} replay)"
+                                               if data.get("replay_examples") else ""),
              f"{_fmt(first.get('staleness_kl'), '.4f')} / {_fmt(last.get('staleness_kl'), '.4f')}"]
     for s in names:
         e = (r.get("evals") or {}).get(s) or {}

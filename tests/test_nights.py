@@ -136,7 +136,8 @@ def test_killed_nights_run_resumes_and_keeps_every_nights_lineage(tmp_path, inpu
     assert all(x["action"] == "reuse" for r in again for x in r["stages"])
 
 
-GUARDED = JOB.replace("previous = 1\n", "previous = 0\nprompts_per_night = 3\nseed = 7\n").replace(
+GUARDED = JOB.replace("previous = 1\n", "previous = 0\nprompts_per_night = 3\nseed = 7\nreplay_fraction = 0.25\n").replace(
+    'heldout = "{heldout}"\n', 'heldout = "{heldout}"\nreplay = "{replay}"\n').replace(
     "reference_refresh = {refresh}\n", "reference_refresh = {refresh}\n[nights.guard]\nkl_max = {kl_max}\n").replace(
     "max_steps = 8", "max_steps = 2").replace("save_steps = 2", "save_steps = 10") + """
 [stages.eval_sampled]
@@ -163,7 +164,11 @@ def test_guarded_nights_draw_keep_history_and_fall_back_to_the_best(tmp_path, in
     monkeypatch.setattr(nights, "night_overrides", lambda pl, n, *a: plain(pl, n, *a) + (
         ["stages.train.lr=0.1"] if n == 1 else []))
     f = tmp_path / "guarded.toml"
-    f.write_text(GUARDED.format(work=tmp_path / "g", refresh=0, algorithm="grpo", kl_max=0.5, **inputs))
+    replay = tmp_path / "human.jsonl"
+    replay.write_text("".join(json.dumps({"prompt": f"copy {i}{i}", "completion": f" {i}{i}"}) + "\n"
+                              for i in range(3)))
+    f.write_text(GUARDED.format(work=tmp_path / "g", refresh=0, algorithm="grpo", kl_max=0.5,
+                                replay=replay, **inputs))
     n0, n1 = run_nights(str(f), count=2)
     n2 = run_nights(str(f), count=3, dry_run=True)[2]    # night 2 is planned, not run
     records, work = [n0, n1, n2], tmp_path / "g"
@@ -182,6 +187,12 @@ def test_guarded_nights_draw_keep_history_and_fall_back_to_the_best(tmp_path, in
             by.setdefault(pid, []).append(rew)
         assert {h["prompt_id"]: (h["samples"], h["reward_mean"], h["informative"]) for h in hist} == {
             p: (len(v), pytest.approx(sum(v) / len(v)), max(v) > min(v)) for p, v in by.items()}
+    # replay: 12 sampled examples + 4 human rows = 25% of the trained examples (one epoch of 2 steps)
+    assert n0["train"]["data"]["examples"] == 12 and n0["train"]["data"]["replay_examples"] == 4
+    steps = [json.loads(x) for x in (Path(n0["policy_out"]).parent / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in steps if "replay_fraction" in x]
+    assert len(steps) == 2 and sum(x["replay_fraction"] for x in steps) / 2 == pytest.approx(0.25)
+    assert all(x["replay_nll"] > 0 for x in steps if x["replay_fraction"] > 0), steps
     # two eval stages kept by name, greedy and sampled
     assert n0["evals"]["eval"]["decoding"] == "greedy" and n0["evals"]["eval"]["responses"] == 4
     assert n0["evals"]["eval_sampled"]["decoding"] == "sampled"

@@ -203,7 +203,10 @@ def _check_observers(path: str, pl: NightsPlan, stages: dict) -> None:
     for key, name, kind in (("guard.stage", g.stage, "eval"), ("drift_stage", cfg.drift_stage, "eval"),
                             ("score_stage", cfg.score_stage, "score")):
         if name is not None and stages.get(name, {}).get("kind") != kind:
-            raise InputError(f"{path}: nights.{key}: '{name}' is not a {kind} stage")
+            raise InputError(f"{path}: nights.{key}: '{name}' is not {'an' if kind == 'eval' else 'a'} {kind} stage")
+    if cfg.drift_stage is not None and stages[cfg.drift_stage].get("greedy", True) is not False:
+        raise InputError(f"{path}: nights.drift_stage: '{cfg.drift_stage}' decodes greedily; the drift "
+                         "metrics need sampled responses (greedy = false)")
     if cfg.curate != "none" and pl.score_stage is None:
         raise InputError(f"{path}: nights.curate: needs a score stage (its groups are the history)")
     if g.reward_margin is not None and pl.guard_stage is None:

@@ -95,6 +95,14 @@ def test_bad_nights_tables_are_refused(tmp_path, inputs):
         load_plan(job(tmp_path, inputs), ["nights.policy_input=model"])
     with pytest.raises(InputError, match=r"nights.countt: unknown key"):
         load_plan(job(tmp_path, inputs), ["nights.countt=3"])
+    for override, message in (("nights.drift_stage=eval", "nights.drift_stage: 'eval' decodes greedily"),
+                              ("nights.guard.kl_max=1", "nights.guard.kl_max: needs an eval stage that samples"),
+                              ("nights.curate=informative", "nights.curate: needs nights.prompts_per_night"),
+                              ("nights.guard.stage=score", "nights.guard.stage: 'score' is not an eval stage"),
+                              ("nights.replay_fraction=0.1", "nights.replay_input: 'replay' is not defined"),
+                              ("nights.guard.patience=-1", "nights.guard.patience: must be >= 0")):
+        with pytest.raises(InputError, match=message):
+            load_plan(job(tmp_path, inputs), [override])
 
 
 def test_dry_run_plans_night_zero_and_waits_for_its_policy(tmp_path, inputs):
@@ -210,6 +218,10 @@ def test_guarded_nights_draw_keep_history_and_fall_back_to_the_best(tmp_path, in
         assert n1["evals"][e]["baseline_reward"] == n0["evals"][e]["policy_reward"]
     md = (work / "nights.md").read_text()
     assert "night 1: not promoted" in md and "eval_sampled" in md and (work / "nights.png").stat().st_size > 0
+    # patience 1: the failed night stops the run, exit status 1, night 2 never runs (nights 0-1 reused)
+    from offline_rlhf.cli import main
+    assert main(["pipeline", "run", str(f), "--nights", "3", "nights.guard.patience=1"]) == 1
+    assert "stopped after night 1" in (work / "nights.md").read_text() and not (work / "night-002").exists()
 
 
 def test_plain_draws_are_disjoint_until_the_pool_is_used_up_and_depend_on_seed_and_night_only():

@@ -199,7 +199,7 @@ EVAL_KEY = "eval_key.json"   # what an OUTPUT's responses were made by: options 
 
 def _eval_key(cfg: EvalConfig) -> dict:
     from .models import fingerprint
-    key = {k: v for k, v in to_dict(cfg).items() if k not in ("output", "overwrite")}
+    key = {k: v for k, v in to_dict(cfg).items() if k not in ("output", "overwrite", "baseline_from")}
     for name in ("policy", "baseline", "reference"):
         if getattr(cfg, name, None) and Path(getattr(cfg, name)).is_dir():
             key[f"{name}_content"] = fingerprint(getattr(cfg, name))
@@ -253,8 +253,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     return slim
 
 
-# options that do not change a model's scored rows (baseline_from reuses them across evals)
-NOT_ROWS = ("policy", "baseline", "reference", "checkpoints", "metrics", "baseline_from")
+# options that do not change a model's scored rows (baseline_from, itself left out of the key,
+# reuses rows across evals that agree on every other option)
+NOT_ROWS = ("policy", "baseline", "reference", "checkpoints", "metrics")
 
 
 def _reuse_baseline(cfg: EvalConfig, out: Path) -> bool:

@@ -155,7 +155,7 @@ def main() -> None:
 
 
 def _night(r: dict) -> dict:
-    tr, ev = r["train"], r["eval"]
+    tr, ev = r["train"], r["evals"]["eval"]
     return {"night": r["night"], "before": ev["baseline_reward"], "exact_match": ev["policy_reward"],
             "examples": tr["data"]["examples"], "groups_dropped": tr["data"]["groups_dropped"],
             "informative_groups": tr["data"]["groups_informative"],

@@ -262,7 +262,7 @@ def _nights(cfg) -> int:
         print(f"night {r['night']}: " + (r["pending"] if "pending" in r else
               ", ".join(f"{x['stage']} {x['action']}" for x in r["stages"])))
     print("\n" + render_nights(records))
-    return 0
+    return 1 if records and records[-1].get("stopped") else 0   # the guard's patience ran out
 
 
 def _demo(cfg, _) -> int:

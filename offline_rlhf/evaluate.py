@@ -53,6 +53,9 @@ class EvalConfig(BackendOptions):
     output: str = opt(help="output directory (results.json, report.md, plots, datasets)")
     baseline: str | None = opt(None, "baseline policy for the win rate (e.g. the starting model)")
     reference: str | None = opt(None, "reference model for the KL estimate (default: baseline)")
+    baseline_from: str | None = opt(None, "an earlier eval OUTPUT whose policy was this baseline: its "
+                                    "scored responses are reused when the model's content and every "
+                                    "decoding and scoring option match (the nights driver sets it)")
     checkpoints: list[str] = opt([], "more models to evaluate beside the policy: model directories "
                                  "or training checkpoints (OUTPUT/checkpoints/step-0000005, "
                                  "exported to OUTPUT/checkpoint-I/model first); each is labelled "
@@ -196,7 +199,7 @@ EVAL_KEY = "eval_key.json"   # what an OUTPUT's responses were made by: options 
 
 def _eval_key(cfg: EvalConfig) -> dict:
     from .models import fingerprint
-    key = {k: v for k, v in to_dict(cfg).items() if k not in ("output", "overwrite")}
+    key = {k: v for k, v in to_dict(cfg).items() if k not in ("output", "overwrite", "baseline_from")}
     for name in ("policy", "baseline", "reference"):
         if getattr(cfg, name, None) and Path(getattr(cfg, name)).is_dir():
             key[f"{name}_content"] = fingerprint(getattr(cfg, name))
@@ -233,6 +236,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     policy = {"label": "policy", **_scored(cfg, cfg.policy, out / "policy", reference)}
     results = {"config": to_dict(cfg), "policy": policy}
     if cfg.baseline:
+        if _reuse_baseline(cfg, out / "baseline"):
+            results["baseline_reused"] = {"from": cfg.baseline_from}
         base = {"label": "baseline", **_scored(cfg, cfg.baseline, out / "baseline", reference)}
         results["baseline"] = base
         results["win_rate"] = win_rate(policy["by_prompt"], base["by_prompt"])
@@ -246,6 +251,28 @@ def run_eval(cfg: EvalConfig) -> dict:
                 if k == "checkpoints" else v) for k, v in results.items()}
     write_json_atomic(out / "results.json", slim)  # its presence means done: atomic
     return slim
+
+
+# options that do not change a model's scored rows (baseline_from, itself left out of the key,
+# reuses rows across evals that agree on every other option)
+NOT_ROWS = ("policy", "baseline", "reference", "checkpoints", "metrics")
+
+
+def _reuse_baseline(cfg: EvalConfig, out: Path) -> bool:
+    """Copy the scored responses of ``cfg.baseline_from``'s policy to ``out`` when that
+    eval made them from the same model content with the same options (so the same rows:
+    per-sample seeds depend on the seed, prompt and sample index only)."""
+    if not cfg.baseline_from or is_complete(str(out / "scored")):
+        return False
+    before, key = read_json_file(Path(cfg.baseline_from) / EVAL_KEY) or {}, _eval_key(cfg)
+    same = {k for k in key if k.partition("_content")[0] not in NOT_ROWS}
+    src = Path(cfg.baseline_from) / "policy" / "scored"
+    if before.get("policy_content") != key.get("baseline_content") or not is_complete(str(src)) \
+            or any(before.get(k) != key[k] for k in same):
+        return False
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(src, out / "scored")
+    return True
 
 
 def _checkpoint(cfg: EvalConfig, path: str, label: str, out: Path, reference: str | None) -> dict:

@@ -65,7 +65,8 @@ MODEL_OPTIONS = {"policy": "policy", "reference": "reference model", "baseline":
 DATA_OPTIONS = ("prompts", "generations", "data", "eval_prompts", "previous_data")
 DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet")
 # Options kept out of a stage's key: where rows are made, and whether an old output goes.
-UNKEYED = (*EXECUTOR_OPTIONS, "overwrite")
+# baseline_from (eval): where identical rows may be copied from, set by the nights driver.
+UNKEYED = (*EXECUTOR_OPTIONS, "overwrite", "baseline_from")
 STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 LOCK = "pipeline.lock"
 

@@ -118,3 +118,28 @@ def points(pts: list[dict], path: Path, title: str, xlabel: str, ylabel: str) ->
     ax.grid(alpha=0.3)
     fig.legend(loc="outside right upper")
     return _save(fig, path)
+
+
+def panels(xs: list[int], spec: dict[str, dict[str, tuple[list, list | None]]], path: Path, title: str,
+           xlabel: str) -> Path:
+    """One panel per quantity ({panel: {series: (values, standard errors or None)}}) along
+    integer steps (nights): measured points with error bars, not joined; a missing value
+    (None) is left out. Series of a panel share its axis and its legend."""
+    from matplotlib.ticker import MaxNLocator
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(spec), 1, figsize=(7.2, 1.9 * len(spec) + 0.6), sharex=True,
+                             layout="constrained", squeeze=False)
+    for ax, (name, series) in zip(axes[:, 0], spec.items()):
+        for label, (ys, errs) in series.items():
+            keep = [i for i, y in enumerate(ys) if y is not None]
+            err = [(errs[i] or 0.0) for i in keep] if errs else None
+            ax.errorbar([xs[i] for i in keep], [ys[i] for i in keep], yerr=err, fmt="o", capsize=3,
+                        label=label)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    axes[-1, 0].set_xlabel(xlabel)
+    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(title)
+    return _save(fig, path)

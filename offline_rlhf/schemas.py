@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from .errors import InputError, located
 
-SCHEMA_NAMES = ("prompts", "generations", "pairs")
+SCHEMA_NAMES = ("prompts", "generations", "pairs", "history")
 README_MARKER = "<!-- The sections below are generated from the JSON files: python -m offline_rlhf.schemas -->"
 META_SCHEMA = b"offline_rlhf.schema"
 META_VERSION = b"offline_rlhf.schema_version"

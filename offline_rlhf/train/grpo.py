@@ -58,6 +58,9 @@ class GRPOTrainConfig(TrainConfig):
     previous_data: list[str] = opt([], "more scored generations datasets (earlier nights) trained on "
                                    "with data; their staleness is corrected with their own stored "
                                    "behaviour log-probs")
+    replay: str | None = opt(None, "human data mixed in as an SFT term (a file train sft reads: "
+                             "prompt/completion, messages or text); see train/replay.py")
+    replay_fraction: float = opt(0.1, "with replay: the share of the examples that are replay rows")
     advantage: str = opt("grpo", f"advantage estimator: {' | '.join(ADVANTAGES)}")
     advantage_eps: float = opt(1e-4, "added to the std in grpo and reinforce_pp advantages")
     drop_equal_groups: bool = opt(True, "leave out groups whose rewards are all equal (DAPO dynamic "
@@ -98,7 +101,8 @@ class GRPOTrainConfig(TrainConfig):
                   ("advantage_eps", self.advantage_eps >= 0, "must be >= 0"),
                   ("normalizer_tokens", self.normalizer_tokens >= 0, "must be >= 0"),
                   ("temperature", self.temperature is None or self.temperature > 0, "must be > 0"),
-                  ("max_tokens", self.max_tokens >= 2, "must be >= 2")]
+                  ("max_tokens", self.max_tokens >= 2, "must be >= 2"),
+                  ("replay_fraction", 0 < self.replay_fraction < 1, "must be in (0, 1)")]
         for name, ok, why in checks:
             if not ok:
                 raise InputError(f"{name}: {why}, got {getattr(self, name)!r}")
@@ -203,6 +207,26 @@ class GRPOTask:
                           "are of the truncated distribution, so their ratio to the untruncated "
                           "policy is below 1 even before training", stacklevel=2)
         self.length = self._constant_length(rows) if cfg.aggregation == "constant" else None
+        self._add_replay(len(rows))
+
+    def _add_replay(self, n_policy: int) -> None:
+        """Replay rows after the policy-gradient ones (train/replay.py): advantage 0, no
+        part in the policy term (mask 0); their own loss mask for the SFT term."""
+        cfg, self.replay_masks = self.cfg, [None] * len(self.prompts)
+        if not cfg.replay:
+            self.stats["replay_examples"] = 0
+            return
+        from .replay import replay_tokens
+        prompts, responses, masks = replay_tokens(cfg.replay, self.tokenizer, n_policy,
+                                                  cfg.replay_fraction, cfg.seed, cfg.max_tokens)
+        self.prompts += prompts
+        self.responses += responses
+        self.replay_masks += masks
+        self.behaviour += [[0.0] * len(r) for r in responses]
+        self.ref += [[0.0] * len(r) for r in responses]
+        self.advantages = np.concatenate([self.advantages, np.zeros(len(responses))])
+        self.temperatures = np.concatenate([self.temperatures, np.ones(len(responses))])
+        self.stats["replay_examples"] = len(responses)
 
     def _constant_length(self, rows: list[dict]) -> float:
         if self.cfg.normalizer_tokens:
@@ -216,7 +240,8 @@ class GRPOTask:
     def begin_step(self, examples: list[int]) -> None:
         """token_mean: the step's mean response length (the same on every process)."""
         if self.cfg.aggregation == "token_mean":
-            self.length = float(np.mean([len(self.responses[i]) for i in examples]))
+            self.length = float(np.mean([len(self.responses[i]) for i in examples
+                                         if self.replay_masks[i] is None] or [1]))
 
     def collate(self, indices: list[int], device) -> dict:
         ids, attn = pad([self.prompts[i] + self.responses[i] for i in indices],
@@ -225,18 +250,22 @@ class GRPOTask:
         shape = (len(indices), width)
         pred, target = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
         mask, beh, ref = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
+        replay = torch.zeros(shape)
         for b, i in enumerate(indices):
             n_p, n_r = len(self.prompts[i]), len(self.responses[i])
             pred[b, :n_r] = torch.arange(n_p - 1, n_p - 1 + n_r)
             target[b, :n_r] = torch.tensor(self.responses[i])
-            mask[b, :n_r] = 1.0
+            if self.replay_masks[i] is None:
+                mask[b, :n_r] = 1.0
+            else:
+                replay[b, :n_r] = torch.tensor(self.replay_masks[i], dtype=torch.float32)
             beh[b, :n_r] = torch.tensor(self.behaviour[i])
             if self.ref[i] is not None:
                 ref[b, :n_r] = torch.tensor(self.ref[i])
         has_ref = all(self.ref[i] is not None for i in indices)
         return {"input_ids": ids, "attention_mask": attn, "pred": pred.to(device),
                 "target": target.to(device), "mask": mask.to(device), "behaviour": beh.to(device),
-                "ref": ref.to(device) if has_ref else None,
+                "ref": ref.to(device) if has_ref else None, "replay_mask": replay.to(device),
                 "advantages": torch.tensor(self.advantages[indices], dtype=torch.float32, device=device),
                 "temperature": torch.tensor(self.temperatures[indices], dtype=torch.float32, device=device)}
 
@@ -257,6 +286,12 @@ class GRPOTask:
             band_high=math.inf if cfg.band_high is None else cfg.band_high,
             aggregation=cfg.aggregation, length=self.length)
         metrics["advantage/max"] = metrics["advantage/min"] = metrics["advantage"]
+        if cfg.replay:   # the SFT term of replay rows: mean token NLL of the completion
+            rm = batch["replay_mask"]
+            is_replay = (rm.sum(-1) > 0).float()
+            nll = -(logps * rm).sum(-1) / rm.sum(-1).clamp(min=1)
+            losses = losses + nll
+            metrics["replay_rows"], metrics["replay_nll"] = is_replay, nll.detach()
         return losses, metrics
 
     def finish_record(self, record: dict) -> None:
@@ -272,6 +307,9 @@ class GRPOTask:
         record["is_weight/max"] = record.pop("ratio/max")
         record["advantage/mean"] = record.pop("advantage")
         record["groups_dropped"] = self.stats["groups_dropped"]
+        if "replay_rows" in record:   # the step's share of replay rows, and their mean NLL
+            record["replay_fraction"] = record.pop("replay_rows")
+            record["replay_nll"] = record.pop("replay_nll") / max(record["replay_fraction"], 1e-12)
 
 
 def train_grpo(cfg: GRPOTrainConfig) -> dict:

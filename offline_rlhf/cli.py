@@ -21,15 +21,18 @@ from pathlib import Path
 from .config import HelpFormatter, Parser, opt, suggest
 from .console import LEVELS
 from .errors import InputError
+from .layouts import column_names, column_opt
 
 DEMO_PIPELINE = str(Path(__file__).resolve().parent.parent / "pipelines" / "demo.toml")
 TABLE_SCHEMAS = ("prompts", "generations", "pairs")
 FILE_SCHEMAS = ("sft", "preferences", "prompts-file")
+DATA_FILES = (".jsonl", ".json", ".ndjson", ".parquet")
 
 
 @dataclasses.dataclass
 class InspectConfig:
-    dataset: str = opt(help="dataset directory or URL")
+    dataset: str = opt(help="dataset directory or URL, or a JSONL/JSON/Parquet file (its layout "
+                       "and the commands that read it)")
     json: bool = opt(False, "print the summary as JSON")
     verify: bool = opt(True, "check every shard's sha256 (sizes are always checked)")
 
@@ -42,6 +45,11 @@ class ValidateConfig:
                       "read it (every layout they accept)")
     tokenizer: str | None = opt(None, "sft, preferences: also render chat messages with this model "
                                 "directory's chat template")
+    prompt_column: str = column_opt("prompt")
+    chosen_column: str = column_opt("chosen")
+    rejected_column: str = column_opt("rejected")
+    completion_column: str = column_opt("completion")
+    messages_column: str = column_opt("messages")
 
     def __post_init__(self):
         if self.schema not in TABLE_SCHEMAS + FILE_SCHEMAS:
@@ -160,7 +168,8 @@ def _export(cfg, run) -> int:
 
 def _import_pairs(cfg, _) -> int:
     from .pairs import import_pairs
-    m = import_pairs(cfg.file, cfg.out, cfg.tokenizer, cfg.chunk_rows, cfg.overwrite)
+    m = import_pairs(cfg.file, cfg.out, cfg.tokenizer, cfg.chunk_rows, cfg.overwrite,
+                     column_names(cfg))
     print(f"{cfg.out}: {m['num_rows']} pairs in {m['num_shards']} shards"
           + "".join(f", {k} {v}" for k, v in sorted(m["stats"].items()) if v))
     return 0
@@ -179,29 +188,37 @@ def _import_prompts(cfg, _) -> int:
 
 
 def _inspect(cfg, _) -> int:
-    from .shards import open_dataset
-    from .summary import render, summarize
+    from .shards import is_dataset, open_dataset
+    from .summary import describe_file, render, render_file, summarize
+    if not is_dataset(cfg.dataset) and cfg.dataset.lower().endswith(DATA_FILES):
+        d = describe_file(cfg.dataset)
+        print(json.dumps(d, indent=1) if cfg.json else render_file(d))
+        return 0
     summary = summarize(open_dataset(cfg.dataset), verify=cfg.verify)
     print(json.dumps(summary, indent=1, default=str) if cfg.json else render(summary))
     return 0
 
 
 def _validate(cfg, _) -> int:
-    n, note = validate_file(cfg.file, cfg.schema, cfg.tokenizer)
+    n, note = validate_file(cfg.file, cfg.schema, cfg.tokenizer, column_names(cfg))
     print(f"{cfg.file}: {n} rows valid against schema '{cfg.schema}'{note}")
     return 0
 
 
-def validate_file(file: str, schema: str, tokenizer_path: str | None = None) -> tuple[int, str]:
+def validate_file(file: str, schema: str, tokenizer_path: str | None = None,
+                  names: dict | None = None) -> tuple[int, str]:
     """Rows of ``file`` valid against ``schema`` (a table schema, or the layouts that an
-    importer or ``train sft`` reads, through the same code); and a note."""
+    importer or ``train sft`` reads, through the same code, with the same column
+    ``names``); and a note."""
+    names = names or column_names()
     from .shards import is_dataset, read_rows, read_table_file
     if schema in TABLE_SCHEMAS:
         from .schemas import validate
         return validate(read_table_file(file), schema, file).num_rows, ""
     if schema == "prompts-file":
         from .prompts import normalize_prompts
-        return normalize_prompts(read_rows(file)[0], file).num_rows, ""
+        return normalize_prompts(read_rows(file)[0], file, prompt_column=names["prompt"],
+                                 messages_column=names["messages"]).num_rows, ""
     tok = None
     if tokenizer_path:
         from .models import load_tokenizer
@@ -213,14 +230,14 @@ def validate_file(file: str, schema: str, tokenizer_path: str | None = None) -> 
             from .shards import open_dataset_of
             return open_dataset_of(file, "generations", "train sft").read(columns=["prompt_id"]).num_rows, ""
         rows, columns = read_rows(file)
-        examples = sft_examples(rows, columns, file)
+        examples = sft_examples(rows, columns, file, names)
         for i, ex in enumerate(examples if tok is not None else []):
             sft_tokens(tok, ex, file, i)
         chat = any(isinstance(v, list) for ex in examples for v in ex.values())
         return len(examples), note if chat and tok is None else ""
     from .layouts import preference_texts
     from .pairs import preference_rows
-    data, parts = preference_rows(file)
+    data, parts = preference_rows(file, names)
     if tok is not None:
         for i, (part, _) in enumerate(parts):
             preference_texts(tok, *part, file, i)
@@ -339,7 +356,8 @@ def _commands() -> list[tuple]:
         ("inspect", InspectConfig, _inspect, None, ("dataset",),
          "schema version, rows, shards, lineage and reward statistics of a dataset",
          "Print schema version, row and shard counts, lineage and reward statistics of a "
-         "dataset (local path or fsspec URL)."),
+         "dataset (local path or fsspec URL); of a JSONL/JSON/Parquet file, its columns, "
+         "layout and the commands that read it."),
         ("validate", ValidateConfig, _validate, None, ("file",),
          "check a file against a table schema or an importer's layouts",
          "Validate a file or a dataset against a table schema (prompts, generations, pairs) or "

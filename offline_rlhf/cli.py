@@ -533,7 +533,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         from .console import setup
+        from .extras import check_vision_packages
         setup(args.log_level, args.quiet)
+        check_vision_packages()
         return args.fn(args)
     except INPUT_ERRORS as e:
         if args.debug:

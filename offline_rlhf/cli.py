@@ -149,13 +149,19 @@ def _rest(cfg, run) -> int:
 
 
 def _eval(cfg, run) -> int:
+    from .eval_report import figures
     results = run(cfg)
-    p = results["policy"]
-    line = f"{cfg.output}/report.md: policy mean reward {p['reward_mean']:.4g}"
-    if "baseline" in results:
-        line += f", baseline {results['baseline']['reward_mean']:.4g}, win rate {results['win_rate']:.1%}"
-    print(line)
+    print(f"{figures(results)}\nreport: {cfg.output}/report.md")
     return 0
+
+
+def _eval_figures(stages) -> None:
+    """Each finished eval stage's before/after table and report path."""
+    from .eval_report import figures_of
+    for s in stages:
+        shown = figures_of(s.output) if s.kind == "eval" and s.output else None
+        if shown:
+            print(f"\neval stage {s.name}:\n{shown}")
 
 
 def _export(cfg, run) -> int:
@@ -266,6 +272,7 @@ def _pipeline(cfg, _) -> int:
     rows = run_pipeline(p, dry_run=cfg.dry_run, wait=cfg.wait)
     print(render_plan(rows))
     if not cfg.dry_run:
+        _eval_figures(p.stages)
         print(f"\nresolved config: {p.workdir / 'pipeline.resolved.json'}; log: {p.workdir / 'run.log'}")
     return 0
 
@@ -279,6 +286,11 @@ def _nights(cfg) -> int:
         print(f"night {r['night']}: " + (r["pending"] if "pending" in r else
               ", ".join(f"{x['stage']} {x['action']}" for x in r["stages"])))
     print("\n" + render_nights(records))
+    from .eval_report import figures_of
+    for r in records:
+        shown = figures_of(Path(r["eval"]["report"]).parent) if r.get("eval") else None
+        if shown:
+            print(f"\nnight {r['night']} eval:\n{shown}")
     return 0
 
 

@@ -133,7 +133,16 @@ def _train(cfg, run) -> int:
     shown = "  ".join(f"{k} {v:.4g}" for k, v in last.items()
                       if isinstance(v, float) and k not in ("seconds", "epoch"))
     print(f"{cfg.output}: {summary.get('steps_run', 0)} steps in "
-          f"{summary.get('train_seconds', 0):.1f} s; last step: {shown}")
+          f"{summary.get('train_seconds', 0):.1f} s; last training step: {shown}")
+    held = summary.get("eval") or {}
+    if held:
+        n = (summary.get("data") or {}).get("eval_pairs")
+        print("held-out" + (f" ({n} pairs)" if n else "") + ": " + "  ".join(
+            f"{k.removeprefix('eval/')} {v:.4g}" for k, v in held.items() if isinstance(v, float)))
+    from .train.card import card_dir
+    card = card_dir(Path(cfg.output))
+    if card is not None:
+        print(f"model card: {card / 'README.md'}")
     return 0   # warnings were printed (once) when they were raised
 
 

@@ -89,3 +89,23 @@ def test_eval_options_are_checked_before_any_generation(tmp_path, policy_dir, ca
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and words in err, err
         assert not Path(extra[1]).exists()    # before any work: no output directory either
+
+
+def test_train_rm_prints_held_out_accuracy_and_writes_a_model_card(tmp_path, policy_dir, pairs_ds):
+    """`train rm` (2 steps) prints the held-out pairwise accuracy, not only the training
+    batch's; final/README.md names the base model and the data by content key, the
+    command and the final figures."""
+    out = cli("train", "rm", "--data", pairs_ds, "--policy", policy_dir, "--output", tmp_path / "rm",
+              "--max-steps", "2", "--batch-size", "8", "--eval-fraction", "0.25",
+              "--report-to", "none", "--quiet")
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "rm" / "train_summary.json").read_text())
+    acc, n = summary["eval"]["eval/accuracy"], summary["data"]["eval_pairs"]
+    assert n > 0 and f"held-out ({n} pairs): accuracy {acc:.4g}" in out.stdout, out.stdout
+    card = (tmp_path / "rm" / "final" / "README.md").read_text()
+    ident = json.loads((tmp_path / "rm" / "config.json").read_text())["identity"]
+    assert f"`{policy_dir}` (content key `{ident['policy']}`)" in card
+    assert f"`{pairs_ds}` (content key `{ident['data']}`)" in card
+    assert "offline-rlhf train rm --data" in card and "| eval/accuracy |" in card
+    assert f"| loss | {summary['last']['loss']:.6g} |" in card
+    assert f"model card: {tmp_path / 'rm' / 'final' / 'README.md'}" in out.stdout

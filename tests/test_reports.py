@@ -94,11 +94,16 @@ def test_eval_options_are_checked_before_any_generation(tmp_path, policy_dir, ca
 def test_train_rm_prints_held_out_accuracy_and_writes_a_model_card(tmp_path, policy_dir, pairs_ds):
     """`train rm` (2 steps) prints the held-out pairwise accuracy, not only the training
     batch's; final/README.md names the base model and the data by content key, the
-    command and the final figures."""
+    command and the final figures (item 7); its progress lines have an ETA (item 5)."""
     out = cli("train", "rm", "--data", pairs_ds, "--policy", policy_dir, "--output", tmp_path / "rm",
               "--max-steps", "2", "--batch-size", "8", "--eval-fraction", "0.25",
-              "--report-to", "none", "--quiet")
+              "--report-to", "none", env={"OFFLINE_RLHF_PROGRESS_SECONDS": "0"})
     assert out.returncode == 0, out.stderr[-3000:]
+    # item 5: plain progress lines (stderr is a pipe) with one rate and the time left
+    lines = [x for x in out.stderr.splitlines() if x.startswith("train rm: ")]
+    assert lines[0].startswith("train rm: 1/2 step (50%), ") and ", ETA " in lines[0], lines
+    assert lines[-1].startswith("train rm: 2/2 step (100%) done") and "ETA" not in lines[-1]
+    assert all(x.count("/s") == 1 and " step/s" in x for x in lines), lines
     summary = json.loads((tmp_path / "rm" / "train_summary.json").read_text())
     acc, n = summary["eval"]["eval/accuracy"], summary["data"]["eval_pairs"]
     assert n > 0 and f"held-out ({n} pairs): accuracy {acc:.4g}" in out.stdout, out.stdout
@@ -109,3 +114,24 @@ def test_train_rm_prints_held_out_accuracy_and_writes_a_model_card(tmp_path, pol
     assert "offline-rlhf train rm --data" in card and "| eval/accuracy |" in card
     assert f"| loss | {summary['last']['loss']:.6g} |" in card
     assert f"model card: {tmp_path / 'rm' / 'final' / 'README.md'}" in out.stdout
+
+
+def test_stage_progress_lines_show_one_right_rate(monkeypatch, capsys):
+    """Plain lines: tokens/s where a stage counts tokens (generate, score, logprobs), its
+    unit per second where it does not (pairs: no `tokens/s 0`); an ETA until the end."""
+    from offline_rlhf.stage import Progress
+    monkeypatch.setenv("OFFLINE_RLHF_PROGRESS_SECONDS", "0")
+    gen = Progress(8, "generate", "prompts")
+    gen.update(units=4, samples=16, tokens=160)
+    gen.update(units=4, samples=16, tokens=160)
+    gen.close()
+    pairs = Progress(10, "pairs", "rows")
+    pairs.update(units=5, samples=2)
+    pairs.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 5, lines
+    assert all(x.count("/s") == 1 for x in lines), lines
+    assert all(" tokens/s" in x for x in lines[:3]) and all(" rows/s" in x for x in lines[3:])
+    assert ", ETA " in lines[0] and "ETA" not in lines[1] + lines[2]   # nothing left
+    assert lines[2].startswith("generate: 8/8 prompts (100%) done, ")
+    assert ", ETA " in lines[3] and "done" not in lines[4] and "ETA" not in lines[4]   # closed early

@@ -152,8 +152,9 @@ def _rest(cfg, run) -> int:
     for e in report["grows"]:
         for i, s in enumerate(e["improves"]):
             ev = "-" if s["eval_reward"] is None else f"{s['eval_reward']:.3f}"
+            kl = "" if s.get("kl") is None else f", KL to base {s['kl']:.4g} ± {s['kl_stderr']:.2g}"
             print(f"grow {e['grow']} improve {i + 1}: kept {s['kept']} ({s['kept_fraction']:.1%}), "
-                  f"held-out reward {ev}")
+                  f"held-out reward {ev}{kl}")
     return 0
 
 

@@ -97,7 +97,7 @@ def test_train_rm_prints_held_out_accuracy_and_writes_a_model_card(tmp_path, pol
     command and the final figures (item 7); its progress lines have an ETA (item 5)."""
     out = cli("train", "rm", "--data", pairs_ds, "--policy", policy_dir, "--output", tmp_path / "rm",
               "--max-steps", "2", "--batch-size", "8", "--eval-fraction", "0.25",
-              "--report-to", "none", env={"OFFLINE_RLHF_PROGRESS_SECONDS": "0"})
+              "--report-to", "none", env={"OFFLINE_RLHF_PROGRESS_SECONDS": "0", "TQDM_DISABLE": ""})
     assert out.returncode == 0, out.stderr[-3000:]
     # item 5: plain progress lines (stderr is a pipe) with one rate and the time left
     lines = [x for x in out.stderr.splitlines() if x.startswith("train rm: ")]

@@ -230,7 +230,7 @@ EVAL_KEY = "eval_key.json"   # what an OUTPUT's responses were made by: options 
 def _eval_key(cfg: EvalConfig) -> dict:
     from .models import fingerprint
     key = {k: v for k, v in to_dict(cfg).items() if k not in ("output", "overwrite")}
-    for name in ("policy", "baseline", "reference"):
+    for name in ("policy", "baseline", "reference", "ilql_heads"):
         if getattr(cfg, name, None) and Path(getattr(cfg, name)).is_dir():
             key[f"{name}_content"] = fingerprint(getattr(cfg, name))
     return key

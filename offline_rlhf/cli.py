@@ -22,10 +22,9 @@ from .config import HelpFormatter, Parser, opt, suggest
 from .console import LEVELS
 from .errors import InputError
 from .layouts import column_names, column_opt
+from .validate import FILE_SCHEMAS, TABLE_SCHEMAS
 
 DEMO_PIPELINE = str(Path(__file__).resolve().parent.parent / "pipelines" / "demo.toml")
-TABLE_SCHEMAS = ("prompts", "generations", "pairs")
-FILE_SCHEMAS = ("sft", "preferences", "prompts-file")
 DATA_FILES = (".jsonl", ".json", ".ndjson", ".parquet")
 
 
@@ -216,49 +215,10 @@ def _inspect(cfg, _) -> int:
 
 
 def _validate(cfg, _) -> int:
+    from .validate import validate_file
     n, note = validate_file(cfg.file, cfg.schema, cfg.tokenizer, column_names(cfg))
     print(f"{cfg.file}: {n} rows valid against schema '{cfg.schema}'{note}")
     return 0
-
-
-def validate_file(file: str, schema: str, tokenizer_path: str | None = None,
-                  names: dict | None = None) -> tuple[int, str]:
-    """Rows of ``file`` valid against ``schema`` (a table schema, or the layouts that an
-    importer or ``train sft`` reads, through the same code, with the same column
-    ``names``); and a note."""
-    names = names or column_names()
-    from .shards import is_dataset, read_rows, read_table_file
-    if schema in TABLE_SCHEMAS:
-        from .schemas import validate
-        return validate(read_table_file(file), schema, file).num_rows, ""
-    if schema == "prompts-file":
-        from .prompts import normalize_prompts
-        return normalize_prompts(read_rows(file)[0], file, prompt_column=names["prompt"],
-                                 messages_column=names["messages"]).num_rows, ""
-    tok = None
-    if tokenizer_path:
-        from .models import load_tokenizer
-        tok = load_tokenizer(tokenizer_path)
-    note = " (chat messages were not rendered: --tokenizer renders them too)"
-    if schema == "sft":
-        from .layouts import sft_examples, sft_tokens
-        if is_dataset(file):
-            from .shards import open_dataset_of
-            return open_dataset_of(file, "generations", "train sft").read(columns=["prompt_id"]).num_rows, ""
-        rows, columns = read_rows(file)
-        examples = sft_examples(rows, columns, file, names)
-        for i, ex in enumerate(examples if tok is not None else []):
-            sft_tokens(tok, ex, file, i)
-        chat = any(isinstance(v, list) for ex in examples for v in ex.values())
-        return len(examples), note if chat and tok is None else ""
-    from .layouts import preference_texts
-    from .pairs import preference_rows
-    data, parts = preference_rows(file, names)
-    if tok is not None:
-        for i, (part, _) in enumerate(parts):
-            preference_texts(tok, *part, file, i)
-    chat = any(isinstance(v, list) for part, _ in parts for v in part)
-    return len(data), note if chat and tok is None else ""
 
 
 def _tiny_model(cfg, _) -> int:

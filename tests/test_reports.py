@@ -119,8 +119,11 @@ def test_train_rm_prints_held_out_accuracy_and_writes_a_model_card(tmp_path, pol
 def test_stage_progress_lines_show_one_right_rate(monkeypatch, capsys):
     """Plain lines: tokens/s where a stage counts tokens (generate, score, logprobs), its
     unit per second where it does not (pairs: no `tokens/s 0`); an ETA until the end."""
+    from offline_rlhf import console
     from offline_rlhf.stage import Progress
     monkeypatch.setenv("OFFLINE_RLHF_PROGRESS_SECONDS", "0")
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.setitem(console._state, "quiet", False)   # an earlier main(--quiet) set it
     gen = Progress(8, "generate", "prompts")
     gen.update(units=4, samples=16, tokens=160)
     gen.update(units=4, samples=16, tokens=160)

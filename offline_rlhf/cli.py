@@ -21,15 +21,17 @@ from pathlib import Path
 from .config import HelpFormatter, Parser, opt, suggest
 from .console import LEVELS
 from .errors import InputError
+from .layouts import column_names, column_opt
+from .validate import FILE_SCHEMAS, TABLE_SCHEMAS
 
 DEMO_PIPELINE = str(Path(__file__).resolve().parent.parent / "pipelines" / "demo.toml")
-TABLE_SCHEMAS = ("prompts", "generations", "pairs")
-FILE_SCHEMAS = ("sft", "preferences", "prompts-file")
+DATA_FILES = (".jsonl", ".json", ".ndjson", ".parquet")
 
 
 @dataclasses.dataclass
 class InspectConfig:
-    dataset: str = opt(help="dataset directory or URL")
+    dataset: str = opt(help="dataset directory or URL, or a JSONL/JSON/Parquet file (its layout "
+                       "and the commands that read it)")
     json: bool = opt(False, "print the summary as JSON")
     verify: bool = opt(True, "check every shard's sha256 (sizes are always checked)")
 
@@ -42,6 +44,11 @@ class ValidateConfig:
                       "read it (every layout they accept)")
     tokenizer: str | None = opt(None, "sft, preferences: also render chat messages with this model "
                                 "directory's chat template")
+    prompt_column: str = column_opt("prompt")
+    chosen_column: str = column_opt("chosen")
+    rejected_column: str = column_opt("rejected")
+    completion_column: str = column_opt("completion")
+    messages_column: str = column_opt("messages")
 
     def __post_init__(self):
         if self.schema not in TABLE_SCHEMAS + FILE_SCHEMAS:
@@ -125,7 +132,16 @@ def _train(cfg, run) -> int:
     shown = "  ".join(f"{k} {v:.4g}" for k, v in last.items()
                       if isinstance(v, float) and k not in ("seconds", "epoch"))
     print(f"{cfg.output}: {summary.get('steps_run', 0)} steps in "
-          f"{summary.get('train_seconds', 0):.1f} s; last step: {shown}")
+          f"{summary.get('train_seconds', 0):.1f} s; last training step: {shown}")
+    held = summary.get("eval") or {}
+    if held:
+        n = (summary.get("data") or {}).get("eval_pairs")
+        print("held-out" + (f" ({n} pairs)" if n else "") + ": " + "  ".join(
+            f"{k.removeprefix('eval/')} {v:.4g}" for k, v in held.items() if isinstance(v, float)))
+    from .train.card import card_dir
+    card = card_dir(Path(cfg.output))
+    if card is not None:
+        print(f"model card: {card / 'README.md'}")
     return 0   # warnings were printed (once) when they were raised
 
 
@@ -135,19 +151,26 @@ def _rest(cfg, run) -> int:
     for e in report["grows"]:
         for i, s in enumerate(e["improves"]):
             ev = "-" if s["eval_reward"] is None else f"{s['eval_reward']:.3f}"
+            kl = "" if s.get("kl") is None else f", KL to base {s['kl']:.4g} ± {s['kl_stderr']:.2g}"
             print(f"grow {e['grow']} improve {i + 1}: kept {s['kept']} ({s['kept_fraction']:.1%}), "
-                  f"held-out reward {ev}")
+                  f"held-out reward {ev}{kl}")
     return 0
 
 
 def _eval(cfg, run) -> int:
+    from .eval_report import figures
     results = run(cfg)
-    p = results["policy"]
-    line = f"{cfg.output}/report.md: policy mean reward {p['reward_mean']:.4g}"
-    if "baseline" in results:
-        line += f", baseline {results['baseline']['reward_mean']:.4g}, win rate {results['win_rate']:.1%}"
-    print(line)
+    print(f"{figures(results)}\nreport: {cfg.output}/report.md")
     return 0
+
+
+def _eval_figures(stages) -> None:
+    """Each finished eval stage's before/after table and report path."""
+    from .eval_report import figures_of
+    for s in stages:
+        shown = figures_of(s.output) if s.kind == "eval" and s.output else None
+        if shown:
+            print(f"\neval stage {s.name}:\n{shown}")
 
 
 def _export(cfg, run) -> int:
@@ -160,7 +183,8 @@ def _export(cfg, run) -> int:
 
 def _import_pairs(cfg, _) -> int:
     from .pairs import import_pairs
-    m = import_pairs(cfg.file, cfg.out, cfg.tokenizer, cfg.chunk_rows, cfg.overwrite)
+    m = import_pairs(cfg.file, cfg.out, cfg.tokenizer, cfg.chunk_rows, cfg.overwrite,
+                     column_names(cfg))
     print(f"{cfg.out}: {m['num_rows']} pairs in {m['num_shards']} shards"
           + "".join(f", {k} {v}" for k, v in sorted(m["stats"].items()) if v))
     return 0
@@ -179,53 +203,22 @@ def _import_prompts(cfg, _) -> int:
 
 
 def _inspect(cfg, _) -> int:
-    from .shards import open_dataset
-    from .summary import render, summarize
+    from .shards import is_dataset, open_dataset
+    from .summary import describe_file, render, render_file, summarize
+    if not is_dataset(cfg.dataset) and cfg.dataset.lower().endswith(DATA_FILES):
+        d = describe_file(cfg.dataset)
+        print(json.dumps(d, indent=1) if cfg.json else render_file(d))
+        return 0
     summary = summarize(open_dataset(cfg.dataset), verify=cfg.verify)
     print(json.dumps(summary, indent=1, default=str) if cfg.json else render(summary))
     return 0
 
 
 def _validate(cfg, _) -> int:
-    n, note = validate_file(cfg.file, cfg.schema, cfg.tokenizer)
+    from .validate import validate_file
+    n, note = validate_file(cfg.file, cfg.schema, cfg.tokenizer, column_names(cfg))
     print(f"{cfg.file}: {n} rows valid against schema '{cfg.schema}'{note}")
     return 0
-
-
-def validate_file(file: str, schema: str, tokenizer_path: str | None = None) -> tuple[int, str]:
-    """Rows of ``file`` valid against ``schema`` (a table schema, or the layouts that an
-    importer or ``train sft`` reads, through the same code); and a note."""
-    from .shards import is_dataset, read_rows, read_table_file
-    if schema in TABLE_SCHEMAS:
-        from .schemas import validate
-        return validate(read_table_file(file), schema, file).num_rows, ""
-    if schema == "prompts-file":
-        from .prompts import normalize_prompts
-        return normalize_prompts(read_rows(file)[0], file).num_rows, ""
-    tok = None
-    if tokenizer_path:
-        from .models import load_tokenizer
-        tok = load_tokenizer(tokenizer_path)
-    note = " (chat messages were not rendered: --tokenizer renders them too)"
-    if schema == "sft":
-        from .layouts import sft_examples, sft_tokens
-        if is_dataset(file):
-            from .shards import open_dataset_of
-            return open_dataset_of(file, "generations", "train sft").read(columns=["prompt_id"]).num_rows, ""
-        rows, columns = read_rows(file)
-        examples = sft_examples(rows, columns, file)
-        for i, ex in enumerate(examples if tok is not None else []):
-            sft_tokens(tok, ex, file, i)
-        chat = any(isinstance(v, list) for ex in examples for v in ex.values())
-        return len(examples), note if chat and tok is None else ""
-    from .layouts import preference_texts
-    from .pairs import preference_rows
-    data, parts = preference_rows(file)
-    if tok is not None:
-        for i, (part, _) in enumerate(parts):
-            preference_texts(tok, *part, file, i)
-    chat = any(isinstance(v, list) for part, _ in parts for v in part)
-    return len(data), note if chat and tok is None else ""
 
 
 def _tiny_model(cfg, _) -> int:
@@ -249,6 +242,7 @@ def _pipeline(cfg, _) -> int:
     rows = run_pipeline(p, dry_run=cfg.dry_run, wait=cfg.wait)
     print(render_plan(rows))
     if not cfg.dry_run:
+        _eval_figures(p.stages)
         print(f"\nresolved config: {p.workdir / 'pipeline.resolved.json'}; log: {p.workdir / 'run.log'}")
     return 0
 
@@ -262,6 +256,12 @@ def _nights(cfg) -> int:
         print(f"night {r['night']}: " + (r["pending"] if "pending" in r else
               ", ".join(f"{x['stage']} {x['action']}" for x in r["stages"])))
     print("\n" + render_nights(records))
+    from .eval_report import figures_of
+    for r in records:   # every eval stage of every night: its before/after table and report
+        for stage, figs in (r.get("evals") or {}).items():
+            shown = figures_of(Path(figs["report"]).parent) if figs.get("report") else None
+            if shown:
+                print(f"\nnight {r['night']} {stage}:\n{shown}")
     return 1 if records and records[-1].get("stopped") else 0   # the guard's patience ran out
 
 
@@ -339,7 +339,8 @@ def _commands() -> list[tuple]:
         ("inspect", InspectConfig, _inspect, None, ("dataset",),
          "schema version, rows, shards, lineage and reward statistics of a dataset",
          "Print schema version, row and shard counts, lineage and reward statistics of a "
-         "dataset (local path or fsspec URL)."),
+         "dataset (local path or fsspec URL); of a JSONL/JSON/Parquet file, its columns, "
+         "layout and the commands that read it."),
         ("validate", ValidateConfig, _validate, None, ("file",),
          "check a file against a table schema or an importer's layouts",
          "Validate a file or a dataset against a table schema (prompts, generations, pairs) or "
@@ -515,7 +516,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         from .console import setup
+        from .extras import check_vision_packages
         setup(args.log_level, args.quiet)
+        check_vision_packages()
         return args.fn(args)
     except INPUT_ERRORS as e:
         if args.debug:

@@ -8,7 +8,9 @@ progress bar of the package (stages, the training loop, the reference pass):
 - on a terminal, a tqdm bar redrawn in place;
 - when stderr is not a terminal (cron, CI, ``2> log``), plain lines: one every
   ``OFFLINE_RLHF_PROGRESS_SECONDS`` seconds (default 30) and one at the end, never a
-  ``\\r`` redraw;
+  ``\\r`` redraw; each with the elapsed time, one throughput (of the bar's unit, or of
+  what the caller counts with ``count_rate``, e.g. tokens) and the time left (ETA, from
+  the rate of the bar's unit so far);
 - nothing with ``--quiet`` or ``TQDM_DISABLE=1``.
 
 Libraries stay quiet unless asked: transformers' per-load bars ("Loading weights",
@@ -117,8 +119,26 @@ class _Silent:
     def set_postfix(self, *args, **kwargs) -> None:
         pass
 
+    def count_rate(self, n: int, unit: str) -> None:
+        pass
+
     def close(self) -> None:
         pass
+
+
+def _rate(x: float) -> str:
+    """A throughput: ``31007``, ``12.5``, ``0.0417``."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def duration(seconds: float) -> str:
+    """``45 s``, ``3m05s``, ``2h07m``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 class _Lines:
@@ -129,6 +149,12 @@ class _Lines:
         self.start_n, self.seconds, self.postfix = initial, seconds, {}
         self.t0 = self.last = time.perf_counter()
         self.closed = False
+        self.rated, self.rate_unit = 0, None
+
+    def count_rate(self, n: int, unit: str) -> None:
+        """Show the throughput in ``unit`` (counted here) instead of the bar's unit."""
+        self.rated += n
+        self.rate_unit = unit
 
     def set_postfix(self, ordered_dict=None, refresh: bool = True, **kwargs) -> None:
         self.postfix = {**(ordered_dict or {}), **kwargs}
@@ -140,15 +166,19 @@ class _Lines:
             self.last = now
             self._line(now)
 
-    def _line(self, now: float, end: str = "") -> None:
+    def _line(self, now: float, end: str = "", closing: bool = False) -> None:
         dt = max(now - self.t0, 1e-9)
         pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         rate = (self.n - self.start_n) / dt
+        shown = f"{_rate(self.rated / dt)} {self.rate_unit}/s" if self.rate_unit else \
+            f"{_rate(rate)} {self.unit}/s"
+        left = self.total - self.n
+        eta = f", ETA {duration(left / rate)}" if left > 0 and rate > 0 and not closing else ""
         extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
-        print(f"{self.desc}: {self.n}/{self.total} {self.unit}{pct}{end}, {dt:.1f} s, "
-              f"{rate:.3g} {self.unit}/s{extra}", file=sys.stderr, flush=True)
+        print(f"{self.desc}: {self.n}/{self.total} {self.unit}{pct}{end}, {duration(dt)}, "
+              f"{shown}{eta}{extra}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self._line(time.perf_counter(), " done" if self.n >= self.total else "")
+            self._line(time.perf_counter(), " done" if self.n >= self.total else "", closing=True)

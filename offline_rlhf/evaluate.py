@@ -6,13 +6,20 @@ count half), response length, and the KL to the reference.
 
 The KL is estimated on responses *sampled from the evaluated model* at temperature 1
 (the evaluation's own samples when it samples that way, else ``kl_samples`` extra
-samples per prompt), with the k3 estimator summed over response tokens: per token,
+samples per prompt, 2 by default), with the k3 estimator summed over response tokens: per token,
 with r = ref(y_t) / pi(y_t), k3 = (r - 1) - log r, which is never negative and whose
 expectation under pi is KL(pi || ref) at that state (J. Schulman, "Approximating KL
 divergence", 2020). Each sequence's sum estimates the sequence-level KL; the report
 gives the mean and its standard error. Greedy decoding samples nothing from the
-policy, so without ``kl_samples`` a greedy evaluation reports no KL (null, with the
+policy, so with ``kl_samples = 0`` a greedy evaluation reports no KL (null, with the
 reason) rather than a biased number.
+
+``ilql_heads`` evaluates the policy with ILQL value-guided decoding (its heads, with
+``ilql_beta``): its responses and its KL samples are drawn from the guided distribution
+(the baseline and checkpoints decode plainly).
+
+Every option is checked before any generation: the generate and score options are built
+(and so checked) for every model, and the prompts read, before the first model loads.
 
 Besides the policy and the baseline, ``checkpoints`` adds models: model directories, or
 training checkpoints (exported first with :mod:`offline_rlhf.export`). Every model is
@@ -27,7 +34,6 @@ model, reward vs KL per model (labelled points with error bars), training curves
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 
@@ -36,6 +42,7 @@ import numpy as np
 from .backends import BackendOptions, backend_options
 from .config import opt, to_dict
 from .errors import InputError
+from .eval_report import pick_samples, write_report
 from .generation import GenerateConfig, generate
 from .logprobs import LogprobsConfig, compute_logprobs
 from .rewards.score import ScoreConfig, score
@@ -71,9 +78,12 @@ class EvalConfig(BackendOptions):
     max_new_tokens: int = opt(128, "longest response")
     stop: list[str] = opt([], "stop strings")
     seed: int = opt(0, "sampling seed")
-    kl_samples: int = opt(0, "responses per prompt sampled at temperature 1 from each evaluated "
+    kl_samples: int = opt(2, "responses per prompt sampled at temperature 1 from each evaluated "
                           "model for the KL estimate (0: estimate it only when the evaluation "
                           "itself samples at temperature 1)")
+    ilql_heads: str | None = opt(None, "evaluate the policy with ILQL value-guided decoding: "
+                                 "its heads directory (heads.safetensors)")
+    ilql_beta: float = opt(1.0, "ILQL value-guidance strength for --ilql-heads")
     overwrite: bool = opt(False, "start afresh: remove an earlier eval's OUTPUT (a directory "
                           "holding eval_key.json) once the inputs are checked; without it, an "
                           "OUTPUT made with other options or model weights is refused")
@@ -84,10 +94,34 @@ class EvalConfig(BackendOptions):
             raise InputError("kl_samples must be >= 0 and num_samples >= 1")
 
 
+def _generate_config(cfg: EvalConfig, model: str, output: Path, heads: str | None,
+                     kl: bool = False) -> GenerateConfig:
+    """The generate options of one model's evaluated responses (``kl``: its KL samples)."""
+    guided = {"ilql_heads": heads, "ilql_beta": cfg.ilql_beta} if heads else {}
+    if kl:
+        return GenerateConfig(prompts=cfg.prompts, output=str(output), policy=model,
+                              num_samples=cfg.kl_samples, temperature=1.0,
+                              max_new_tokens=cfg.max_new_tokens, stop=list(cfg.stop),
+                              seed=cfg.seed + 1, overlong="truncate", **guided)
+    return GenerateConfig(prompts=cfg.prompts, output=str(output), policy=model,
+                          num_samples=cfg.num_samples, greedy=cfg.greedy,
+                          temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                          stop=list(cfg.stop), seed=cfg.seed, overlong="truncate",
+                          **guided, **backend_options(cfg))
+
+
+def _score_config(cfg: EvalConfig, out: Path) -> ScoreConfig:
+    kw = {"format_pattern": cfg.format_pattern} if cfg.format_pattern else {}
+    return ScoreConfig(generations=str(out / "generations"), output=str(out / "scored"),
+                       reward_model=cfg.reward_model, weights=dict(cfg.weights), **kw)
+
+
 def check_eval_inputs(cfg: EvalConfig) -> list[Path]:
-    """Before any work: every model directory, the prompts and the metrics files; the
-    metrics files to plot (a training output directory stands for its metrics.jsonl)."""
+    """Before any work: every model directory, the prompts, the generate and score
+    options, the ILQL heads and the metrics files; the metrics files to plot (a training
+    output directory stands for its metrics.jsonl)."""
     from .export import is_checkpoint, read_checkpoint
+    from .generation import load_prompt_table
     from .models import check_model_dir, check_reward_model
     for name in ("policy", "baseline", "reference"):
         if getattr(cfg, name):
@@ -101,6 +135,12 @@ def check_eval_inputs(cfg: EvalConfig) -> list[Path]:
         check_reward_model(cfg.reward_model)
     if not Path(cfg.prompts).exists() and "://" not in cfg.prompts:
         raise InputError(f"prompts: {cfg.prompts}: no such dataset or file")
+    load_prompt_table(cfg.prompts)
+    _score_config(cfg, Path(cfg.output))   # weights, reward model, format pattern
+    _generate_config(cfg, cfg.policy, Path(cfg.output), cfg.ilql_heads)
+    if cfg.ilql_heads:
+        from .ilql import load_heads
+        load_heads(cfg.ilql_heads)
     files = []
     for m in cfg.metrics:
         p = Path(m) / "metrics.jsonl" if Path(m).is_dir() else Path(m)
@@ -126,7 +166,7 @@ def _mean_se(x: np.ndarray) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
-def _kl(cfg: EvalConfig, model: str, out: Path, reference: str | None) -> dict:
+def _kl(cfg: EvalConfig, model: str, out: Path, reference: str | None, heads: str | None) -> dict:
     """The KL estimate of one model (or why there is none)."""
     if not reference:
         return {"kl_to_reference": None, "kl_note": "no reference (or baseline) model given"}
@@ -140,10 +180,7 @@ def _kl(cfg: EvalConfig, model: str, out: Path, reference: str | None) -> dict:
     if not sampled_at_1:
         src = out / "kl-generations"
         if not is_complete(str(src)):
-            generate(GenerateConfig(prompts=cfg.prompts, output=str(src), policy=model,
-                                    num_samples=cfg.kl_samples, temperature=1.0,
-                                    max_new_tokens=cfg.max_new_tokens, stop=list(cfg.stop),
-                                    seed=cfg.seed + 1, overlong="truncate"))
+            generate(_generate_config(cfg, model, src, heads, kl=True))
     if not is_complete(str(out / "kl-ref")):
         compute_logprobs(LogprobsConfig(generations=str(src), output=str(out / "kl-ref"),
                                         reference=reference))
@@ -155,20 +192,15 @@ def _kl(cfg: EvalConfig, model: str, out: Path, reference: str | None) -> dict:
                        "sampled at temperature 1"}
 
 
-def _scored(cfg: EvalConfig, model: str, out: Path, reference: str | None) -> dict:
+def _scored(cfg: EvalConfig, model: str, out: Path, reference: str | None,
+            heads: str | None = None) -> dict:
     """Generate and score for one model; summary figures (and its KL estimate)."""
     if not is_complete(str(out / "scored")):
-        generate(GenerateConfig(prompts=cfg.prompts, output=str(out / "generations"), policy=model,
-                                num_samples=cfg.num_samples, greedy=cfg.greedy,
-                                temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                                stop=list(cfg.stop), seed=cfg.seed, overlong="truncate",
-                                **backend_options(cfg)))
-        kw = {"format_pattern": cfg.format_pattern} if cfg.format_pattern else {}
-        score(ScoreConfig(generations=str(out / "generations"), output=str(out / "scored"),
-                          reward_model=cfg.reward_model, weights=dict(cfg.weights), **kw))
+        generate(_generate_config(cfg, model, out / "generations", heads))
+        score(_score_config(cfg, out))
     t = open_dataset(str(out / "scored")).read(
-        columns=["prompt_id", "sample_index", "reward", "reward_components", "response_token_ids"]
-    ).to_pylist()
+        columns=["prompt_id", "sample_index", "reward", "reward_components", "response_token_ids",
+                 "prompt", "response"]).to_pylist()
     rewards = np.array([r["reward"] for r in t])
     comps: dict[str, list[float]] = {}
     for r in t:
@@ -179,8 +211,9 @@ def _scored(cfg: EvalConfig, model: str, out: Path, reference: str | None) -> di
             "reward_std": float(rewards.std()),
             "components": {k: float(np.mean(v)) for k, v in comps.items()},
             "response_tokens_mean": float(np.mean([len(r["response_token_ids"]) for r in t])),
-            **_kl(cfg, model, out, reference), "rewards": rewards.tolist(),
-            "by_prompt": {(r["prompt_id"], r["sample_index"]): r["reward"] for r in t}}
+            **_kl(cfg, model, out, reference, heads), "rewards": rewards.tolist(),
+            "by_prompt": {(r["prompt_id"], r["sample_index"]): r["reward"] for r in t},
+            "texts": {(r["prompt_id"], r["sample_index"]): (r["prompt"], r["response"]) for r in t}}
 
 
 def win_rate(policy: dict, baseline: dict) -> float:
@@ -200,7 +233,7 @@ EVAL_KEY = "eval_key.json"   # what an OUTPUT's responses were made by: options 
 def _eval_key(cfg: EvalConfig) -> dict:
     from .models import fingerprint
     key = {k: v for k, v in to_dict(cfg).items() if k not in ("output", "overwrite", "baseline_from")}
-    for name in ("policy", "baseline", "reference"):
+    for name in ("policy", "baseline", "reference", "ilql_heads"):
         if getattr(cfg, name, None) and Path(getattr(cfg, name)).is_dir():
             key[f"{name}_content"] = fingerprint(getattr(cfg, name))
     return key
@@ -233,8 +266,9 @@ def run_eval(cfg: EvalConfig) -> dict:
         remove_run_output(out, EVAL_KEY, "eval")
     _claim_output(cfg, out)
     reference = cfg.reference or cfg.baseline
-    policy = {"label": "policy", **_scored(cfg, cfg.policy, out / "policy", reference)}
-    results = {"config": to_dict(cfg), "policy": policy}
+    policy = {"label": "policy", **_scored(cfg, cfg.policy, out / "policy", reference,
+                                           cfg.ilql_heads)}
+    results, base = {"config": to_dict(cfg), "policy": policy}, None
     if cfg.baseline:
         if _reuse_baseline(cfg, out / "baseline"):
             results["baseline_reused"] = {"from": cfg.baseline_from}
@@ -244,10 +278,12 @@ def run_eval(cfg: EvalConfig) -> dict:
     results["checkpoints"] = [_checkpoint(cfg, c, label, out / f"checkpoint-{i}", reference)
                               for i, (c, label) in enumerate(zip(cfg.checkpoints,
                                                                  model_labels(cfg.checkpoints)))]
+    results["samples"] = pick_samples(policy, base, cfg.seed)
     write_report(results, out, metrics)
-    slim = {k: ({kk: vv for kk, vv in v.items() if kk not in ("rewards", "by_prompt")}
+    bulky = ("rewards", "by_prompt", "texts")
+    slim = {k: ({kk: vv for kk, vv in v.items() if kk not in bulky}
                 if k in ("policy", "baseline") else
-                [{kk: vv for kk, vv in c.items() if kk not in ("rewards", "by_prompt")} for c in v]
+                [{kk: vv for kk, vv in c.items() if kk not in bulky} for c in v]
                 if k == "checkpoints" else v) for k, v in results.items()}
     write_json_atomic(out / "results.json", slim)  # its presence means done: atomic
     return slim
@@ -309,71 +345,3 @@ def model_labels(paths: list[str]) -> list[str]:
         seen[label] = seen.get(label, 0) + 1
         labels[i] = f"{label} #{seen[label]}" if seen[label] > 1 else label
     return labels
-
-
-def _models(results: dict) -> list[dict]:
-    """Every evaluated model in report order: baseline, checkpoints, policy."""
-    b = results.get("baseline")
-    return ([b] if b else []) + list(results.get("checkpoints", [])) + [results["policy"]]
-
-
-def _kl_points(results: dict) -> list[dict]:
-    return [{"x": m["kl_to_reference"], "xerr": m.get("kl_stderr"), "y": m["reward_mean"],
-             "yerr": m.get("reward_stderr"), "label": m["label"]}
-            for m in _models(results) if m.get("kl_to_reference") is not None]
-
-
-def write_report(results: dict, out: Path, metrics: list) -> None:
-    from .plots import histograms, points
-    models = _models(results)
-    pngs = [histograms({m["label"]: m["rewards"] for m in models}, out / "rewards.png",
-                       "Held-out rewards")]
-    kl_points = _kl_points(results)
-    if kl_points:
-        pngs.append(points(kl_points, out / "reward_vs_kl.png", "Mean reward vs KL to the reference",
-                           "KL estimate (nats, k3; bars: ±1 standard error)", "mean reward"))
-    pngs += _training_plots(metrics, out)
-    p = results["policy"]
-    md = ["# Evaluation report", "", *_table(models)]
-    if "win_rate" in results:
-        md += ["", f"Win rate of the policy over the baseline: **{results['win_rate']:.1%}** (ties count half)."]
-    md += ["", f"KL: {p['kl_note']}." + ("" if kl_points else " No reward-vs-KL plot."), ""]
-    md += [f"- {m['label']}: `{m['model']}`" + (f" (exported from the training checkpoint "
-                                                 f"`{m['checkpoint']}`)" if "checkpoint" in m else "")
-           for m in models]
-    md += [""] + [f"![{png.stem}]({png.name})" for png in pngs]
-    (out / "report.md").write_text("\n".join(md) + "\n")
-
-
-def _training_plots(metrics: list, out: Path) -> list[Path]:
-    from .plots import curves
-    pngs = []
-    for i, path in enumerate(metrics):
-        rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
-        rows = [r for r in rows if "loss" in r]
-        if rows:
-            keys = [k for k in ("loss", "rewards/margins", "rewards/accuracies", "loss/nll") if k in rows[0]]
-            pngs.append(curves([r["step"] for r in rows], {k: [r[k] for r in rows] for k in keys},
-                               out / f"training-{i}.png", f"Training curves ({Path(path).parent.name})"))
-    return pngs
-
-
-def _cell(m: dict, key: str) -> str:
-    if m.get(key) is None:
-        return "n/a" if key == "kl_to_reference" else "-"
-    v = m[key]
-    err = m.get({"reward_mean": "reward_stderr", "kl_to_reference": "kl_stderr"}.get(key, ""))
-    return f"{v:.4g} ± {err:.2g}" if err is not None else f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _table(models: list[dict]) -> list[str]:
-    """One column per evaluated model, headed by its label."""
-    md = ["| | " + " | ".join(m["label"] for m in models) + " |", "|---" * (len(models) + 1) + "|"]
-    for key, label in (("reward_mean", "mean reward (± s.e.)"), ("reward_std", "reward std"),
-                       ("kl_to_reference", "KL to reference (± s.e.)"),
-                       ("response_tokens_mean", "response tokens"), ("samples", "samples")):
-        md.append(f"| {label} | " + " | ".join(_cell(m, key) for m in models) + " |")
-    for name in sorted({c for m in models for c in m["components"]}):
-        md.append(f"| {name} | " + " | ".join(
-            f"{m['components'][name]:.4g}" if name in m["components"] else "-" for m in models) + " |")
-    return md

@@ -17,6 +17,11 @@ Preferences (``import-pairs``, ``train dpo|rm --data FILE``, ``validate --schema
 - ``chosen`` + ``rejected`` only (TRL's implicit prompt): conversations, or texts, that
   share their beginning; the shared part is the prompt (texts are cut at a space).
 
+Every reader takes ``names`` (see :func:`column_names`): the file's column for each role
+(``prompt``, ``chosen``, ``rejected``, ``completion``, ``messages``), so that
+``--prompt-column question`` reads a ``question`` column as the prompt, alike in every
+importer, ``train sft`` and ``validate``; errors name the file's own column.
+
 A cell is text or a non-empty list of ``{"role", "content"}`` messages with text
 content; anything else (null, numbers, objects) is refused naming the file, row and
 column. Chat messages are rendered with the tokenizer's chat template; an answer's
@@ -28,9 +33,25 @@ from __future__ import annotations
 
 import os
 
+from .config import opt
 from .errors import InputError, located
 
 SFT_LAYOUTS = "prompt + completion, messages, or text"
+ROLES = ("prompt", "chosen", "rejected", "completion", "messages")
+_ROLE_HELP = {"prompt": "the prompt (text or chat messages)", "chosen": "the preferred answer",
+              "rejected": "the dispreferred answer", "completion": "the SFT answer",
+              "messages": "a conversation (a list of {role, content})"}
+
+
+def column_opt(role: str):
+    """The ``--ROLE-column`` option of a config (the same help in every command)."""
+    return opt(role, f"the file's column holding {_ROLE_HELP[role]}")
+
+
+def column_names(cfg=None) -> dict[str, str]:
+    """Role -> the file's column name, from a config's ``ROLE_column`` options (a role it
+    has no option for keeps its own name)."""
+    return {r: getattr(cfg, f"{r}_column", r) or r for r in ROLES}
 
 
 # --------------------------------------------------------------------------- cells
@@ -159,23 +180,26 @@ def encode_pieces(tokenizer, pieces: list[tuple[str, bool]], file, row, column):
 
 # --------------------------------------------------------------------------- SFT
 
-def sft_layout(columns, file, prompt_column: str = "prompt",
-               completion_column: str = "completion") -> str:
+def sft_layout(columns, file, names: dict | None = None) -> str:
     """Which SFT layout a file's columns hold: prompt_completion, messages or text."""
-    if prompt_column in columns and completion_column in columns:
+    n = names or column_names()
+    if n["prompt"] in columns and n["completion"] in columns:
         return "prompt_completion"
-    for name in ("messages", "text"):
-        if name in columns:
-            return name
-    raise InputError(located(f"no SFT columns: expected {prompt_column} + {completion_column} "
-                             f"(set --prompt-column / --completion-column), messages, or text; "
+    if n["messages"] in columns:
+        return "messages"
+    if "text" in columns:
+        return "text"
+    raise InputError(located(f"no SFT columns: expected {n['prompt']} + {n['completion']}, "
+                             f"{n['messages']}, or text (choose with --prompt-column, "
+                             "--completion-column, --messages-column); "
                              f"found {', '.join(columns) or 'none'}", file))
 
 
-def sft_examples(rows: list[dict], columns, file, prompt_column: str = "prompt",
-                 completion_column: str = "completion") -> list[dict]:
+def sft_examples(rows: list[dict], columns, file, names: dict | None = None) -> list[dict]:
     """Every row checked and reduced to its layout's fields (no tokenizer needed)."""
-    layout = sft_layout(columns, file, prompt_column, completion_column)
+    names = names or column_names()
+    layout = sft_layout(columns, file, names)
+    prompt_column, completion_column = names["prompt"], names["completion"]
     out = []
     for i, r in enumerate(rows):
         if layout == "prompt_completion":
@@ -188,9 +212,9 @@ def sft_examples(rows: list[dict], columns, file, prompt_column: str = "prompt",
                 raise InputError(located("empty completion", file, i, completion_column))
             out.append({"prompt": p, "completion": c})
         elif layout == "messages":
-            m = messages(r.get("messages"), file, i, "messages")
+            m = messages(r.get(names["messages"]), file, i, names["messages"])
             if not any(x["role"] == "assistant" for x in m):
-                raise InputError(located("no assistant turn to train on", file, i, "messages"))
+                raise InputError(located("no assistant turn to train on", file, i, names["messages"]))
             out.append({"messages": m})
         else:
             t = cell(r.get("text"), file, i, "text")
@@ -227,52 +251,54 @@ def sft_tokens(tokenizer, example: dict, file, row) -> tuple[list[int], list[int
 
 # --------------------------------------------------------------------------- preferences
 
-def _shared_turns(chosen: list[dict], rejected: list[dict], file, row):
+def _shared_turns(chosen: list[dict], rejected: list[dict], file, row, column="chosen"):
     """Split two conversations at their first differing message, which must be an answer."""
     n = 0
     while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
         n += 1
     if n == 0:
         raise InputError(located("chosen and rejected share no first turns to take as the "
-                                 "prompt (add a prompt column)", file, row, "chosen"))
+                                 "prompt (add a prompt column)", file, row, column))
     if chosen[n]["role"] != "assistant" or rejected[n]["role"] != "assistant":
         raise InputError(located(f"chosen and rejected differ at message {n}, which is not an "
-                                 "assistant turn: not two answers to one prompt", file, row, "chosen"))
+                                 "assistant turn: not two answers to one prompt", file, row, column))
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def _shared_text(chosen: str, rejected: str, file, row):
+def _shared_text(chosen: str, rejected: str, file, row, column="chosen"):
     """TRL's implicit prompt for texts: the shared beginning, cut before its last space."""
     n = len(os.path.commonprefix([chosen, rejected]))
     cut = max((i for i, ch in enumerate(chosen[:n]) if ch.isspace()), default=-1)
     prompt = chosen[:cut] if cut > 0 else ""
     if not prompt.strip():
         raise InputError(located("no prompt column, and chosen and rejected share no beginning "
-                                 "(up to a space) to take as the prompt", file, row, "chosen"))
+                                 "(up to a space) to take as the prompt", file, row, column))
     return prompt, chosen[cut:], rejected[cut:]
 
 
-def preference(r: dict, has_prompt: bool, file, row) -> tuple:
+def preference(r: dict, has_prompt: bool, file, row, names: dict | None = None) -> tuple:
     """(prompt, chosen, rejected) of one row, chosen and rejected holding only the answer
     part; each a text or a message list (no tokenizer needed)."""
-    c = cell(r.get("chosen"), file, row, "chosen")
-    j = cell(r.get("rejected"), file, row, "rejected")
+    n = names or column_names()
+    c = cell(r.get(n["chosen"]), file, row, n["chosen"])
+    j = cell(r.get(n["rejected"]), file, row, n["rejected"])
     if isinstance(c, str) != isinstance(j, str):
         raise InputError(located("chosen and rejected must both be text or both be chat "
-                                 "messages", file, row, "rejected"))
+                                 "messages", file, row, n["rejected"]))
     if not has_prompt:
-        return _shared_text(c, j, file, row) if isinstance(c, str) else _shared_turns(c, j, file, row)
-    p = cell(r.get("prompt"), file, row, "prompt")
+        split = _shared_text if isinstance(c, str) else _shared_turns
+        return split(c, j, file, row, n["chosen"])
+    p = cell(r.get(n["prompt"]), file, row, n["prompt"])
     if isinstance(c, str):
         return p, c, j
     if isinstance(p, list):
         if c[:len(p)] == p and j[:len(p)] == p and len(c) > len(p) and len(j) > len(p):
             return p, c[len(p):], j[len(p):]   # whole conversations that repeat the prompt
         return p, c, j
-    shared, c, j = _shared_turns(c, j, file, row)  # text prompt, whole conversations
+    shared, c, j = _shared_turns(c, j, file, row, n["chosen"])  # text prompt, whole conversations
     if not any(m["role"] == "user" and m["content"].strip() == p.strip() for m in shared):
         raise InputError(located("prompt is text but chosen/rejected are conversations whose "
-                                 "shared turns do not contain it as a user message", file, row, "prompt"))
+                                 "shared turns do not contain it as a user message", file, row, n["prompt"]))
     return shared, c, j
 
 

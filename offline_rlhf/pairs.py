@@ -26,7 +26,7 @@ import pyarrow as pa
 from .config import opt, to_dict
 from .errors import InputError, located
 from .executors import run_stage
-from .layouts import number, preference, preference_texts
+from .layouts import column_names, column_opt, number, preference, preference_texts
 from .lineage import code_version, config_hash, utc_now
 from .prompts import prompt_id_for
 from .schemas import load_schema, validate
@@ -203,6 +203,9 @@ class ImportPairsConfig:
                                 "messages (needed for chat data)")
     chunk_rows: int = opt(10_000, "pairs per shard")
     overwrite: bool = opt(False, "replace an existing dataset at OUT")
+    prompt_column: str = column_opt("prompt")
+    chosen_column: str = column_opt("chosen")
+    rejected_column: str = column_opt("rejected")
 
 
 def _scores(r: dict, src: str, i: int) -> tuple:
@@ -216,15 +219,19 @@ def _scores(r: dict, src: str, i: int) -> tuple:
     return cr, rr, margin
 
 
-def preference_rows(src: str) -> tuple[list[dict], list[tuple]]:
+def preference_rows(src: str, names: dict | None = None) -> tuple[list[dict], list[tuple]]:
     """A preference file's rows and, per row, its checked (prompt, chosen, rejected) in
-    any layout of :mod:`offline_rlhf.layouts` and (chosen reward, rejected reward,
+    any layout of :mod:`offline_rlhf.layouts` (``names``: the file's column per role, see
+    :func:`~offline_rlhf.layouts.column_names`) and (chosen reward, rejected reward,
     margin); no tokenizer needed."""
+    n = names or column_names()
     data, columns = read_rows(src)
-    for col in ("chosen", "rejected"):
-        if col not in columns:
-            raise InputError(located("missing column (expected prompt, chosen, rejected)", src, None, col))
-    return data, [(preference(r, "prompt" in columns, src, i), _scores(r, src, i))
+    for role in ("chosen", "rejected"):
+        if n[role] not in columns:
+            raise InputError(located(f"missing column (expected {n['prompt']}, {n['chosen']}, "
+                                     f"{n['rejected']}; choose with --{role}-column; found "
+                                     f"{', '.join(columns) or 'none'})", src, None, n[role]))
+    return data, [(preference(r, n["prompt"] in columns, src, i, n), _scores(r, src, i))
                   for i, r in enumerate(data)]
 
 
@@ -237,10 +244,10 @@ def check_pairs_source(data: str, command: str) -> None:
         preference_rows(data)
 
 
-def pairs_table(src: str, tokenizer=None) -> tuple[pa.Table, dict]:
+def pairs_table(src: str, tokenizer=None, names: dict | None = None) -> tuple[pa.Table, dict]:
     """A preference file in any layout of :mod:`offline_rlhf.layouts` as a pairs table
     (chat rendered with ``tokenizer``), and counters (identical pairs dropped)."""
-    data, parts = preference_rows(src)
+    data, parts = preference_rows(src, names)
     rows, dropped = [], 0
     for i, (r, (part, (cr, rr, margin))) in enumerate(zip(data, parts)):
         prompt, chosen, rejected = preference_texts(tokenizer, *part, src, i)
@@ -279,13 +286,14 @@ def pairs_fingerprint(data: str, tokenizer_fingerprint: str) -> str:
 
 
 def import_pairs(src: str, out: str, tokenizer_path: str | None = None, chunk_rows: int = 10_000,
-                 overwrite: bool = False) -> dict:
-    """Import a preference file (see :func:`pairs_table`) as a pairs dataset at ``out``."""
+                 overwrite: bool = False, names: dict | None = None) -> dict:
+    """Import a preference file (see :func:`pairs_table`; ``names``: its column per role)
+    as a pairs dataset at ``out``."""
     tokenizer = None
     if tokenizer_path:
         from .models import load_tokenizer
         tokenizer = load_tokenizer(tokenizer_path)
-    pairs, stats = pairs_table(src, tokenizer)
+    pairs, stats = pairs_table(src, tokenizer, names)
     claim_output(out, overwrite)
     writer = ShardWriter(out, "pairs", lineage={"source": src})
     chunks = max(1, -(-pairs.num_rows // chunk_rows))

@@ -173,7 +173,8 @@ def _fingerprint_input(path: str, where: str) -> str:
     if is_dataset(path):
         return open_dataset(path).fingerprint
     if p.is_dir() and any((p / n).exists() for n in ("config.json", "adapter_config.json",
-                                                       "state.json")):  # state: a checkpoint
+                                                       "state.json", "heads.json")):
+        # state: a checkpoint; heads: ILQL heads (eval and generate --ilql-heads)
         return fingerprint(p)
     if p.is_file():
         return hashlib.sha256(p.read_bytes()).hexdigest()

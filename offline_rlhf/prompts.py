@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from .config import opt
 from .errors import InputError, located
-from .layouts import messages
+from .layouts import column_opt, messages
 from .lineage import canonical_json
 from .schemas import load_schema, validate
 from .shards import ShardWriter, claim_output, read_rows
@@ -36,8 +36,8 @@ def _canonical_prompt(text, messages) -> str:
 class ImportPromptsConfig:
     file: str = opt(help="prompt file: JSONL, JSON or Parquet with a text or a chat-messages column")
     out: str = opt(help="output prompts dataset (directory or URL)")
-    prompt_column: str = opt("prompt", "column holding the prompt text")
-    messages_column: str = opt("messages", "column holding chat messages (a list of {role, content})")
+    prompt_column: str = column_opt("prompt")
+    messages_column: str = column_opt("messages")
     id_column: str = opt("prompt_id", "column holding prompt ids (derived from the content when "
                          "absent)")
     answer_column: str | None = opt(None, "column holding the reference answer (default: "

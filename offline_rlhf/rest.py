@@ -12,8 +12,15 @@ with lineage under OUTPUT:
 
     grow-0-<key>/generations, grow-0-<key>/scored     (key: policy, prompts, settings)
     grow-0-<key>/improve-1-<key>/final                 (key: data, filter, lr, start model)
-    grow-0-<key>/improve-1-<key>/eval                  (greedy on eval_prompts, scored)
-    report.md, report.json, grow-0-rewards.png
+    grow-0-<key>/improve-1-<key>/eval                  (greedy on eval_prompts, scored;
+                                                        kl-generations, kl-ref: the KL samples)
+    report.md, report.json, grow-0-rewards.png, eval-reward.png, training.png
+
+With ``eval_prompts``, the report gives after every improve step the held-out greedy
+mean reward and the KL of the step's model to the base policy, estimated as ``eval``
+does (``kl_samples`` responses per held-out prompt sampled at temperature 1, the k3
+estimator summed over tokens, see :mod:`offline_rlhf.evaluate`); and the training
+curves (loss per optimizer step) of all improve steps, one after another.
 
 A stopped run resumes where it stopped (finished datasets and models are reused);
 changing the filter reuses the grows and redoes only the improve steps.
@@ -48,7 +55,10 @@ class RestConfig(BackendOptions):
     policy: str = opt(help="starting (base) policy directory")
     prompts: str = opt(help="training prompts (dataset or file)")
     output: str = opt(help="run directory")
-    eval_prompts: str | None = opt(None, "held-out prompts: greedy mean reward after every step")
+    eval_prompts: str | None = opt(None, "held-out prompts: greedy mean reward and KL to the base "
+                                   "policy after every step")
+    kl_samples: int = opt(2, "eval_prompts: responses per prompt sampled at temperature 1 for the KL "
+                          "to the base policy (0: no KL)")
     grows: int = opt(1, "grow steps (iterations)")
     improve_steps: int = opt(3, "improve steps per grow")
     threshold_mode: str = opt("absolute", "absolute | percentile (per prompt, as in the paper)")
@@ -86,6 +96,8 @@ class RestConfig(BackendOptions):
             raise InputError(f"lrs: {len(self.lrs)} given, improve_steps is {self.improve_steps}")
         if self.grows < 1 or self.improve_steps < 1:
             raise InputError("grows and improve_steps must be >= 1")
+        if self.kl_samples < 0:
+            raise InputError(f"kl_samples: must be >= 0, got {self.kl_samples}")
 
 
 def load_rest_config(path: str, overrides: list[str] | None = None) -> RestConfig:
@@ -129,6 +141,25 @@ def _evaluate(cfg: RestConfig, model: str, out: Path) -> float | None:
         score(_score_cfg(cfg, out / "generations", out / "scored"))
     return float(np.mean(open_dataset(str(out / "scored")).read(columns=["reward"])
                          .column("reward").to_pylist()))
+
+
+def _kl(cfg: RestConfig, model: str, out: Path) -> dict:
+    """KL(model || base policy) on held-out prompts (see the module docstring)."""
+    if not cfg.eval_prompts or not cfg.kl_samples:
+        return {"kl": None, "kl_stderr": None}
+    from .evaluate import kl_k3
+    from .logprobs import LogprobsConfig, compute_logprobs
+    if not is_complete(str(out / "kl-ref")):
+        generate(GenerateConfig(prompts=cfg.eval_prompts, output=str(out / "kl-generations"),
+                                policy=model, num_samples=cfg.kl_samples, temperature=1.0,
+                                max_new_tokens=cfg.max_new_tokens, stop=list(cfg.stop),
+                                seed=cfg.seed + 1, overlong="truncate"))
+        compute_logprobs(LogprobsConfig(generations=str(out / "kl-generations"),
+                                        output=str(out / "kl-ref"), reference=cfg.policy))
+    t = open_dataset(str(out / "kl-ref")).read(columns=["behaviour_logps", "ref_logps"])
+    per = kl_k3(t.column("behaviour_logps").to_pylist(), t.column("ref_logps").to_pylist())
+    se = float(per.std(ddof=1) / np.sqrt(len(per))) if len(per) > 1 else 0.0
+    return {"kl": float(per.mean()), "kl_stderr": se}
 
 
 def improve_filter(cfg: RestConfig, i: int) -> dict:
@@ -183,6 +214,7 @@ def run_rest(cfg: RestConfig) -> dict:
         for i in range(cfg.improve_steps):
             step = _improve(cfg, g, i, grow_dir, start)
             step["eval_reward"] = _evaluate(cfg, step["model"], Path(step["dir"]) / "eval")
+            step.update(_kl(cfg, step["model"], Path(step["dir"]) / "eval"))
             entry["improves"].append(step)
             start = step["model"]
         entry["rewards"] = rewards
@@ -205,20 +237,47 @@ def write_report(report: dict, out: Path) -> None:
     if all(v is not None for v in evals):
         pngs.append(lines(labels, {"held-out greedy mean reward": evals}, out / "eval-reward.png",
                           "Held-out mean reward per step", "step", "mean reward"))
+    curve = _training_curves(report, out)
+    pngs += [curve] if curve else []
     md = ["# ReST report", "", f"Final model: `{report['final_model']}`", "",
-          "| step | threshold | lr | kept | kept fraction | held-out mean reward |",
-          "|---|---|---|---|---|---|",
-          f"| base | - | - | - | - | {_f(report['base']['eval_reward'])} |"]
+          "| step | threshold | lr | kept | kept fraction | held-out mean reward | KL to base (± s.e.) |",
+          "|---|---|---|---|---|---|---|",
+          f"| base | - | - | - | - | {_f(report['base']['eval_reward'])} | 0 |"]
     for e in report["grows"]:
         md.append(f"| grow {e['grow']} ({e['samples']} samples, mean reward {e['reward_mean']:.3f}) "
-                  "| | | | | |")
+                  "| | | | | | |")
         for i, s in enumerate(e["improves"]):
+            kl = "-" if s.get("kl") is None else f"{s['kl']:.4g} ± {s['kl_stderr']:.2g}"
             md.append(f"| improve {i + 1} | {s['threshold']} | {s['lr']:g} | {s['kept']} | "
-                      f"{s['kept_fraction']:.3f} | {_f(s['eval_reward'])} |")
+                      f"{s['kept_fraction']:.3f} | {_f(s['eval_reward'])} | {kl} |")
+    md += ["", "KL: k3 estimator summed over response tokens, on responses sampled at "
+           "temperature 1 from each step's model on the held-out prompts; the base policy is "
+           "the reference." if any(s.get("kl") is not None for e in report["grows"]
+                                   for s in e["improves"]) else "KL: not estimated (no "
+           "eval_prompts, or kl_samples 0)."]
     md += [""] + [f"![{p.stem}]({p.name})" for p in pngs]
     (out / "report.md").write_text("\n".join(md) + "\n")
     slim = {**report, "grows": [{k: v for k, v in e.items() if k != "rewards"} for e in report["grows"]]}
     write_json_atomic(out / "report.json", slim)  # its presence means done: atomic
+
+
+def _training_curves(report: dict, out: Path) -> Path | None:
+    """Loss per optimizer step of every improve step, one after another."""
+    from .plots import curves
+    steps, loss = [], []
+    for e in report["grows"]:
+        for s in e["improves"]:
+            path = Path(s["dir"]) / "metrics.jsonl"
+            rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] \
+                if path.is_file() else []
+            for r in rows:
+                if "loss" in r:
+                    steps.append(len(steps) + 1)
+                    loss.append(r["loss"])
+    if not steps:
+        return None
+    return curves(steps, {"loss": loss}, out / "training.png",
+                  "Training curves of the improve steps (one after another)")
 
 
 def _f(v) -> str:

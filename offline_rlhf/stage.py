@@ -46,8 +46,9 @@ def resolve_worker(worker: int | None, num_workers: int | None) -> tuple[int, in
 
 
 class Progress:
-    """A progress bar over work units with samples/s and tokens/s (and chunks done of
-    ``chunks``, when given)."""
+    """A progress bar over work units (and chunks done of ``chunks``, when given) with one
+    throughput: tokens/s where the stage counts tokens (generate, score, logprobs), else
+    its unit per second (pairs: rows/s)."""
 
     def __init__(self, total: int, desc: str, unit: str, chunks: int | None = None):
         self.bar = progress(total, desc, unit)
@@ -59,10 +60,14 @@ class Progress:
         self.samples += samples
         self.tokens += tokens
         self.chunks_done += chunks
-        dt = max(time.perf_counter() - self.start, 1e-9)
         shown = {"chunks": f"{self.chunks_done}/{self.chunks}"} if self.chunks is not None else {}
-        self.bar.set_postfix({**shown, "samples/s": f"{self.samples / dt:.1f}",
-                              "tokens/s": f"{self.tokens / dt:.0f}"}, refresh=False)
+        if hasattr(self.bar, "count_rate"):   # plain lines (or silent): one rate
+            if tokens:
+                self.bar.count_rate(tokens, "tokens")
+        elif self.tokens:   # tqdm on a terminal: its own rate, and tokens/s beside it
+            dt = max(time.perf_counter() - self.start, 1e-9)
+            shown["tokens/s"] = f"{self.tokens / dt:.4g}"
+        self.bar.set_postfix(shown, refresh=False)
         self.bar.update(units)
 
     def close(self) -> dict:

@@ -1,10 +1,13 @@
-"""Summaries of a dataset for ``offline-rlhf inspect``: counts, lineage, reward statistics."""
+"""Summaries for ``offline-rlhf inspect``: of a dataset (counts, lineage, reward
+statistics), or of a user's JSONL/JSON/Parquet file (its layout and the commands that
+read it)."""
 
 from __future__ import annotations
 
 import polars as pl
 
 from .dataset import Dataset
+from .errors import InputError
 
 STAT_COLUMNS = {
     "generations": ["reward", "reward_normalized", "ref_logps_sum"],
@@ -88,3 +91,59 @@ def render(summary: dict) -> str:
             s = summary["reward_stats"][n]
             lines.append(f"{n:<{w}}  " + "  ".join(f"{_fmt(s.get(c)):>10}" for c in cols))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- a user's file
+
+def _kind(rows: list[dict], column: str) -> str:
+    value = next((r.get(column) for r in rows if r.get(column) is not None), None)
+    return "chat messages" if isinstance(value, list) else "text"
+
+
+def _file_layout(rows: list[dict], columns: list[str]) -> tuple[str, str, str] | None:
+    """(layout, the commands that read it, the ``validate`` schema) of a file's columns."""
+    from .schemas import load_schema
+    have = set(columns)
+    for name in ("pairs", "generations", "prompts"):
+        if {c.name for c in load_schema(name).columns if not c.nullable} <= have:
+            return (f"a {name} table as the engine stores it", f"the commands that read {name} "
+                    "datasets, once it is a dataset (it has no manifest)", name)
+    if {"chosen", "rejected"} <= have:
+        prompt = f"prompt ({_kind(rows, 'prompt')}) + " if "prompt" in have else "implicit prompt + "
+        return (f"preferences: {prompt}chosen/rejected ({_kind(rows, 'chosen')})",
+                "`import-pairs FILE OUT`, `train dpo|rm --data FILE`", "preferences")
+    if {"prompt", "completion"} <= have or "text" in have:
+        lay = f"prompt + completion ({_kind(rows, 'completion')})" if "completion" in have else "text"
+        return f"SFT: {lay}", "`train sft --data FILE`", "sft"
+    if "messages" in have:
+        return ("conversations (messages): SFT data, or chat prompts", "`train sft --data FILE`; "
+                "`import-prompts FILE OUT` (or `generate --prompts FILE`)", "sft or prompts-file")
+    if "prompt" in have:
+        return (f"prompts ({_kind(rows, 'prompt')})", "`import-prompts FILE OUT`, `generate|eval "
+                "--prompts FILE`", "prompts-file")
+    return None
+
+
+def describe_file(path: str) -> dict:
+    """What ``inspect`` says of a JSONL/JSON/Parquet file: its rows, columns, layout and the
+    commands that read it; columns in no known layout are one line naming them and what
+    to rename (``--prompt-column``, ...)."""
+    from .datafiles import read_rows
+    rows, columns = read_rows(path)
+    found = _file_layout(rows, columns)
+    if found is None:
+        raise InputError(f"{path}: no layout that a command reads in columns "
+                         f"{', '.join(columns) or '(none)'}: expected prompt + chosen + rejected "
+                         "(preferences), prompt + completion, messages or text (SFT), or prompt "
+                         "(prompts); name yours with --prompt-column, --chosen-column, "
+                         "--rejected-column, --completion-column, --messages-column")
+    layout, readers, schema = found
+    return {"file": path, "rows": len(rows), "columns": columns, "layout": layout,
+            "read_by": readers, "validate": f"offline-rlhf validate {path} --schema "
+            f"{schema.split(' or ')[0]}"}
+
+
+def render_file(d: dict) -> str:
+    kv = [("file", d["file"]), ("rows", d["rows"]), ("columns", ", ".join(d["columns"])),
+          ("layout", d["layout"]), ("read by", d["read_by"]), ("check with", d["validate"])]
+    return "\n".join(f"{k:<10}  {v}" for k, v in kv)

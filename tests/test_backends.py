@@ -129,7 +129,7 @@ def test_rest_and_eval_pass_the_backend_to_generation(tmp_path, policy_dir, monk
     with pytest.raises(Stop):
         rest._grow(rcfg, 0, str(policy_dir), tmp_path / "r")
     ecfg = EvalConfig(policy=str(policy_dir), prompts=str(prompts), output=str(tmp_path / "e"),
-                      backend="vllm", vllm_kv_cache_gb=2.0)
+                      backend="vllm", vllm_kv_cache_gb=2.0, weights={"length_penalty": 1.0})
     with pytest.raises(Stop):
         evaluate.run_eval(ecfg)
     assert seen == [("vllm", 2.0), ("vllm", 2.0)]

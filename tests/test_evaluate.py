@@ -37,13 +37,13 @@ def heldout(tmp_path):
 
 
 def test_greedy_eval_reports_no_kl_and_sampled_kl_is_not_negative(tmp_path, policy_dir, capsys):
-    """Greedy: KL null, with the reason. With kl_samples: sampled from the policy at T=1,
+    """Greedy with kl_samples 0: KL null, with the reason. With kl_samples: sampled from the policy at T=1,
     k3, never negative; a model's KL to itself is 0."""
     from offline_rlhf.tiny import build_tiny_model
     other = build_tiny_model(tmp_path / "other", seed=3)
     base = ["eval", "--policy", str(other), "--baseline", str(policy_dir), "--prompts", heldout(tmp_path),
             "--weights", "exact_match=1", "--max-new-tokens", "4", "--quiet"]
-    assert cli.main([*base, "--output", str(tmp_path / "greedy")]) == 0
+    assert cli.main([*base, "--output", str(tmp_path / "greedy"), "--kl-samples", "0"]) == 0
     r = json.loads((tmp_path / "greedy" / "results.json").read_text())
     assert r["policy"]["kl_to_reference"] is None and r["baseline"]["kl_to_reference"] is None
     assert "greedy decoding does not sample from the model itself" in r["policy"]["kl_note"]

@@ -123,6 +123,9 @@ def test_killed_nights_run_resumes_and_keeps_every_nights_lineage(tmp_path, inpu
     out = subprocess.run(cli, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "resumed from" in out.stdout + out.stderr
+    for n in (0, 1):   # issue 27: each night's eval table (before/after, KL) and report path
+        shown = out.stdout[out.stdout.index(f"night {n} eval:"):]
+        assert "KL to ref" in shown and "baseline" in shown and "report: " in shown
     log0 = (work / "night-000" / "run.log").read_text()
     assert log0.count("run generate") == 1 and log0.count("reuse ") == 5   # night 0 was not redone
     records = json.loads((work / "nights.json").read_text())

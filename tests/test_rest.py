@@ -110,4 +110,12 @@ weights = {{ length_penalty = 1.0 }}
     assert len(report["grows"]) == 2 and all(len(g["improves"]) == 2 for g in report["grows"])
     assert report["grows"][1]["policy"] == report["grows"][0]["improves"][-1]["model"]
     assert (tmp_path / "run" / "grow-0-rewards.png").stat().st_size > 1000
+    # issue 27: KL to the base after every improve step (2 samples per held-out prompt by
+    # default) and the training curves, in the report and the printed lines
+    steps = [s for g in report["grows"] for s in g["improves"]]
+    assert all(s["kl"] >= 0 and s["kl_stderr"] >= 0 for s in steps)
+    assert "KL to base" in out.stdout
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "| KL to base (± s.e.) |" in md and f"{steps[-1]['kl']:.4g} ±" in md
+    assert (tmp_path / "run" / "training.png").stat().st_size > 1000
     assert load_rest_config(str(job)).grows == 2

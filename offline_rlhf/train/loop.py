@@ -320,6 +320,8 @@ def _fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=Non
                        is_main_process=acc.is_main_process, data=getattr(task, "stats", None),
                        identity=identity)
         if acc.is_main_process:
+            from .card import write_card  # README.md in final/: the model card
+            write_card(out, task.name, to_dict(cfg), identity, summary)
             write_json_atomic(out / "train_summary.json", summary)  # presence means done
         acc.wait_for_everyone()
         return summary

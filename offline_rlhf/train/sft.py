@@ -17,7 +17,7 @@ from ..batching import pad
 from ..config import opt
 from ..errors import InputError
 from ..filters import SampleFilter, select
-from ..layouts import SFT_LAYOUTS, encode_prompt, sft_examples, sft_tokens
+from ..layouts import SFT_LAYOUTS, column_names, column_opt, encode_prompt, sft_examples, sft_tokens
 from ..losses.common import token_logps
 from ..losses.sft import sft_loss
 from ..shards import is_dataset, open_dataset_of, read_rows
@@ -40,8 +40,9 @@ class SFTTrainConfig(TrainConfig):
                                    "reward percentile (0-100)")
     max_per_prompt: int = opt(0, "generations: at most this many samples per prompt (0: no cap)")
     reward_column: str = opt("reward", "reward | reward_normalized")
-    prompt_column: str = opt("prompt", "file: the prompt column")
-    completion_column: str = opt("completion", "file: the completion column")
+    prompt_column: str = column_opt("prompt")
+    completion_column: str = column_opt("completion")
+    messages_column: str = column_opt("messages")
     max_tokens: int = opt(2048, "prompt + response tokens kept (prompt cut from the left)")
 
 
@@ -63,7 +64,7 @@ def check_sft_source(cfg) -> list[dict] | None:
         open_dataset_of(cfg.data, "generations", "train sft")
         return None
     rows, columns = read_rows(cfg.data)
-    return sft_examples(rows, columns, cfg.data, cfg.prompt_column, cfg.completion_column)
+    return sft_examples(rows, columns, cfg.data, column_names(cfg))
 
 
 def _examples_from_file(cfg, tokenizer, examples):

@@ -158,3 +158,72 @@ def pretrain_to(root, below: float, max_rounds: int = 40):
         model, steps, k = root / f"pre{k}" / "final", steps + 10, k + 1
         em = exact_match(model, root / "test_prompts", root / f"pre-eval{k}")
     return model, steps, em
+
+
+def carry_dropped(a: int, b: int) -> str:
+    """``a + b`` as a demonstrator that forgets to carry writes it: each digit is the sum of
+    the operands' digits mod 10 (``7+8`` -> ``5``, ``17+8`` -> ``15``, ``12+7`` -> ``19``)."""
+    out, place = 0, 1
+    while a or b:
+        out += ((a % 10 + b % 10) % 10) * place
+        a, b, place = a // 10, b // 10, place * 10
+    return str(out)
+
+
+def flawed_demonstrations(prompts: pa.Table, flaw_rate: float = 0.6, copies: int = 4,
+                          seed: int = 0) -> list[dict]:
+    """SFT rows (``prompt``, ``completion``) for addition ``prompts`` by a flawed demonstrator:
+    ``copies`` answers per prompt, each of those whose sum carries written with the carry
+    dropped with probability ``flaw_rate`` (drawn per row, seeded), else right. A model
+    trained on them learns the mixture: its greedy answer to a carrying sum drops the carry
+    (when ``flaw_rate`` > 0.5), while its samples are right about 1 - ``flaw_rate`` of the time."""
+    import re
+    rng = random.Random(f"flawed:{seed}")
+    rows = []
+    for text, ref in zip(prompts.column("prompt").to_pylist(),
+                         prompts.column("reference_answer").to_pylist()):
+        a, b = (int(x) for x in re.findall(r"\d+", text))
+        for _ in range(copies):
+            wrong = carry_dropped(a, b) != ref and rng.random() < flaw_rate
+            rows.append({"prompt": text, "completion": " " + (carry_dropped(a, b) if wrong else ref)})
+    return rows
+
+
+def setup_flawed_task(root, n_train: int = 300, n_test: int = 100, seed: int = 0,
+                      max_operand: int = 20, flaw_rate: float = 0.6, copies: int = 4) -> None:
+    """The flawed-demonstrator task under ``root``: addition prompts (``What is 17+8?
+    Answer:`` -> ``25``) split into ``train_prompts`` and ``test_prompts`` datasets that
+    share no sum, and ``sft.jsonl``: the demonstrations of :func:`flawed_demonstrations`
+    on the train prompts (about 45% of the sums up to 20+20 carry)."""
+    from pathlib import Path
+
+    from .shards import ShardWriter
+    root = Path(root)
+    every = addition_prompts(n_train + n_test, seed=seed, max_operand=max_operand, split="train")
+    train, test = every.slice(0, n_train), every.slice(n_train, n_test)
+    meta = [json.dumps({"task": "addition", "split": "test"})] * n_test
+    test = test.set_column(test.schema.get_field_index("metadata"), "metadata", pa.array(meta))
+    for name, t in (("train_prompts", train), ("test_prompts", test)):
+        with ShardWriter(str(root / name), "prompts", lineage={"source": f"toy:flawed:{name}"}) as w:
+            w.write(0, t)
+            w.finish(total_chunks=1)
+    rows = flawed_demonstrations(train, flaw_rate, copies, seed)
+    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def pretrain_flawed(root, seed: int = 0, steps: int = 1000, lr: float = 3e-3):
+    """The flawed demonstrator's student: a tiny model trained from scratch (seeded by
+    ``seed``) on ``root``'s ``sft.jsonl`` (:func:`setup_flawed_task`) for ``steps`` SFT
+    steps of 32 rows. On the held-out sums it answers those without a carry right and,
+    greedily, drops the carry of most of the others (seed 0: 58% greedy exact match,
+    ~60% of samples right at temperature 1). Returns the model directory."""
+    from pathlib import Path
+
+    from .tiny import build_tiny_model
+    from .train.sft import SFTTrainConfig, train_sft
+    root = Path(root)
+    model = build_tiny_model(root / "scratch", hidden=64, layers=2, heads=4, seed=seed)
+    train_sft(SFTTrainConfig(data=str(root / "sft.jsonl"), output=str(root / "flawed-start"),
+                             policy=str(model), lr=lr, max_steps=steps, batch_size=32,
+                             micro_batch_size=32, report_to="none", schedule="constant", seed=seed))
+    return root / "flawed-start" / "final"

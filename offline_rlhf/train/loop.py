@@ -37,6 +37,7 @@ from ..errors import InputError, TrainingDiverged
 from ..lineage import code_version, config_hash
 from ..storage import write_json_atomic
 from . import checkpoint as ckpt
+from .defaults import RULE_TEXT, resolve_lr
 from .identity import Finished, prepare_output, run_identity
 from .plan import micro_batches, plan_epoch, steps_per_epoch, total_steps, warmup_steps
 
@@ -49,7 +50,7 @@ class TrainConfig:
     data: str = opt(help="input dataset (pairs or generations, per algorithm)")
     output: str = opt(help="output directory: checkpoints, metrics, final model")
     policy: str = opt(help="model to train: a transformers directory (safetensors)")
-    lr: float = opt(1e-5, "peak learning rate")
+    lr: float | None = opt(None, "peak learning rate; " + RULE_TEXT)
     weight_decay: float = opt(0.0, "AdamW weight decay")
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.999, "AdamW beta2")
@@ -98,7 +99,9 @@ class TrainConfig:
     trust_remote_code: bool = opt(False, "allow custom model code from the model directory")
 
     def __post_init__(self):
-        positive = ("lr", "batch_size", "micro_batch_size", "max_tokens_per_micro_batch", "log_steps")
+        if self.lr is not None and self.lr <= 0:
+            raise InputError(f"lr: must be > 0, got {self.lr}")
+        positive = ("batch_size", "micro_batch_size", "max_tokens_per_micro_batch", "log_steps")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InputError(f"{name}: must be > 0, got {getattr(self, name)}")
@@ -277,11 +280,15 @@ def fit(cfg: TrainConfig, task_factory, **kw) -> dict:
 
 def _fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=None,
          evaluate=None) -> dict:
+    from ..console import status
     from ..models import check_model_dir, load_tokenizer
     check_model_dir(cfg.policy, "policy")
     out = Path(cfg.output)
+    chose = resolve_lr(cfg)           # before the identity, which records the value
     identity = run_identity(cfg)
     acc = make_accelerator(cfg)
+    if chose and acc.is_main_process:
+        status(chose)
     try:
         try:
             resume_from = prepare_output(cfg, identity, acc)

@@ -179,6 +179,10 @@ def print_table(results: dict) -> None:
         s = res["start"]
         print(f"{task:<8}{'start':<8}{s['greedy']:>14.1%} / {s['sampled']:<8.1%}")
         for trainer, t in res["trainers"].items():
+            if "best" not in t:               # a defaults-only run not merged with a search
+                d = t["runs"][0]
+                print(f"{'':<8}{trainer:<8}{d['greedy']:>14.1%} / {d['sampled']:<8.1%}")
+                continue
             d, b, g = t["defaults"], t["best"], t["gap_points"]
             setting = ", ".join(f"{k} {v:g}" for k, v in b["setting"].items())
             print(f"{'':<8}{trainer:<8}{d['greedy']:>14.1%} / {d['sampled']:<8.1%}"

@@ -215,6 +215,7 @@ def main() -> None:
         results = {**saved[0], "tasks": {k: v for s in saved for k, v in s["tasks"].items()}}
         if args.reuse_tuned:
             results = with_tuned(results, json.loads(Path(args.reuse_tuned).read_text()))
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(results, indent=1, default=str))
         print_table(results)
         return

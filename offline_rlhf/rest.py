@@ -44,6 +44,7 @@ from .models import fingerprint
 from .rewards.score import ScoreConfig, score
 from .shards import is_complete, open_dataset
 from .storage import read_json_file, remove_run_output, write_json_atomic
+from .train.defaults import auto_lr, count_parameters
 from .train.sft import SFTTrainConfig, train_sft
 
 
@@ -63,7 +64,8 @@ class RestConfig(BackendOptions):
     improve_steps: int = opt(3, "improve steps per grow")
     threshold_mode: str = opt("absolute", "absolute | percentile (per prompt, as in the paper)")
     thresholds: list[float] = opt([0.7, 0.8, 0.9], "threshold of each improve step (rising)")
-    lrs: list[float] = opt([1e-5, 5e-6, 2.5e-6], "learning rate of each improve step (falling)")
+    lrs: list[float] = opt([], "learning rate of each improve step (falling); unset: the `train` "
+                           "rule's lr for the policy (docs/training.md) halved at each step")
     max_per_prompt: int = opt(0, "samples kept per prompt at most (0: no cap)")
     restart_from_base: bool = opt(False, "ReST-EM: fine-tune each iteration from the base model")
     num_samples: int = opt(8, "K: samples per prompt in a grow")
@@ -92,7 +94,7 @@ class RestConfig(BackendOptions):
             raise InputError(f"threshold_mode: must be absolute or percentile, got {self.threshold_mode!r}")
         if len(self.thresholds) < self.improve_steps:
             raise InputError(f"thresholds: {len(self.thresholds)} given, improve_steps is {self.improve_steps}")
-        if len(self.lrs) < self.improve_steps:
+        if self.lrs and len(self.lrs) < self.improve_steps:
             raise InputError(f"lrs: {len(self.lrs)} given, improve_steps is {self.improve_steps}")
         if self.grows < 1 or self.improve_steps < 1:
             raise InputError("grows and improve_steps must be >= 1")
@@ -173,7 +175,8 @@ def improve_filter(cfg: RestConfig, i: int) -> dict:
 def _improve(cfg: RestConfig, g: int, i: int, grow_dir: Path, start: str) -> dict:
     scored = open_dataset(str(grow_dir / "scored"), require_complete=True)
     flt = improve_filter(cfg, i)
-    key = _key({"data": scored.fingerprint, **flt, "lr": cfg.lrs[i],
+    lr = cfg.lrs[i] if cfg.lrs else auto_lr(count_parameters(start), bool(cfg.lora_r)) / 2 ** i
+    key = _key({"data": scored.fingerprint, **flt, "lr": lr,
                 "start": fingerprint(start), "steps": cfg.steps_per_improve,
                 "epochs": cfg.epochs_per_improve, "batch": cfg.batch_size, "lora": cfg.lora_r,
                 "bits": cfg.bits, "seed": cfg.seed})
@@ -186,13 +189,13 @@ def _improve(cfg: RestConfig, g: int, i: int, grow_dir: Path, start: str) -> dic
     if read_json_file(d / "train_summary.json") is None:
         steps = cfg.steps_per_improve or max(1, int(len(kept) * cfg.epochs_per_improve) // cfg.batch_size)
         train_sft(SFTTrainConfig(data=str(grow_dir / "scored"), output=str(d), policy=start,
-                                 lr=cfg.lrs[i], max_steps=steps, batch_size=min(cfg.batch_size, len(kept)),
+                                 lr=lr, max_steps=steps, batch_size=min(cfg.batch_size, len(kept)),
                                  micro_batch_size=cfg.micro_batch_size, schedule="constant",
                                  seed=cfg.seed, lora_r=cfg.lora_r, bits=cfg.bits, report_to="none",
                                  gradient_checkpointing=cfg.gradient_checkpointing, **flt))
     return {"dir": str(d), "model": str(d / "final"), "kept": len(kept),
             "kept_fraction": len(kept) / max(1, len(rows)), "threshold": cfg.thresholds[i],
-            "lr": cfg.lrs[i], "filter": stats}
+            "lr": lr, "filter": stats}
 
 
 def run_rest(cfg: RestConfig) -> dict:

@@ -259,7 +259,7 @@ def test_plan_covers_every_example_every_epoch():
 def test_64_examples_at_batch_48_train_all_64(tmp_path, policy_dir):
     out = tmp_path / "out"
     res = cli(*sft_args(sft_file(tmp_path / "d.jsonl", 64), out, policy_dir, "--batch-size", "48",
-                        "--micro-batch-size", "16", "--lr", "1e-3"))
+                        "--micro-batch-size", "16", "--lr", "1e-3", "--epochs", "1"))
     assert res.returncode == 0, res.stderr[-2000:]
     h = history(out)
     assert [r["examples"] for r in h] == [48, 16] and sum(r["examples"] for r in h) == 64
@@ -268,7 +268,7 @@ def test_64_examples_at_batch_48_train_all_64(tmp_path, policy_dir):
 
 def test_dataset_smaller_than_the_batch_trains_one_step_of_all(tmp_path, policy_dir):
     out = tmp_path / "out"
-    res = cli(*sft_args(sft_file(tmp_path / "d.jsonl", 5), out, policy_dir, "--batch-size", "16"))
+    res = cli(*sft_args(sft_file(tmp_path / "d.jsonl", 5), out, policy_dir, "--batch-size", "16", "--epochs", "1"))
     assert res.returncode == 0, res.stderr[-2000:]
     assert [(r["step"], r["examples"]) for r in history(out)] == [(1, 5)]
     before = load_file(str(policy_dir / "model.safetensors"))

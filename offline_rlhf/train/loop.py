@@ -37,6 +37,7 @@ from ..errors import InputError, TrainingDiverged
 from ..lineage import code_version, config_hash
 from ..storage import write_json_atomic
 from . import checkpoint as ckpt
+from .defaults import EPOCHS_TEXT, RULE_TEXT, resolve_epochs, resolve_lr
 from .identity import Finished, prepare_output, run_identity
 from .plan import micro_batches, plan_epoch, steps_per_epoch, total_steps, warmup_steps
 
@@ -49,7 +50,7 @@ class TrainConfig:
     data: str = opt(help="input dataset (pairs or generations, per algorithm)")
     output: str = opt(help="output directory: checkpoints, metrics, final model")
     policy: str = opt(help="model to train: a transformers directory (safetensors)")
-    lr: float = opt(1e-5, "peak learning rate")
+    lr: float | None = opt(None, "peak learning rate; " + RULE_TEXT)
     weight_decay: float = opt(0.0, "AdamW weight decay")
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.999, "AdamW beta2")
@@ -63,7 +64,7 @@ class TrainConfig:
     warmup_ratio: float = opt(0.0, "linear warm-up over this fraction of the total steps, rounded "
                               "up (set this or warmup_steps, not both)")
     max_steps: int = opt(0, "optimizer steps (0: run `epochs` epochs)")
-    epochs: float = opt(1.0, "passes over the data when max_steps is 0")
+    epochs: float | None = opt(None, "passes over the data when max_steps is 0; " + EPOCHS_TEXT)
     batch_size: int = opt(16, "examples per optimizer step, over all processes (an epoch is "
                           "ceil(examples / batch_size) steps, the last one the rest)")
     micro_batch_size: int = opt(8, "most examples per forward pass on one process")
@@ -98,7 +99,9 @@ class TrainConfig:
     trust_remote_code: bool = opt(False, "allow custom model code from the model directory")
 
     def __post_init__(self):
-        positive = ("lr", "batch_size", "micro_batch_size", "max_tokens_per_micro_batch", "log_steps")
+        if self.lr is not None and self.lr <= 0:
+            raise InputError(f"lr: must be > 0, got {self.lr}")
+        positive = ("batch_size", "micro_batch_size", "max_tokens_per_micro_batch", "log_steps")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InputError(f"{name}: must be > 0, got {getattr(self, name)}")
@@ -111,7 +114,7 @@ class TrainConfig:
             raise InputError(f"bits: must be 4 or 8, got {self.bits}")
         if self.bits and not self.lora_r:
             raise InputError("bits: quantized base weights cannot be trained; set lora_r (QLoRA)")
-        if self.max_steps < 0 or self.epochs <= 0:
+        if self.max_steps < 0 or (self.epochs is not None and self.epochs <= 0):
             raise InputError("max_steps must be >= 0 and epochs > 0")
         if self.overwrite and self.resume not in ("auto", "never"):
             raise InputError("overwrite: starts afresh; it cannot be combined with --resume PATH")
@@ -277,9 +280,11 @@ def fit(cfg: TrainConfig, task_factory, **kw) -> dict:
 
 def _fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=None,
          evaluate=None) -> dict:
+    from ..console import status
     from ..models import check_model_dir, load_tokenizer
     check_model_dir(cfg.policy, "policy")
     out = Path(cfg.output)
+    chose = [resolve_lr(cfg)]         # before the identity, which records the value
     identity = run_identity(cfg)
     acc = make_accelerator(cfg)
     try:
@@ -292,6 +297,10 @@ def _fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=Non
         task = task_factory(model, tokenizer, acc)
         extras = extra_modules(model) if extra_modules else None
         lengths = task.lengths()
+        chose.append(resolve_epochs(cfg, len(lengths)))   # identity keeps "unset": data decide it
+        for line in chose:            # said once the run is sure to start (a refusal stays one line)
+            if line and acc.is_main_process:
+                status(line)
         steps = total_steps(cfg, len(lengths))
         params = list(model.parameters()) + (list(extras.parameters()) if extras else [])
         optimizer, scheduler = make_optimizer(cfg, params, steps)

@@ -1,0 +1,246 @@
+"""Do the trainers' defaults learn? Every trainer with only data, policy and output given,
+beside the best of a small grid of tuned settings, on two verifiable toy tasks.
+
+    python bench/defaults.py [--quick] [--tasks copy,flawed] [--out bench/results/defaults.json]
+
+Tasks (``offline_rlhf/toy.py``), each from a mediocre start, exact-match reward:
+
+- ``copy``: copy 4 digits; the demo's start (a tiny model trained until 30% of the training
+  prompts get some right and some wrong answers among 16 samples at temperature 0.7).
+- ``flawed``: sums up to 20+20 from a flawed demonstrator; the start is SFT'd on
+  demonstrations that drop the carry 60% of the time, so its greedy answer to a carrying
+  sum is systematically wrong while its samples are sometimes right.
+
+For each task, once: K=8 samples per training prompt at temperature 0.7 from the start,
+scored, reference log-probs of the start, best-worst pairs, and a rejection-sampled SFT
+file (each prompt's first right sample). Then per trainer:
+``sft`` (that file), ``dpo`` (the pairs), ``kto`` (the scored samples), ``ilql``, ``grpo``
+(the scored samples) and ``rest`` (one grow, three improve steps, its own sampling),
+each with its defaults and with the settings of a small search: lr 3e-4, 1e-3 and 3e-3
+(one epoch, set explicitly; the rest default), then three epochs at the best of those rates (rest: its
+first lr, halved each improve step, and epochs per improve step). ``rm`` is left out: it trains
+a reward model, not a policy, so it has no greedy or sampled accuracy.
+
+Reported: held-out greedy exact match and sampled exact match (4 samples per prompt at
+temperature 0.7) of the defaults and of the best grid setting (by greedy + sampled),
+and the gap; the defaults pass when both gaps are at most 3 points.
+
+``--quick`` (a check that it runs, not a measurement): fewer prompts, a shorter start,
+one tuned setting (lr 1e-3). Prints a table and saves JSON. Figures are deterministic on one
+machine (seeded everything) and may differ between CPU models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TRAINERS = ("sft", "dpo", "kto", "ilql", "grpo", "rest")
+GRID = {"lr": (3e-4, 1e-3, 3e-3), "epochs": (3,)}
+QUICK_GRID = {"lr": (1e-3,), "epochs": ()}
+TEMPERATURE, K, EVAL_SAMPLES = 0.7, 8, 4
+PASS_POINTS = 3.0
+
+
+def prepare(root: Path, task: str, quick: bool, seed: int) -> Path:
+    """The task's prompts, its start model and, from the start, the data every trainer reads."""
+    from offline_rlhf.demo import MIN_INFORMATIVE
+    from offline_rlhf.toy import (
+        pretrain_flawed,
+        pretrain_until_learnable,
+        setup_copy_task,
+        setup_flawed_task,
+    )
+    n_train, n_test = (60, 20) if quick else (300, 100)
+    if task == "copy":
+        setup_copy_task(root, n_train=n_train, n_test=n_test, seed=seed)
+        start, _, _ = pretrain_until_learnable(root, MIN_INFORMATIVE, 16, TEMPERATURE, seed)
+    else:
+        setup_flawed_task(root, n_train=n_train, n_test=n_test, seed=seed)
+        start = pretrain_flawed(root, seed, steps=200 if quick else 1000)
+    _data(root, start, seed)
+    return start
+
+
+def _data(root: Path, start: Path, seed: int) -> None:
+    from offline_rlhf.generation import GenerateConfig, generate
+    from offline_rlhf.logprobs import LogprobsConfig, compute_logprobs
+    from offline_rlhf.pairs import PairsConfig, build_pairs
+    from offline_rlhf.rewards.score import ScoreConfig, score
+    from offline_rlhf.shards import open_dataset
+    generate(GenerateConfig(prompts=str(root / "train_prompts"), output=str(root / "gen"), policy=str(start),
+                            num_samples=K, temperature=TEMPERATURE, max_new_tokens=10, seed=seed))
+    score(ScoreConfig(generations=str(root / "gen"), output=str(root / "scored"), weights={"exact_match": 1.0}))
+    compute_logprobs(LogprobsConfig(generations=str(root / "scored"), output=str(root / "ref"),
+                                    reference=str(start)))
+    build_pairs(PairsConfig(generations=str(root / "ref"), output=str(root / "pairs"), strategy="best_worst"))
+    rows = open_dataset(str(root / "scored")).read(columns=["prompt_id", "prompt", "response", "reward"])
+    best: dict[str, dict] = {}
+    for r in rows.to_pylist():
+        if r["reward"] >= 1 and r["prompt_id"] not in best:
+            best[r["prompt_id"]] = {"prompt": r["prompt"], "completion": r["response"]}
+    (root / "best.jsonl").write_text("".join(json.dumps(r) + "\n" for r in best.values()))
+
+
+def train(root: Path, start: Path, trainer: str, out: Path, setting: dict) -> Path:
+    """One run of ``trainer`` with only data, policy and output given, plus ``setting``."""
+    from offline_rlhf.train import ALGORITHMS
+    if trainer == "rest":
+        from offline_rlhf.rest import RestConfig, run_rest
+        kw = {}
+        if "lr" in setting:
+            kw["lrs"] = [setting["lr"] / 2 ** i for i in range(3)]
+        if "epochs" in setting:
+            kw["epochs_per_improve"] = setting["epochs"]
+        report = run_rest(RestConfig(policy=str(start), prompts=str(root / "train_prompts"), output=str(out),
+                                     weights={"exact_match": 1.0}, max_new_tokens=10, **kw))
+        return Path(report["final_model"])
+    data = {"sft": root / "best.jsonl", "dpo": root / "pairs", "kto": root / "ref",
+            "ilql": root / "scored", "grpo": root / "scored"}[trainer]
+    cls, run, _ = ALGORITHMS[trainer]
+    run(cls(data=str(data), policy=str(start), output=str(out), report_to="none", **setting))
+    return out / "final"
+
+
+def evaluate(root: Path, model: Path, work: Path, seed: int) -> dict:
+    from offline_rlhf.toy import exact_match, sampled_yield
+    return {"greedy": exact_match(model, root / "test_prompts", work / "greedy"),
+            "sampled": sampled_yield(model, root / "test_prompts", work / "sampled", EVAL_SAMPLES,
+                                     TEMPERATURE, seed)["sampled_exact_match"]}
+
+
+def run_task(tmp: Path, task: str, trainers, grid: dict, quick: bool, seed: int,
+             tuned: dict | None = None) -> dict:
+    root = tmp / task
+    t0 = time.perf_counter()
+    start = prepare(root, task, quick, seed)
+    res = {"start": evaluate(root, start, root / "eval-start", seed),
+           "prepare_seconds": time.perf_counter() - t0, "trainers": {}}
+    print(f"{task}: start greedy {res['start']['greedy']:.1%} sampled {res['start']['sampled']:.1%}", flush=True)
+    for trainer in trainers:
+        runs = [one(root, start, trainer, {}, seed)]
+        if tuned is not None:                 # the grid of an earlier run: only the defaults run
+            res["trainers"][trainer] = {"runs": runs}
+            continue
+        for lr in grid["lr"]:                 # a coordinate search: the rate at one epoch,
+            runs.append(one(root, start, trainer, {"lr": lr, "epochs": 1}, seed))
+        best_lr = max(runs[1:], key=_score)["setting"]["lr"]
+        for e in grid["epochs"]:              # then more epochs at the best rate
+            runs.append(one(root, start, trainer, {"lr": best_lr, "epochs": e}, seed))
+        res["trainers"][trainer] = summarise(runs)
+    res["seconds"] = time.perf_counter() - t0
+    return res
+
+
+def one(root: Path, start: Path, trainer: str, setting: dict, seed: int) -> dict:
+    name = f"{trainer}-" + "-".join(f"{k}{v:g}" for k, v in setting.items()) if setting else trainer
+    t1 = time.perf_counter()
+    model = train(root, start, trainer, root / "runs" / name, setting)
+    figures = evaluate(root, model, root / "eval" / name, seed)
+    print(f"  {trainer:<5} {str(setting or 'defaults'):<32} greedy {figures['greedy']:.1%} "
+          f"sampled {figures['sampled']:.1%}", flush=True)
+    return {"setting": setting or "defaults", **figures, "seconds": time.perf_counter() - t1}
+
+
+def _score(run: dict) -> float:
+    return run["greedy"] + run["sampled"]
+
+
+def summarise(runs: list[dict]) -> dict:
+    """The defaults beside the best tuned setting (by greedy + sampled), and the gaps in points."""
+    default, tuned = runs[0], runs[1:]
+    best = max(tuned, key=_score)
+    gaps = {k: 100 * (best[k] - default[k]) for k in ("greedy", "sampled")}
+    return {"defaults": default, "best": best, "gap_points": gaps,
+            "passes": all(g <= PASS_POINTS for g in gaps.values()), "runs": runs}
+
+
+def with_tuned(results: dict, earlier: dict) -> dict:
+    """``results``' defaults beside the tuned settings' figures of an ``earlier`` run."""
+    for task, res in results["tasks"].items():
+        for trainer, t in res["trainers"].items():
+            old = earlier["tasks"][task]["trainers"][trainer]["runs"][1:]
+            res["trainers"][trainer] = summarise(t["runs"][:1] + old)
+    results["tuned_from"] = "an earlier run (--reuse-tuned)"
+    return results
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{'task':<8}{'trainer':<8}{'defaults greedy/sampled':>25}{'best tuned greedy/sampled':>28}"
+          f"  {'best setting':<28}{'gap (points)':>14}  pass")
+    for task, res in results["tasks"].items():
+        s = res["start"]
+        print(f"{task:<8}{'start':<8}{s['greedy']:>14.1%} / {s['sampled']:<8.1%}")
+        for trainer, t in res["trainers"].items():
+            if "best" not in t:               # a defaults-only run not merged with a search
+                d = t["runs"][0]
+                print(f"{'':<8}{trainer:<8}{d['greedy']:>14.1%} / {d['sampled']:<8.1%}")
+                continue
+            d, b, g = t["defaults"], t["best"], t["gap_points"]
+            setting = ", ".join(f"{k} {v:g}" for k, v in b["setting"].items())
+            print(f"{'':<8}{trainer:<8}{d['greedy']:>14.1%} / {d['sampled']:<8.1%}"
+                  f"{b['greedy']:>17.1%} / {b['sampled']:<8.1%}  {setting:<28}"
+                  f"{g['greedy']:>6.1f} / {g['sampled']:<5.1f}  {'yes' if t['passes'] else 'NO'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 2)[2],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a short check that everything runs")
+    ap.add_argument("--tasks", default="copy,flawed", help="comma-separated: copy, flawed")
+    ap.add_argument("--trainers", default=",".join(TRAINERS), help="comma-separated subset of "
+                    + ", ".join(TRAINERS))
+    ap.add_argument("--seed", type=int, default=0, help="seed of the tasks, start models, sampling, training")
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="print the table of saved results "
+                    "(several: their tasks merged) and run nothing")
+    ap.add_argument("--reuse-tuned", metavar="JSON", help="run only the defaults; take the tuned "
+                    "settings' figures from an earlier run's JSON (same seed, same machine: after a "
+                    "change of the defaults, the grid's explicit settings give the same figures); "
+                    "with --table: merge them into the saved defaults-only results")
+    ap.add_argument("--defaults-only", action="store_true", help="run only the defaults (merge "
+                    "the saved JSON with an earlier run's tuned settings: --table it --reuse-tuned JSON)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "defaults.json"))
+    args = ap.parse_args()
+    if args.table:
+        saved = [json.loads(Path(f).read_text()) for f in args.table]
+        results = {**saved[0], "tasks": {k: v for s in saved for k, v in s["tasks"].items()}}
+        if args.reuse_tuned:
+            results = with_tuned(results, json.loads(Path(args.reuse_tuned).read_text()))
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+        print_table(results)
+        return
+    import torch
+    torch.set_num_threads(args.threads)
+    grid = QUICK_GRID if args.quick else GRID
+    tmp = Path(tempfile.mkdtemp(prefix="bench-defaults-"))
+    t0 = time.perf_counter()
+    results = {"quick": args.quick, "seed": args.seed, "grid": grid, "temperature": TEMPERATURE,
+               "samples_per_prompt": K, "eval_samples": EVAL_SAMPLES, "pass_points": PASS_POINTS, "tasks": {}}
+    try:
+        for task in args.tasks.split(","):
+            results["tasks"][task] = run_task(tmp, task, args.trainers.split(","), grid, args.quick,
+                                              args.seed, {} if args.defaults_only or args.reuse_tuned else None)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    results["seconds"] = time.perf_counter() - t0
+    if args.reuse_tuned:
+        results = with_tuned(results, json.loads(Path(args.reuse_tuned).read_text()))
+    if not args.defaults_only:
+        print_table(results)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    print(f"\n{results['seconds']:.0f} s in all; saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

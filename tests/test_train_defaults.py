@@ -1,0 +1,97 @@
+"""Defaults chosen by what a run can see (issue 22 item 2): the learning-rate rule of
+offline_rlhf/train/defaults.py, and the run's first line saying what it chose."""
+
+import json
+
+import pytest
+from cli_helpers import cli
+
+from offline_rlhf.train.defaults import (
+    MIN_STEPS,
+    auto_epochs,
+    auto_lr,
+    count_parameters,
+    resolve_epochs,
+    resolve_lr,
+)
+from offline_rlhf.train.kto import KTOTrainConfig
+from offline_rlhf.train.sft import SFTTrainConfig
+
+
+@pytest.mark.parametrize("params, lora, want", [
+    (1e5, False, 1e-3),       # the bench's toy models: the calibration point
+    (1e3, False, 1e-3),       # smaller still: capped at 1e-3
+    (1e7, False, 1e-4),       # 1e-3 * sqrt(1e5 / 1e7)
+    (1e9, False, 1e-5),
+    (1e13, False, 1e-6),      # floor
+    (1e9, True, 1e-4),        # LoRA: ten times full fine-tuning
+    (1e5, True, 1e-3),        # ... within [1e-5, 1e-3]
+    (1e13, True, 1e-5),
+])
+def test_rule_by_hand(params, lora, want):
+    assert auto_lr(int(params), lora) == pytest.approx(want)
+
+
+def test_kto_and_grpo_run_at_0_3_times_the_rule():
+    assert auto_lr(10**9, False, "kto") == auto_lr(10**9, False, "grpo") == pytest.approx(0.3e-5)
+    assert auto_lr(10**9, True, "kto") == pytest.approx(0.3e-4)
+    assert auto_lr(10**9, False, "dpo") == auto_lr(10**9, False, "sft") == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("examples, batch, want", [
+    (1000, 16, 1),            # 63 steps a pass: one epoch
+    (753, 16, 1),             # 47 full steps and a last one: 48
+    (752, 16, 2),             # 47 steps a pass: one short, two passes
+    (105, 16, 7),             # 7 steps a pass: 7 passes, 49 steps
+    (5, 16, 48),              # one step a pass
+])
+def test_epochs_rule_by_hand(examples, batch, want):
+    assert MIN_STEPS == 48 and auto_epochs(examples, batch) == want
+
+
+def test_explicit_epochs_win_and_unset_are_said():
+    given = SFTTrainConfig(data="x", output="o", policy="p", epochs=2.0)
+    assert resolve_epochs(given, 105) is None and given.epochs == 2.0
+    unset = SFTTrainConfig(data="x", output="o", policy="p")
+    assert resolve_epochs(unset, 105) == "epochs 7 (auto: 105 examples, 7 steps of 16 a pass, at least " \
+                                         "48 steps; --epochs sets it)" and unset.epochs == 7.0
+    steps = SFTTrainConfig(data="x", output="o", policy="p", max_steps=3)
+    assert resolve_epochs(steps, 105) is None                    # max_steps decides: nothing to say
+
+
+def test_parameters_counted_from_the_file_headers(policy_dir):
+    from offline_rlhf.models import load_policy
+    model = load_policy(policy_dir, device="cpu")
+    assert count_parameters(policy_dir) == sum(p.numel() for p in model.parameters())
+
+
+def test_explicit_value_wins_and_unset_is_resolved(policy_dir):
+    n = count_parameters(policy_dir)
+    given = SFTTrainConfig(data="x.jsonl", output="o", policy=str(policy_dir), lr=5e-4)
+    assert resolve_lr(given) is None and given.lr == 5e-4
+    unset = SFTTrainConfig(data="x.jsonl", output="o", policy=str(policy_dir))
+    assert resolve_lr(unset) == f"lr {auto_lr(n, False):.3g} (auto: full fine-tuning, {n / 1e6:.2g}M params; " \
+                                "--lr sets it)"
+    lora = SFTTrainConfig(data="x.jsonl", output="o", policy=str(policy_dir), lora_r=4)
+    assert "auto: LoRA r=4" in resolve_lr(lora) and lora.lr == auto_lr(n, True)
+    kto = KTOTrainConfig(data="x.jsonl", output="o", policy=str(policy_dir))
+    assert resolve_lr(kto).endswith("params, x0.3 for kto; --lr sets it)") and kto.lr == auto_lr(n, False, "kto")
+
+
+def test_first_line_shows_the_choice_and_the_run_records_it(tmp_path, policy_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}:", "completion": f" a {i}"}) + "\n" for i in range(8)))
+    res = cli("train", "sft", "--data", data, "--output", tmp_path / "out", "--policy", policy_dir,
+              "--report-to", "none", "--batch-size", "4", "--epochs", "1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    lr = auto_lr(count_parameters(policy_dir), False)
+    first = res.stderr.splitlines()[0]
+    assert first.startswith(f"lr {lr:.3g} (auto: full fine-tuning, ") and "M params" in first, res.stderr
+    assert "epochs" not in res.stderr                               # given: nothing to say
+    recorded = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert recorded["config"]["lr"] == recorded["identity"]["lr"] == lr
+    assert json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])["lr"] == \
+        pytest.approx(lr)                                        # cosine: step 1 runs at the peak
+    help_text = " ".join(cli("train", "dpo", "--help").stdout.split())
+    assert "unset: chosen by the model's parameter count" in help_text
+    assert "as many whole epochs as make at least 48 optimizer steps" in help_text

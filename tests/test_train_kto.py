@@ -89,6 +89,7 @@ def test_kto_matches_trl(loss_type, seed, dw, uw):
             pytest.approx(theirs["rewards/rejected"], abs=1e-5))
     assert m["logps"][d].mean().item() == pytest.approx(theirs["logps/chosen"], abs=1e-5)
     assert torch.all(m["kl"] == z0)          # logged as given (apo_zero_unpaired does not use it)
+    assert "delta" not in m                  # BCO's shift is BCO's metric
 
 
 def test_kto_closed_forms():
@@ -161,6 +162,20 @@ def test_bco_delta_is_the_mean_of_every_reward_so_far():
     assert bco_delta(0.25, 0, 9.0, 0) == (0.25, 0)
 
 
+def test_kto_defaults_and_float64_reference_point():
+    """Defaults beta 0.1, z0 0; a float z0 is taken in the log-probs' dtype (float64 here:
+    no float32 rounding of 0.3)."""
+    s = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    pol = torch.tensor([-1.0, -6.0], dtype=torch.float64)
+    ref = torch.tensor([-3.0, -2.0], dtype=torch.float64)
+    labels = torch.tensor([True, False])
+    losses, m = kto_loss(pol, ref, labels)
+    assert losses.tolist() == pytest.approx([1 - s(0.1 * 2), 1 - s(0.1 * 4)], abs=1e-12)
+    losses, m = kto_loss(pol, ref, labels, 0.3)
+    assert losses.tolist() == pytest.approx([1 - s(0.1 * 1.7), 1 - s(0.1 * 4.3)], abs=1e-12)
+    assert m["kl"].dtype == torch.float64 and m["kl"][0].item() == 0.3
+
+
 def test_balanced_weights():
     assert balanced_weights(10, 30, None, None) == (3.0, 1.0)
     assert balanced_weights(30, 10, None, None) == (1.0, 3.0)
@@ -169,6 +184,8 @@ def test_balanced_weights():
     assert balanced_weights(10, 30, 1.0, 1.0) == (1.0, 1.0)
     assert balanced_weights(1, 3, None, None) == (3.0, 1.0)
     assert balanced_weights(0, 3, None, None) == (3.0, 1.0)     # an empty class counts as one
+    assert balanced_weights(3, 1, None, None) == (1.0, 3.0)
+    assert balanced_weights(3, 0, None, None) == (1.0, 3.0)
 
 
 def test_labels_from_rewards():

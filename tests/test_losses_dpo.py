@@ -142,6 +142,9 @@ def test_token_logps_and_masked_sums_match_log_softmax():
     sums, counts = masked_sums(lp, mask)
     assert counts.tolist() == [2.0, 4.0]
     assert sums[0].item() == pytest.approx((ref[0, 1] + ref[0, 2]).item(), abs=1e-6)
+    # counts come in the log-probs' dtype (a long count has no .mean(), which sft needs)
+    assert counts.dtype == torch.float32
+    assert masked_sums(lp.double(), mask.bool())[1].dtype == torch.float64
 
 
 def test_matches_trl_dpo_trainer(tmp_path, policy_dir):

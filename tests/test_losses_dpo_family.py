@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from offline_rlhf.losses.dpo import (
     F_DIVERGENCE_LOSSES,
@@ -256,6 +257,52 @@ def test_refusals():
     with pytest.raises(ValueError, match="apo_zero needs reference log-probs"):
         dpo_loss(pc, pr, None, None, loss_type="apo_zero")
     assert "sft" in F_DIVERGENCE_LOSSES and "simpo" not in F_DIVERGENCE_LOSSES
+
+
+def test_refusal_messages_in_full():
+    """The refusals word for word (a user reads them), and the edges of what is refused."""
+    import re
+    pc, pr, rc, rr = t(-4.0), t(-6.0), t(-5.0), t(-5.5)
+
+    def refused(message, fn, *a, **kw):
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            fn(*a, **kw)
+    refused("loss_type names a loss twice: sigmoid,ipo,sigmoid", parse_losses, "sigmoid,ipo,sigmoid")
+    refused(f"loss_type must be one of {LOSS_TYPES}, not ''", parse_losses, [])
+    refused(f"f_divergence must be one of {F_DIVERGENCES}, not 'kl'", f_scores, t(0.5), "kl")
+    refused(f"f_divergence must be one of {F_DIVERGENCES}, not 'kl'", dpo_loss, pc, pr, rc, rr,
+            f_divergence="kl")
+    refused("f_divergence forward_kl is defined only for " + ", ".join(F_DIVERGENCE_LOSSES)
+            + ", not nca_pair, bco_pair", dpo_loss, pc, pr, rc, rr, loss_type="sigmoid,nca_pair,bco_pair",
+            f_divergence="forward_kl")
+    for eps in (0.0, 1.0, 1.5):
+        refused("exo_pair needs 0 < label_smoothing < 1 (the EXO paper uses 1e-3)", dpo_loss, pc, pr, rc, rr,
+                loss_type="exo_pair", label_smoothing=eps)
+    assert parse_losses(["sigmoid", "ipo"], [0.5, 2]) == [("sigmoid", 0.5), ("ipo", 2.0)]
+    assert parse_losses(" sigmoid, ipo") == [("sigmoid", 1.0), ("ipo", 1.0)]
+
+
+def test_f_divergence_defaults():
+    """f_scores defaults to reverse KL (the log-ratio itself) and alpha to 0.5, in
+    f_scores and in dpo_loss alike."""
+    x = t(0.5, -1.0)
+    assert torch.equal(f_scores(x), x)
+    want = (torch.exp(-0.5 * x) - 1) / -0.5
+    assert torch.allclose(f_scores(x, "alpha_divergence"), want, atol=1e-12)
+    pc, pr, rc, rr = t(-4.0), t(-6.0), t(-5.0), t(-5.5)
+    got, _ = dpo_loss(pc, pr, rc, rr, f_divergence="alpha_divergence")
+    cs, rs = (torch.exp(-0.5 * (pc - rc)) - 1) / -0.5, (torch.exp(-0.5 * (pr - rr)) - 1) / -0.5
+    assert got.item() == pytest.approx(-F.logsigmoid(0.1 * (cs - rs)).item(), abs=1e-12)
+
+
+def test_simpo_rewards_are_per_token_down_to_one_token():
+    """SimPO's reward metrics are beta times the per-token average: a completion of one
+    token is its own sum (the clamp only guards an empty one)."""
+    pc, pr, n1 = t(-3.0, -6.0), t(-1.0, -8.0), t(1.0, 2.0)
+    _, m = dpo_loss(pc, pr, None, None, beta=2.0, loss_type="simpo", chosen_lengths=n1,
+                    rejected_lengths=n1.flip(0))
+    assert m["rewards/chosen"].tolist() == [-6.0, -6.0]
+    assert m["rewards/rejected"].tolist() == [-1.0, -16.0]
 
 
 def test_f_divergence_refusal_is_trls():

@@ -427,3 +427,13 @@ def test_clipped_metric_marks_exactly_the_tokens_without_gradient(cap):
         clipped_surrogate(r, adv, 0.2, 0.2, cap).sum().backward()
         no_grad = r.grad == 0
         assert clip_active(r.detach(), adv, 0.2, 0.2, cap).tolist() == no_grad.tolist(), (a, cap)
+
+
+def test_a_ratio_exactly_at_the_cap_still_has_its_gradient():
+    """On the dual-clip cap itself (A < 0, rho = C = 3 > 1 + eps_high) the capped branch
+    is taken and clamp passes its gradient: the token is not clipped."""
+    r = torch.tensor([3.0, 3.0, 1.2], dtype=torch.float64, requires_grad=True)
+    adv = torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64)
+    clipped_surrogate(r, adv, 0.2, 0.2, 3.0).sum().backward()
+    assert r.grad.tolist() == [1.0, 0.0, -1.0]
+    assert clip_active(r.detach(), adv, 0.2, 0.2, 3.0).tolist() == [False, True, False]

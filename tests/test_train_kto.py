@@ -18,7 +18,7 @@ from cli_helpers import cli, one_error_line
 from conftest import generation_rows
 from safetensors.torch import load_file
 
-from offline_rlhf.losses.kto import balanced_weights, kto_kl, kto_loss
+from offline_rlhf.losses.kto import balanced_weights, bco_delta, kto_kl, kto_loss
 from offline_rlhf.train.kto_data import kl_partners, label_generations
 
 N, T = 8, 10
@@ -89,6 +89,7 @@ def test_kto_matches_trl(loss_type, seed, dw, uw):
             pytest.approx(theirs["rewards/rejected"], abs=1e-5))
     assert m["logps"][d].mean().item() == pytest.approx(theirs["logps/chosen"], abs=1e-5)
     assert torch.all(m["kl"] == z0)          # logged as given (apo_zero_unpaired does not use it)
+    assert "delta" not in m                  # BCO's shift is BCO's metric
 
 
 def test_kto_closed_forms():
@@ -108,7 +109,71 @@ def test_kto_closed_forms():
     assert z0.item() == 0.0 and not z0.requires_grad
     assert kto_kl(t([-1.0, -2.0]), t([-2.0, -2.0])).item() == pytest.approx(0.5)
     with pytest.raises(ValueError, match="loss_type must be one of"):
-        kto_loss(pol, ref, labels, loss_type="bco")
+        kto_loss(pol, ref, labels, loss_type="bco_pair")
+
+
+@pytest.mark.parametrize("seed, delta", [(0, 0.0), (1, 0.0), (0, 0.37), (1, -0.52)])
+def test_bco_matches_trl_bco_pair_on_the_pairs_split_into_singles(seed, delta):
+    """TRL 1.16 has BCO only as DPO's ``bco_pair`` (no shift): the pairs split into singles
+    (chosen desirable, rejected undesirable) give twice its mean over 2N examples. A shift
+    delta is the same as reference sums raised by delta / beta, which checks it too."""
+    from test_losses_dpo_family import N as n_pairs
+    from test_losses_dpo_family import random_batch as pair_batch
+    from test_losses_dpo_family import trl_loss
+    per_token, mask, ref_c, ref_r = pair_batch(seed)
+    beta = 0.3
+    want, _ = trl_loss(per_token, mask, ref_c + delta / beta, ref_r + delta / beta, ["bco_pair"], beta=beta)
+    labels = torch.arange(2 * n_pairs) < n_pairs
+    losses, m = kto_loss(per_token.sum(1), torch.cat([ref_c, ref_r]), labels, 0.5, beta=beta,
+                         loss_type="bco", delta=delta)
+    assert 2 * losses.mean().item() == pytest.approx(want, abs=1e-5)
+    assert torch.all(m["delta"] == delta) and torch.all(m["kl"] == 0.5)     # z0 is not BCO's
+
+
+def test_bco_closed_forms():
+    t = torch.tensor
+    s = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    pol, ref, labels = t([-2.0, -3.0, -1.0]), t([-3.0, -2.5, -1.0]), t([True, False, False])
+    # r = (1, -0.5, 0), beta 2: logits 2 r - delta with delta = 0.5 are 1.5, -1.5, -0.5
+    losses, m = kto_loss(pol, ref, labels, beta=2.0, loss_type="bco", delta=0.5,
+                         desirable_weight=3.0, undesirable_weight=0.5)
+    assert losses.tolist() == pytest.approx([-3 * math.log(s(1.5)), -0.5 * math.log(s(1.5)),
+                                             -0.5 * math.log(s(0.5))])
+    assert m["rewards"].tolist() == pytest.approx([2.0, -1.0, 0.0])
+    # at policy = reference and delta = 0 every example costs log 2
+    losses, _ = kto_loss(ref, ref, labels, loss_type="bco")
+    assert losses.tolist() == pytest.approx([math.log(2)] * 3)
+    # the gradient pushes the desirable reward up and the undesirable one down
+    p = pol.clone().requires_grad_(True)
+    kto_loss(p, ref, labels, loss_type="bco", delta=0.1)[0].sum().backward()
+    assert p.grad[0] < 0 < p.grad[1] and p.grad[2] > 0
+
+
+def test_bco_delta_is_the_mean_of_every_reward_so_far():
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(n, generator=g) for n in (5, 1, 8, 3)]
+    mean, count = 0.0, 0
+    for k, b in enumerate(batches, 1):
+        mean, count = bco_delta(mean, count, b.mean().item(), len(b))
+        seen = torch.cat(batches[:k])
+        assert count == len(seen) and mean == pytest.approx(seen.mean().item(), abs=1e-6)
+    assert bco_delta(0.0, 0, 0.7, 1) == pytest.approx((0.7, 1))            # the first batch is the mean
+    assert bco_delta(0.25, 3, 9.0, 0) == (0.25, 3)                           # an empty batch changes nothing
+    assert bco_delta(0.25, 0, 9.0, 0) == (0.25, 0)
+
+
+def test_kto_defaults_and_float64_reference_point():
+    """Defaults beta 0.1, z0 0; a float z0 is taken in the log-probs' dtype (float64 here:
+    no float32 rounding of 0.3)."""
+    s = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    pol = torch.tensor([-1.0, -6.0], dtype=torch.float64)
+    ref = torch.tensor([-3.0, -2.0], dtype=torch.float64)
+    labels = torch.tensor([True, False])
+    losses, m = kto_loss(pol, ref, labels)
+    assert losses.tolist() == pytest.approx([1 - s(0.1 * 2), 1 - s(0.1 * 4)], abs=1e-12)
+    losses, m = kto_loss(pol, ref, labels, 0.3)
+    assert losses.tolist() == pytest.approx([1 - s(0.1 * 1.7), 1 - s(0.1 * 4.3)], abs=1e-12)
+    assert m["kl"].dtype == torch.float64 and m["kl"][0].item() == 0.3
 
 
 def test_balanced_weights():
@@ -119,6 +184,8 @@ def test_balanced_weights():
     assert balanced_weights(10, 30, 1.0, 1.0) == (1.0, 1.0)
     assert balanced_weights(1, 3, None, None) == (3.0, 1.0)
     assert balanced_weights(0, 3, None, None) == (3.0, 1.0)     # an empty class counts as one
+    assert balanced_weights(3, 1, None, None) == (1.0, 3.0)
+    assert balanced_weights(3, 0, None, None) == (1.0, 3.0)
 
 
 def test_labels_from_rewards():
@@ -230,7 +297,7 @@ def test_bad_unpaired_rows_refused_in_one_line(tmp_path, policy_dir, row, parts)
 
 def test_refusals_in_one_line(tmp_path, policy_dir):
     gen = _generations(tmp_path)
-    one_error_line(cli(*_args(gen, tmp_path / "o", policy_dir, "--loss", "bco")), "loss: must be one of kto")
+    one_error_line(cli(*_args(gen, tmp_path / "o", policy_dir, "--loss", "orpo")), "loss: must be one of kto")
     one_error_line(cli(*_args(gen, tmp_path / "o", policy_dir, "--group-fraction", "0.7")),
                    "group_fraction: must be in (0, 0.5]")
     src = tmp_path / "kto.jsonl"
@@ -278,3 +345,32 @@ def test_lora_policy_is_its_own_reference_adapter_off(tmp_path, policy_dir):
     assert s["first"]["loss"] == pytest.approx(0.5, abs=1e-5) and s["first"]["kl"] == pytest.approx(0, abs=1e-5)
     assert s["last"]["loss"] < s["first"]["loss"]
     assert (tmp_path / "o" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_bco_trains_with_a_running_shift_and_resumes_it_exactly(tmp_path, policy_dir):
+    """`--loss bco`: at the first step (policy = reference, delta 0) every loss is log 2; the
+    delta of each step is the mean reward of all the steps before it; a run resumed from
+    its step-2 checkpoint continues with that step's delta, as if never stopped."""
+    import shutil
+
+    from offline_rlhf.train.kto import KTOTrainConfig, train_kto
+    cfg = dict(data=_generations(tmp_path), output=str(tmp_path / "o"), policy=str(policy_dir), lr=1e-2,
+               batch_size=8, micro_batch_size=8, max_steps=4, save_steps=2, report_to="none", loss="bco",
+               beta=0.5)
+    s = train_kto(KTOTrainConfig(**cfg))
+    assert s["data"]["ref_logps_computed"] == 32 and s["data"]["kl_pairs_computed"] == 0   # no partners
+    hist = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert hist[0]["loss"] == pytest.approx(math.log(2), abs=1e-4) and hist[0]["delta"] == 0
+    for k in range(1, 4):
+        seen = hist[:k]
+        want = sum(h["rewards"] * h["examples"] for h in seen) / sum(h["examples"] for h in seen)
+        assert hist[k]["delta"] == pytest.approx(want, abs=1e-6)
+    assert hist[3]["delta"] != 0 and hist[-1]["rewards/margins"] > 0
+    saved = json.loads((tmp_path / "o" / "bco_delta.json").read_text())
+    assert list(saved) == ["2", "4"] and saved["2"][1] == 16
+    for done in ("final", "train_summary.json"):
+        shutil.rmtree(tmp_path / "o" / done) if done == "final" else (tmp_path / "o" / done).unlink()
+    again = train_kto(KTOTrainConfig(**cfg))
+    assert again["resumed_from"].endswith("step-0000002") and again["steps_run"] == 2
+    for key in ("loss", "delta", "rewards"):
+        assert again["last"][key] == pytest.approx(s["last"][key], abs=1e-6), key

@@ -11,11 +11,19 @@ completion from another prompt, and their reference sums are computed once befor
 first step (``reference.py``: cached in the output, keyed by content) with ``--reference``,
 by default the policy itself (no second model). Each step, z0 is the mean over the step's
 examples of ``log pi - log pi_ref`` on their mismatched pairs (a no-grad forward), clamped at 0.
+
+``--loss bco`` needs no mismatched pairs: its reward shift delta is the running mean of the
+rewards ``beta r`` of every example trained on before the step (``losses.kto.bco_delta``,
+updated from each step's reduced metrics, so every process holds the same value). At
+``--save-steps`` it is written to ``OUTPUT/bco_delta.json`` by step, and a resumed run
+starts from its checkpoint's value.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,10 +32,14 @@ from ..batching import pad
 from ..config import opt
 from ..errors import InputError
 from ..losses.common import masked_sums, token_logps
-from ..losses.kto import KTO_LOSS_TYPES, balanced_weights, kto_kl, kto_loss
+from ..losses.kto import KTO_LOSS_TYPES, balanced_weights, bco_delta, kto_kl, kto_loss
 from ..models import check_model_dir, frozen_forward
+from ..storage import read_json_file, write_json_atomic
+from .checkpoint import find_resume
 from .kto_data import check_kto_source, kl_partners, read_examples
 from .loop import TrainConfig, fit, micro_batches
+
+DELTA_FILE = "bco_delta.json"
 
 
 @dataclasses.dataclass
@@ -35,7 +47,8 @@ class KTOTrainConfig(TrainConfig):
     data: str = opt(help="scored generations dataset, pairs (dataset or preference file: chosen "
                     "desirable, rejected undesirable), or a TRL unpaired file (JSONL/JSON/Parquet "
                     "with prompt, completion, label)")
-    loss: str = opt("kto", f"loss: {' | '.join(KTO_LOSS_TYPES)}")
+    loss: str = opt("kto", f"loss: {' | '.join(KTO_LOSS_TYPES)} (bco: Binary Classifier "
+                    "Optimization, its reward shift the running mean reward)")
     beta: float = opt(0.1, "strength of the KL regularisation")
     desirable_weight: float | None = opt(None, "lambda_D; default: the classes balance "
                                          "(lambda_D n_D = lambda_U n_U, the minority weighted up)")
@@ -97,6 +110,7 @@ class KTOTask:
         self.stats.update(ref_logps_stored=int((~missing).sum()))
         self.reference_key = {"kto_examples": ex["key"], "kto_loss": cfg.loss}
         self.kl = torch.zeros(())
+        self.delta, self.delta_history = (0.0, 0), {}     # BCO: (running mean reward, count)
 
     def prepare(self, model, acc) -> None:
         """Reference sums of the mismatched pairs (and of rows without stored ones), once."""
@@ -171,7 +185,7 @@ class KTOTask:
         sums, _ = masked_sums(token_logps(logits, batch["input_ids"]), batch["completion_mask"])
         return kto_loss(sums.double(), batch["ref"], batch["desirable"], self.kl, beta=self.cfg.beta,
                         desirable_weight=self.weights[0], undesirable_weight=self.weights[1],
-                        loss_type=self.cfg.loss)
+                        loss_type=self.cfg.loss, delta=self.delta[0])
 
     def finish_record(self, record: dict) -> None:
         """Class means from the per-example sums: ``rewards/chosen`` (desirable) and
@@ -184,6 +198,30 @@ class KTOTask:
                 record[f"rewards/{side}"] = total / frac
         if "rewards/chosen" in record and "rewards/rejected" in record:
             record["rewards/margins"] = record["rewards/chosen"] - record["rewards/rejected"]
+        if self.cfg.loss == "bco":
+            self._update_delta(record)
+
+    def _update_delta(self, record: dict) -> None:
+        """BCO: the step's mean reward joins the running mean (kept by step at checkpoints)."""
+        self.delta = bco_delta(*self.delta, record["rewards"], record["examples"])
+        step, every = record["step"], self.cfg.save_steps
+        if every and step % every == 0 and self.acc.is_main_process:
+            self.delta_history[str(step)] = list(self.delta)
+            write_json_atomic(Path(self.cfg.output) / DELTA_FILE, self.delta_history)
+
+    def resume_delta(self) -> None:
+        """BCO: the running mean at the checkpoint this run resumes from, if any."""
+        ck = find_resume(Path(self.cfg.output), self.cfg.resume)
+        if ck is None:
+            return
+        step = str(json.loads((ck / "state.json").read_text())["step"])
+        path = ck.parent.parent / DELTA_FILE
+        history = read_json_file(path) or {}
+        if step not in history:
+            raise InputError(f"{path}: no BCO reward shift recorded for step {step}, the step of "
+                             f"{ck}: cannot resume exactly (--overwrite starts afresh)")
+        self.delta_history = {k: v for k, v in history.items() if int(k) <= int(step)}
+        self.delta = (float(history[step][0]), int(history[step][1]))
 
 
 def train_kto(cfg: KTOTrainConfig) -> dict:
@@ -197,6 +235,8 @@ def train_kto(cfg: KTOTrainConfig) -> dict:
     def factory(model, tokenizer, acc):
         holder["task"] = KTOTask(cfg, tokenizer)
         holder["task"].prepare(model, acc)
+        if cfg.loss == "bco":
+            holder["task"].resume_delta()
         return holder["task"]
 
     summary = fit(cfg, factory)

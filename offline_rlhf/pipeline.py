@@ -60,12 +60,12 @@ from .storage import append_line, read_json_file, refuse_link, write_json_atomic
 KINDS = ("generate", "score", "logprobs", "pairs", "train", "rest", "eval")
 # Options naming models: preflight checks them (safetensors, loadable config).
 MODEL_OPTIONS = {"policy": "policy", "reference": "reference model", "baseline": "baseline policy",
-                 "checkpoints": "checkpoint model"}
+                 "checkpoints": "checkpoint model", "judge": "judge model"}
 # Options that name data: a dataset, or a data file of one of these kinds.
 DATA_OPTIONS = ("prompts", "generations", "data", "eval_prompts", "previous_data")
 DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet")
 # Options kept out of a stage's key: where rows are made, and whether an old output goes.
-UNKEYED = (*EXECUTOR_OPTIONS, "overwrite")
+UNKEYED = (*EXECUTOR_OPTIONS, "overwrite", "judge_cache")   # the cache: how fast, not which rows
 STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 LOCK = "pipeline.lock"
 

@@ -249,3 +249,30 @@ def test_killed_judging_run_resumes_to_the_same_rows(tmp_path, policy_dir):
                   "--output", tmp_path / "t", "--pair-weight", "judge", "--max-steps", 2,
                   "--batch-size", 4, "--micro-batch-size", 4, "--report-to", "none")
     assert trained.returncode == 0, trained.stderr[-2000:]
+
+
+def test_refusals_name_the_option(tmp_path, policy_dir):
+    from offline_rlhf.errors import InputError
+    from offline_rlhf.pairs import PairsConfig
+    from offline_rlhf.train.dpo import DPOTrainConfig, pair_weights
+    gens = write_generations(tmp_path / "g", [generation_table(4)])
+    with pytest.raises(InputError, match="judge_scale: label '10' is 2 tokens"):
+        score(ScoreConfig(generations=gens, output=str(tmp_path / "s"), judge=str(policy_dir),
+                          judge_scale="1-10"))
+    with pytest.raises(InputError, match="judge_scale: must be LO-HI"):
+        ScoreConfig(generations=gens, output="o", judge=str(policy_dir), judge_scale="5-1")
+    with pytest.raises(InputError, match="weights.judge: set, but no judge model"):
+        ScoreConfig(generations=gens, output="o", weights={"judge": 1.0})
+    with pytest.raises(InputError, match="strategy: judge needs --judge"):
+        PairsConfig(generations=gens, output="o", strategy="judge")
+    bad = tmp_path / "t.txt"
+    bad.write_text("{prompt} only")
+    with pytest.raises(InputError, match="has no {response_a}, {response_b} field"):
+        from offline_rlhf.rewards.judge import read_template
+        read_template(str(bad), "pairwise")
+    cfg = DPOTrainConfig(data="d", output="o", policy="p", pair_weight="judge")
+    rows = [{"judge_p_ab": 0.9, "judge_p_ba": 0.7, "judge_consistent": True},
+            {"judge_p_ab": 0.8, "judge_p_ba": 0.4, "judge_consistent": False}]
+    assert pair_weights(rows, cfg).tolist() == pytest.approx([0.6, 0.0])
+    with pytest.raises(InputError, match="d, row 0, column 'judge_p_ab': no judge verdict"):
+        pair_weights([{"judge_p_ab": None, "judge_p_ba": None, "judge_consistent": None}], cfg)

@@ -21,7 +21,7 @@ import torch
 
 from ..batching import pad
 from ..config import opt
-from ..errors import InputError
+from ..errors import InputError, located
 from ..losses.common import masked_sums, token_logps
 from ..losses.dpo import (
     F_DIVERGENCE_LOSSES,
@@ -429,8 +429,8 @@ def pair_weights(rows: list[dict], cfg: DPOTrainConfig) -> np.ndarray:
         return np.ones(len(rows))
     for i, r in enumerate(rows):
         if r["judge_p_ab"] is None or r["judge_p_ba"] is None:
-            raise InputError(f"{cfg.data}: row {i}: column judge_p_ab: no judge verdict (--pair-weight "
-                             "judge needs pairs from `offline-rlhf pairs --strategy judge`)")
+            raise InputError(located("no judge verdict (--pair-weight judge needs pairs from "
+                                     "`offline-rlhf pairs --strategy judge`)", cfg.data, i, "judge_p_ab"))
     return np.array([max(0.0, r["judge_p_ab"] + r["judge_p_ba"] - 1.0) if r["judge_consistent"]
                      else 0.0 for r in rows])
 

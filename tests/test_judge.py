@@ -46,7 +46,11 @@ def hand_score(judge_dir, prompt: str, response: str, reference: str, labels: li
 
 
 def test_pointwise_score_is_the_expected_label_from_the_judge_logits(tmp_path, policy_dir):
-    gens = write_generations(tmp_path / "g", [generation_table(6), generation_table(6, start=6)])
+    tables = [generation_table(6), generation_table(6, start=6)]
+    tables = [t.set_column(t.schema.get_field_index("reference_answer"), "reference_answer",
+                           [[a if i % 3 else "x" for i, a in enumerate(t.column("reference_answer").to_pylist())]])
+              for t in tables]                   # every third response is wrong by the rule
+    gens = write_generations(tmp_path / "g", tables)
     score(ScoreConfig(generations=gens, output=str(tmp_path / "s"), judge=str(policy_dir),
                       judge_scale="1-5", weights={"judge": 2.0, "exact_match": 0.5}))
     t = open_dataset(str(tmp_path / "s")).read().to_pylist()
@@ -59,6 +63,13 @@ def test_pointwise_score_is_the_expected_label_from_the_judge_logits(tmp_path, p
         assert r["reward"] == pytest.approx(2.0 * want + 0.5 * comps["exact_match"], abs=1e-5)
     # distinct responses are judged differently (the row's text really is the input)
     assert len({round(r["reward_components"][0]["value"], 9) for r in t}) > 1
+    # inspect: the judge against the rule, and against length
+    from offline_rlhf.summary import summarize
+    d = summarize(open_dataset(str(tmp_path / "s")))["judge"]
+    judge = [r["reward_components"][0]["value"] for r in t]
+    rule = [r["reward_components"][1]["value"] for r in t]
+    assert d["corr_with_exact_match"] == pytest.approx(np.corrcoef(judge, rule)[0, 1])
+    assert d["length_bias"] is None          # every response has 6 tokens: no correlation defined
 
 
 def test_render_keeps_other_braces():

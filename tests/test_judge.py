@@ -236,30 +236,31 @@ def test_killed_judging_run_resumes_to_the_same_rows(tmp_path, policy_dir):
 
     from cli_helpers import cli, popen
     from conftest import kill_when
-    gens = judge_gens(tmp_path, chunks=4)
 
-    def args(out):
-        return ["pairs", "--generations", gens, "--output", out, "--strategy", "judge",
-                "--judge", policy_dir, "--judge-inconsistent", "keep"]
-    out = tmp_path / "killed"
-    proc = popen(*args(out))
-    kill_when(proc, lambda: len(list((out / ".offline-rlhf" / "shards").glob("*.json"))) >= 1
-              if (out / ".offline-rlhf" / "shards").exists() else False)
-    rerun = cli(*args(out))
+    from offline_rlhf.pairs import PairsConfig, build_pairs
+    from offline_rlhf.summary import render, summarize
+    from offline_rlhf.train.dpo import DPOTrainConfig, train_dpo
+    gens = judge_gens(tmp_path, chunks=4)
+    args = ["pairs", "--generations", gens, "--output", tmp_path / "killed", "--strategy", "judge",
+            "--judge", policy_dir, "--judge-inconsistent", "keep"]
+    shards = tmp_path / "killed" / ".offline-rlhf" / "shards"
+    kill_when(popen(*args), lambda: shards.exists() and len(list(shards.glob("*.json"))) >= 1)
+    rerun = cli(*args)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     done, skipped = map(int, re.search(r"(\d+) chunks done, (\d+) already committed", rerun.stdout).groups())
     assert skipped >= 1 and done + skipped == 4
-    assert cli(*args(tmp_path / "clean")).returncode == 0
+    build_pairs(PairsConfig(generations=gens, output=str(tmp_path / "clean"), strategy="judge",
+                            judge=str(policy_dir), judge_inconsistent="keep"))
     cols = ["pair_id", "chosen", "rejected", "margin", "judge_p_ab", "judge_p_ba", "judge_consistent",
             "judge_fingerprint"]
-    assert open_dataset(str(out)).read(columns=cols).equals(
-        open_dataset(str(tmp_path / "clean")).read(columns=cols))
-    shown = cli("inspect", out)
-    assert "judge.position_consistency" in shown.stdout and "judge.first_position_preference" in shown.stdout
-    trained = cli("train", "dpo", "--data", out, "--policy", policy_dir, "--reference", policy_dir,
-                  "--output", tmp_path / "t", "--pair-weight", "judge", "--max-steps", 2,
-                  "--batch-size", 4, "--micro-batch-size", 4, "--report-to", "none")
-    assert trained.returncode == 0, trained.stderr[-2000:]
+    killed = open_dataset(str(tmp_path / "killed"))
+    assert killed.read(columns=cols).equals(open_dataset(str(tmp_path / "clean")).read(columns=cols))
+    shown = render(summarize(killed))
+    assert "judge.position_consistency" in shown and "judge.first_position_preference" in shown
+    s = train_dpo(DPOTrainConfig(data=str(tmp_path / "killed"), output=str(tmp_path / "t"),
+                                 policy=str(policy_dir), reference=str(policy_dir), pair_weight="judge",
+                                 max_steps=2, batch_size=4, micro_batch_size=4, report_to="none"))
+    assert s["data"]["pairs"] == killed.num_rows and np.isfinite(s["last"]["loss"])
 
 
 def test_refusals_name_the_option(tmp_path, policy_dir):

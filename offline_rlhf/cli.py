@@ -301,8 +301,9 @@ def _commands() -> list[tuple]:
          "Sample K responses per prompt with the policy (token-budget batches, shared prefill, "
          "per-sample seeds) and write response tokens, behaviour log-probs, finish reasons and "
          "lineage as shards. Rerunning skips finished shards; --worker/--num-workers split the work."),
-        ("score", ScoreConfig, _stage, score, (), "add reward-model and rule rewards (and group-normalised reward)",
-         "Score every response with a reward model and/or rule rewards (exact_match, "
+        ("score", ScoreConfig, _stage, score, (), "add reward-model, judge and rule rewards (and group-normalised reward)",
+         "Score every response with a reward model, an LLM judge (--judge: the expected "
+         "value of its verdict distribution, docs/rlaif.md) and/or rule rewards (exact_match, "
          "numeric_match, format, length_penalty), store each component by name, their weighted "
          "total and the reward normalised within each prompt's group, in a new dataset. Only "
          "the reward columns change, so rescoring with a new reward model never regenerates."),
@@ -310,7 +311,8 @@ def _commands() -> list[tuple]:
          "Compute each response's per-token and summed log-probs under the reference model, "
          "so that no optimiser needs to load it."),
         ("pairs", PairsConfig, _stage, build_pairs, (), "build preference pairs from scored generations",
-         "Pair each prompt's responses by reward (best_worst, margin, top_bottom). Identical "
+         "Pair each prompt's responses by reward (best_worst, margin, top_bottom) or by an LLM "
+         "judge asked in both orders (--strategy judge --judge MODEL, docs/rlaif.md). Identical "
          "responses are de-duplicated, ties and single-response prompts dropped and counted; "
          "reference log-probs are carried when present."),
         ("import-pairs", ImportPairsConfig, _import_pairs, None, ("file", "out"),
@@ -431,7 +433,8 @@ COMMAND_NAMES = ("generate", "score", "logprobs", "pairs", "import-pairs", "trai
                  "export", "inspect", "validate", "import-prompts", "tiny-model", "demo", "pipeline")
 # options that name a model directory (and what it is called in messages)
 MODEL_OPTIONS = {"policy": "policy", "reference": "reference model", "reward_model": "reward model",
-                 "baseline": "baseline", "checkpoints": "checkpoint", "tokenizer": "tokenizer"}
+                 "baseline": "baseline", "checkpoints": "checkpoint", "tokenizer": "tokenizer",
+                 "judge": "judge model"}
 
 
 def check_model_paths(argv: list[str]) -> None:

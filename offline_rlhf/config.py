@@ -25,7 +25,8 @@ from .errors import InputError
 # Options that name files, datasets or models (in any command's config): outputs must not
 # collide with them, and a pipeline fingerprints them when given literally.
 PATH_OPTIONS = ("policy", "reward_model", "reference", "prompts", "generations", "data",
-                "baseline", "eval_prompts", "ilql_heads", "checkpoints", "metrics", "previous_data")
+                "baseline", "eval_prompts", "ilql_heads", "checkpoints", "metrics", "previous_data",
+                "judge", "judge_template")
 
 
 def opt(default=dataclasses.MISSING, help: str = "", **kw):

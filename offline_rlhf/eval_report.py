@@ -50,6 +50,9 @@ def write_report(results: dict, out: Path, metrics: list) -> None:
            + (f" with ILQL heads `{heads}` (beta {results['config']['ilql_beta']:g})"
               if heads and m is p else "")
            for m in models]
+    md += [f"- judge diagnostics of {m['label']}: " + ", ".join(
+        f"{k} {v:.3g}" if v is not None else f"{k} -" for k, v in m["judge"].items())
+        for m in models if m.get("judge")]
     md += ["", *_samples_md(results.get("samples", []))]
     md += [""] + [f"![{png.stem}]({png.name})" for png in pngs]
     (out / "report.md").write_text("\n".join(md) + "\n")

@@ -45,13 +45,15 @@ from .errors import InputError
 from .eval_report import pick_samples, write_report
 from .generation import GenerateConfig, generate
 from .logprobs import LogprobsConfig, compute_logprobs
+from .rewards.judge import JUDGE_OPTIONS, JudgeOptions
+from .rewards.judge_stats import pointwise_diagnostics
 from .rewards.score import ScoreConfig, score
 from .shards import is_complete, open_dataset
 from .storage import read_json_file, refuse_link, remove_run_output, write_json_atomic
 
 
 @dataclasses.dataclass
-class EvalConfig(BackendOptions):
+class EvalConfig(BackendOptions, JudgeOptions):
     """Options of ``eval``; ``backend`` is the engine that generates the evaluated responses
     (scoring and reference log-probs run on the built-in one)."""
 
@@ -113,7 +115,8 @@ def _generate_config(cfg: EvalConfig, model: str, output: Path, heads: str | Non
 def _score_config(cfg: EvalConfig, out: Path) -> ScoreConfig:
     kw = {"format_pattern": cfg.format_pattern} if cfg.format_pattern else {}
     return ScoreConfig(generations=str(out / "generations"), output=str(out / "scored"),
-                       reward_model=cfg.reward_model, weights=dict(cfg.weights), **kw)
+                       reward_model=cfg.reward_model, weights=dict(cfg.weights), **kw,
+                       **{k: getattr(cfg, k) for k in JUDGE_OPTIONS})
 
 
 def check_eval_inputs(cfg: EvalConfig) -> list[Path]:
@@ -123,7 +126,7 @@ def check_eval_inputs(cfg: EvalConfig) -> list[Path]:
     from .export import is_checkpoint, read_checkpoint
     from .generation import load_prompt_table
     from .models import check_model_dir, check_reward_model
-    for name in ("policy", "baseline", "reference"):
+    for name in ("policy", "baseline", "reference", "judge"):
         if getattr(cfg, name):
             check_model_dir(getattr(cfg, name), name)
     for c in cfg.checkpoints:
@@ -211,9 +214,18 @@ def _scored(cfg: EvalConfig, model: str, out: Path, reference: str | None,
             "reward_std": float(rewards.std()),
             "components": {k: float(np.mean(v)) for k, v in comps.items()},
             "response_tokens_mean": float(np.mean([len(r["response_token_ids"]) for r in t])),
-            **_kl(cfg, model, out, reference, heads), "rewards": rewards.tolist(),
+            **_kl(cfg, model, out, reference, heads), "rewards": rewards.tolist(), **_judged(t, comps),
             "by_prompt": {(r["prompt_id"], r["sample_index"]): r["reward"] for r in t},
             "texts": {(r["prompt_id"], r["sample_index"]): (r["prompt"], r["response"]) for r in t}}
+
+
+def _judged(t: list[dict], comps: dict) -> dict:
+    """Judge diagnostics (docs/rlaif.md) when a judge scored the responses."""
+    if "judge" not in comps:
+        return {}
+    others = {k: np.array(v) for k, v in comps.items() if k != "judge" and len(v) == len(t)}
+    lengths = np.array([len(r["response_token_ids"]) for r in t])
+    return {"judge": pointwise_diagnostics(np.array(comps["judge"]), others, lengths)}
 
 
 def win_rate(policy: dict, baseline: dict) -> float:
@@ -232,7 +244,8 @@ EVAL_KEY = "eval_key.json"   # what an OUTPUT's responses were made by: options 
 
 def _eval_key(cfg: EvalConfig) -> dict:
     from .models import fingerprint
-    key = {k: v for k, v in to_dict(cfg).items() if k not in ("output", "overwrite", "baseline_from")}
+    key = {k: v for k, v in to_dict(cfg).items() if k not in ("output", "overwrite", "baseline_from")
+           and (cfg.judge or k not in JUDGE_OPTIONS) and k != "judge_cache"}
     for name in ("policy", "baseline", "reference", "ilql_heads"):
         if getattr(cfg, name, None) and Path(getattr(cfg, name)).is_dir():
             key[f"{name}_content"] = fingerprint(getattr(cfg, name))

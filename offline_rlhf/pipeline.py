@@ -60,13 +60,14 @@ from .storage import append_line, read_json_file, refuse_link, write_json_atomic
 KINDS = ("generate", "score", "logprobs", "pairs", "train", "rest", "eval")
 # Options naming models: preflight checks them (safetensors, loadable config).
 MODEL_OPTIONS = {"policy": "policy", "reference": "reference model", "baseline": "baseline policy",
-                 "checkpoints": "checkpoint model"}
+                 "checkpoints": "checkpoint model", "judge": "judge model"}
 # Options that name data: a dataset, or a data file of one of these kinds.
 DATA_OPTIONS = ("prompts", "generations", "data", "eval_prompts", "previous_data")
 DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet")
 # Options kept out of a stage's key: where rows are made, and whether an old output goes.
-# baseline_from (eval): where identical rows may be copied from, set by the nights driver.
-UNKEYED = (*EXECUTOR_OPTIONS, "overwrite", "baseline_from")
+# baseline_from (eval): where identical rows may be copied from, set by the nights driver;
+# judge_cache: how fast verdicts come, not which.
+UNKEYED = (*EXECUTOR_OPTIONS, "overwrite", "baseline_from", "judge_cache")
 STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 LOCK = "pipeline.lock"
 

@@ -8,6 +8,7 @@ import polars as pl
 
 from .dataset import Dataset
 from .errors import InputError
+from .rewards.judge_stats import pairwise_diagnostics, pointwise_diagnostics
 
 STAT_COLUMNS = {
     "generations": ["reward", "reward_normalized", "ref_logps_sum"],
@@ -31,6 +32,8 @@ def summarize(ds: Dataset, verify: bool = True) -> dict:
            "content_key": ds.fingerprint, "config_hash": ds.config_hash,
            "code_version": ds.manifest.get("code_version"),
            "lineage": ds.lineage, "counts": ds.stats, "reward_stats": {}}
+    if ds.schema_name == "pairs":
+        out["judge"] = pairwise_diagnostics(ds.stats)
     if ds.num_rows == 0:
         return out
     try:
@@ -48,6 +51,7 @@ def _statistics(ds: Dataset, lf: pl.LazyFrame, out: dict) -> dict:
         for name in sorted(comps.select(pl.col("name").unique()).collect()["name"].to_list()):
             out["reward_stats"][f"component:{name}"] = _stats(
                 comps.filter(pl.col("name") == name), pl.col("value"))
+        out["judge"] = _pointwise_judge(lf)
         out["counts"] = {**out["counts"], **lf.select(
             prompts=pl.col("prompt_id").n_unique(),
             mean_response_tokens=pl.col("response_token_ids").list.len().mean(),
@@ -59,6 +63,19 @@ def _statistics(ds: Dataset, lf: pl.LazyFrame, out: dict) -> dict:
             with_reference_answer=pl.col("reference_answer").is_not_null().sum(),
         ).collect().row(0, named=True)}
     return out
+
+
+def _pointwise_judge(lf: pl.LazyFrame) -> dict:
+    """Judge diagnostics of a generations dataset scored with a ``judge`` component."""
+    rows = (lf.with_row_index("row").select("row", "reward_components",
+                                            n=pl.col("response_token_ids").list.len())
+            .explode("reward_components").drop_nulls("reward_components")
+            .unnest("reward_components").collect())
+    if "judge" not in set(rows["name"].to_list()):
+        return {}
+    wide = rows.pivot(on="name", index=["row", "n"], values="value").sort("row")
+    others = {c: wide[c].to_numpy() for c in wide.columns if c not in ("row", "n", "judge")}
+    return pointwise_diagnostics(wide["judge"].to_numpy(), others, wide["n"].to_numpy())
 
 
 def _fmt(v) -> str:
@@ -80,6 +97,7 @@ def render(summary: dict) -> str:
           ("config hash", summary["config_hash"]), ("code version", summary["code_version"])]
     kv += [(f"lineage.{k}", v) for k, v in sorted(summary["lineage"].items())]
     kv += [(f"count.{k}", v) for k, v in sorted(summary["counts"].items())]
+    kv += [(f"judge.{k}", v) for k, v in (summary.get("judge") or {}).items()]
     width = max(len(k) for k, _ in kv)
     lines += [f"{k:<{width}}  {_fmt(v)}" for k, v in kv]
     if summary["reward_stats"]:

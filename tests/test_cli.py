@@ -31,7 +31,7 @@ def test_inspect_prints_table(tmp_path, capsys):
     w.finish(total_chunks=2)
     assert main(["inspect", str(tmp_path / "ds")]) == 0
     out = capsys.readouterr().out
-    assert "generations 1.1.0" in out and "complete" in out and "h123" in out
+    assert "generations 1.2.0" in out and "complete" in out and "h123" in out
     assert "lineage.policy_fingerprint  abc" in out.replace("   ", "  ")
     assert "count.prompts_skipped" in out
     assert main(["inspect", "--json", str(tmp_path / "ds")]) == 0

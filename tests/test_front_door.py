@@ -160,7 +160,7 @@ def test_every_command_runs_from_a_config_file(tmp_path, policy_dir, reward_dir,
                improve_steps=1, thresholds=[-100.0], lrs=[1e-3], num_samples=2, steps_per_improve=1,
                batch_size=2, micro_batch_size=2, weights={"length_penalty": 1.0},
                **common).startswith(f"{t / 'rest'}/report.md: final model")
-    assert "generations 1.1.0" in run(["inspect"], dataset=str(t / "g"))
+    assert "generations 1.2.0" in run(["inspect"], dataset=str(t / "g"))
     assert run(["validate"], file=str(t / "prompts.jsonl"), schema="prompts-file").startswith(
         f"{t / 'prompts.jsonl'}: 8 rows valid")
     job = t / "job.toml"

@@ -157,7 +157,8 @@ def test_killed_pipeline_resumes_to_the_same_outputs(tmp_path, inputs):
 
 
 def _fixture_for(key: str, inputs, scored, pairs):
-    return {"policy": inputs["policy"], "reward_model": inputs["rm"], "prompts": inputs["prompts"],
+    return {"policy": inputs["policy"], "judge": inputs["policy"], "reward_model": inputs["rm"],
+            "prompts": inputs["prompts"],
             "heldout": inputs["heldout"], "generations": scored, "scored": scored,
             "pairs": pairs}[key]
 

@@ -20,20 +20,23 @@ from ..schemas import replace_column
 from ..shards import open_dataset
 from ..stage import LazyWorker, StagePlan
 from . import rules
+from .judge import Judge, JudgeOptions, check_judge
 
-COMPONENTS = ("reward_model", "exact_match", "numeric_match", "format", "length_penalty", "kimi_length")
+COMPONENTS = ("reward_model", "judge", "exact_match", "numeric_match", "format", "length_penalty",
+              "kimi_length")
 NEEDS_REFERENCE = ("exact_match", "numeric_match", "kimi_length")
 CORRECTNESS = ("exact_match", "numeric_match")
 
 
 @dataclasses.dataclass
-class ScoreConfig(BackendOptions, ExecutorOptions):
+class ScoreConfig(BackendOptions, ExecutorOptions, JudgeOptions):
     generations: str = opt(help="input generations dataset (never modified)")
     output: str = opt(help="output dataset: the same rows with reward columns filled")
     reward_model: str | None = opt(None, "reward model directory (sequence classification, one label)")
     overwrite: bool = opt(False, "replace an existing output dataset: it is removed (datasets only) once every input is checked, and the stage starts afresh")
     weights: dict[str, float] = opt({}, "component weights, e.g. reward_model=1 exact_match=0.5; "
-                                    f"components: {', '.join(COMPONENTS)} (default: reward_model=1)")
+                                    f"components: {', '.join(COMPONENTS)} (default: reward_model=1, "
+                                    "or judge=1 with --judge alone)")
     format_pattern: str = opt(rules.DEFAULT_FORMAT, "regex the whole response must match for 'format'")
     length_target: int = opt(0, "'length_penalty' is -(response tokens beyond this)")
     numeric_tolerance: float = opt(1e-6, "relative tolerance of 'numeric_match'")
@@ -50,9 +53,9 @@ class ScoreConfig(BackendOptions, ExecutorOptions):
     def __post_init__(self):
         super().__post_init__()
         if not self.weights:
-            if not self.reward_model:
-                raise InputError("weights: nothing to score: give a reward_model or rule weights")
-            self.weights = {"reward_model": 1.0}
+            if not self.reward_model and not self.judge:
+                raise InputError("weights: nothing to score: give a reward_model, a judge or rule weights")
+            self.weights = {"reward_model": 1.0} if self.reward_model else {"judge": 1.0}
         for name in self.weights:
             if name not in COMPONENTS:
                 raise InputError(f"weights.{name}: unknown component (known: {', '.join(COMPONENTS)})")
@@ -60,6 +63,9 @@ class ScoreConfig(BackendOptions, ExecutorOptions):
             raise InputError("weights.reward_model: set, but no reward_model path was given")
         if self.reward_model and "reward_model" not in self.weights:
             raise InputError("reward_model: given, but weights has no reward_model entry")
+        if ("judge" in self.weights) != bool(self.judge):
+            raise InputError("weights.judge: set, but no judge model was given" if self.judge is None
+                             else "judge: given, but weights has no judge entry")
         if self.length_correct not in CORRECTNESS:
             raise InputError(f"length_correct: must be one of {', '.join(CORRECTNESS)}, "
                              f"got {self.length_correct!r}")
@@ -154,14 +160,17 @@ def plan_score(cfg: ScoreConfig) -> StagePlan:
         check_backend(cfg, "score")
     check_inputs(cfg, src)
     rm_fp = fingerprint(cfg.reward_model) if cfg.reward_model else None
+    judge_fp = check_judge(cfg, "pointwise") if cfg.judge else None
     scorer_spec = {"reward_model": rm_fp, "weights": cfg.weights,
+                   **({"judge": judge_fp} if judge_fp else {}),
                    "format_pattern": cfg.format_pattern if "format" in cfg.weights else None,
                    "length_target": cfg.length_target if "length_penalty" in cfg.weights else None,
                    "numeric_tolerance": cfg.numeric_tolerance, "max_length": cfg.max_length,
                    "length_correct": cfg.length_correct if "kimi_length" in cfg.weights else None}
     reward_fp = hashlib.sha256(canonical_json(scorer_spec).encode()).hexdigest()
     hashed = {"generations": src.fingerprint, "scorer": reward_fp, "dtype": cfg.dtype,
-              "bits": cfg.bits, **({"backend": cfg.backend} if cfg.reward_model else {})}
+              "bits": cfg.bits, **({"backend": cfg.backend} if cfg.reward_model else {}),
+              **({"judge_dtype": cfg.judge_dtype, "judge_bits": cfg.judge_bits} if judge_fp else {})}
     chash = config_hash(hashed)
     return StagePlan(name="score", unit="rows", units=[e["rows"] for e in src.shards],
                      writer={"url": cfg.output, "schema": "generations", "config_hash": chash,
@@ -179,13 +188,15 @@ class ScoreWorker(LazyWorker):
         self.cfg, self.reward_fp = cfg, reward_fp
 
     def load(self):
-        cfg, rm = self.cfg, None
+        cfg, rm, judge = self.cfg, None, None
         if cfg.reward_model:
             rm = backend_module(cfg.backend).RewardModel(cfg)
-        return open_dataset(cfg.generations, require_complete=True), rm
+        if cfg.judge:
+            judge = Judge(cfg, "pointwise", cfg.device)
+        return open_dataset(cfg.generations, require_complete=True), rm, judge
 
     def compute(self, chunk: int, progress) -> tuple[pa.Table, dict]:
-        cfg, (src, rm) = self.cfg, self.loaded
+        cfg, (src, rm, judge) = self.cfg, self.loaded
         table = src.read_shard(chunk)
         where = f"{src.url}/{src.entry(chunk)['name']}"
         comps = rule_components(cfg, table, where)
@@ -195,6 +206,9 @@ class ScoreWorker(LazyWorker):
                                   table.column("response").to_pylist())
             comps["reward_model"] = rm.score_ids(seqs)
             stats["reward_model_inputs_truncated"] = cut
+        probs = None
+        if judge is not None:
+            comps["judge"], probs, stats = judge_rows(judge, table, stats)
         names = [n for n in COMPONENTS if n in cfg.weights]
         total = sum(cfg.weights[n] * comps[n] for n in names) if names else np.zeros(table.num_rows)
         total = np.asarray(total, dtype=np.float64)
@@ -208,6 +222,17 @@ class ScoreWorker(LazyWorker):
         table = replace_column(table, "reward_normalized",
                                group_normalize(table.column("prompt_id").to_pylist(), total))
         table = replace_column(table, "reward_fingerprint", [self.reward_fp] * table.num_rows)
+        table = replace_column(table, "judge_probs", [None] * table.num_rows if probs is None
+                               else probs.tolist())
         progress.update(units=table.num_rows, samples=table.num_rows,
                         tokens=sum(len(x) for x in table.column("response_token_ids").to_pylist()))
         return table, stats
+
+
+def judge_rows(judge, table: pa.Table, stats: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The ``judge`` component, its label probabilities, and the judge's counters."""
+    before = dict(judge.stats)
+    values, probs = judge.pointwise(table.column("prompt").to_pylist(),
+                                    table.column("response").to_pylist(),
+                                    table.column("reference_answer").to_pylist())
+    return values, probs, {**stats, **{k: v - before[k] for k, v in judge.stats.items()}}

@@ -21,7 +21,7 @@ import torch
 
 from ..batching import pad
 from ..config import opt
-from ..errors import InputError
+from ..errors import InputError, located
 from ..losses.common import masked_sums, token_logps
 from ..losses.dpo import (
     F_DIVERGENCE_LOSSES,
@@ -43,6 +43,8 @@ from .values import check_finite
 PAIR_COLUMNS = ["prompt", "prompt_token_ids", "chosen", "rejected", "chosen_token_ids",
                 "rejected_token_ids", "chosen_ref_logps_sum", "rejected_ref_logps_sum"]
 PREFIX_ATTENTION = ("auto", "mask", "flex")
+PAIR_WEIGHTS = ("none", "judge")
+JUDGE_COLUMNS = ["judge_p_ab", "judge_p_ba", "judge_consistent"]
 
 
 @dataclasses.dataclass
@@ -85,9 +87,15 @@ class DPOTrainConfig(TrainConfig):
                                 "auto: mask on CPU; on a GPU flex where torch, the model and the "
                                 "GPU support it, else two rows per pair (the dense mask is slower there)")
 
+    pair_weight: str = opt("none", "per-pair loss weight: none | judge (the judge's confidence "
+                           "judge_p_ab + judge_p_ba - 1 of pairs --strategy judge; 0 for pairs "
+                           "kept inconsistent)")
+
     def __post_init__(self):
         super().__post_init__()
         self.terms = check_losses(self)
+        if self.pair_weight not in PAIR_WEIGHTS:
+            raise InputError(f"pair_weight: must be one of {', '.join(PAIR_WEIGHTS)}, got {self.pair_weight!r}")
         if self.beta <= 0:
             raise InputError(f"beta: must be > 0, got {self.beta}")
         names = [n for n, _ in self.terms]
@@ -142,9 +150,11 @@ class DPOTask:
     def __init__(self, cfg: DPOTrainConfig, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.layout = "mask" if cfg.share_prompt else "rows"   # settled by prepare()
-        rows = read_pairs(cfg.data, tokenizer, PAIR_COLUMNS, "train dpo")
+        rows = read_pairs(cfg.data, tokenizer, PAIR_COLUMNS + (
+            JUDGE_COLUMNS if cfg.pair_weight == "judge" else []), "train dpo")
         if not rows:
             raise InputError(f"{cfg.data}: has no pairs")
+        self.weights = pair_weights(rows, cfg)
         self.stats = {"pairs": len(rows), "prompts_truncated": 0, "completions_truncated": 0,
                       "pairs_dropped_truncated": 0, "ref_logps_computed": 0, "ref_logps_reused": 0}
         self.prompts, self.chosen, self.rejected, ref_c, ref_r, exact = [], [], [], [], [], []
@@ -191,6 +201,7 @@ class DPOTask:
         gone = set(drop)
         for name in ("prompts", "chosen", "rejected"):
             setattr(self, name, [x for i, x in enumerate(getattr(self, name)) if i not in gone])
+        self.weights = np.array([w for i, w in enumerate(self.weights) if i not in gone])
 
     def prepare(self, model, acc) -> None:
         """Settle the layout for this device and model, and fill the missing reference
@@ -228,7 +239,8 @@ class DPOTask:
 
     def collate(self, indices: list[int], device) -> dict:
         refs = {"ref_chosen": torch.tensor(self.ref_chosen[indices], device=device),
-                "ref_rejected": torch.tensor(self.ref_rejected[indices], device=device)}
+                "ref_rejected": torch.tensor(self.ref_rejected[indices], device=device),
+                "pair_weight": torch.tensor(self.weights[indices], device=device)}
         collate = {"rows": self._collate_pairs, "mask": self._collate_masked,
                    "flex": self._collate_packed}[self.layout]
         return {**collate(indices, device), **refs}
@@ -357,6 +369,8 @@ class DPOTask:
         metrics["loss/nll"] = nll.detach()
         if cfg.nll_alpha:
             losses = losses + cfg.nll_alpha * nll
+        if cfg.pair_weight != "none":
+            losses = losses * batch["pair_weight"].to(losses.dtype)
         return losses.float(), metrics
 
 
@@ -405,6 +419,20 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
         warnings.warn(msg, stacklevel=2)
         summary["warning"] = msg
     return summary
+
+
+def pair_weights(rows: list[dict], cfg: DPOTrainConfig) -> np.ndarray:
+    """Per-pair loss weights: 1, or with ``--pair-weight judge`` the judge's confidence
+    ``judge_p_ab + judge_p_ba - 1`` (2 P(chosen better) - 1, in [0, 1]; 0 for a pair
+    kept although its two orders disagree). Pairs no judge labelled are refused."""
+    if cfg.pair_weight == "none":
+        return np.ones(len(rows))
+    for i, r in enumerate(rows):
+        if r["judge_p_ab"] is None or r["judge_p_ba"] is None:
+            raise InputError(located("no judge verdict (--pair-weight judge needs pairs from "
+                                     "`offline-rlhf pairs --strategy judge`)", cfg.data, i, "judge_p_ab"))
+    return np.array([max(0.0, r["judge_p_ab"] + r["judge_p_ba"] - 1.0) if r["judge_consistent"]
+                     else 0.0 for r in rows])
 
 
 def _floats(values) -> np.ndarray:

@@ -298,9 +298,6 @@ def _fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=Non
         extras = extra_modules(model) if extra_modules else None
         lengths = task.lengths()
         chose.append(resolve_epochs(cfg, len(lengths)))   # identity keeps "unset": data decide it
-        for line in chose:            # said once the run is sure to start (a refusal stays one line)
-            if line and acc.is_main_process:
-                status(line)
         steps = total_steps(cfg, len(lengths))
         params = list(model.parameters()) + (list(extras.parameters()) if extras else [])
         optimizer, scheduler = make_optimizer(cfg, params, steps)
@@ -312,6 +309,9 @@ def _fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=Non
         state = {"step": 0}
         if resume_from is not None:
             state = ckpt.load(resume_from, acc, model, optimizer, scheduler, extras)
+        for line in chose:   # said once the run is sure to start (a refused checkpoint stays one line)
+            if line and acc.is_main_process:
+                status(line)
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             write_json_atomic(out / "config.json", {

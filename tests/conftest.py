@@ -58,17 +58,7 @@ def copy_task_inputs(directory, policy_dir, reward_dir, prompts: int, heldout: i
             "heldout": directory / "heldout"}
 
 
-# The longest files first (CPU seconds measured with OFFLINE_RLHF_TEST_CPU): make test runs a
-# file per process at a time (pytest-xdist --dist loadfile), so a long file started last
-# would leave the other process idle at the end.
-LONG_FILES = ("test_demo.py", "test_train_dpo.py", "test_front_door.py", "test_train_grpo.py",
-              "test_vllm.py", "test_pipeline.py", "test_train_honest.py", "test_export.py",
-              "test_generation.py")
-
-
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONG_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))   # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

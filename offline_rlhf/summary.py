@@ -153,8 +153,9 @@ def describe_file(path: str) -> dict:
         raise InputError(f"{path}: no layout that a command reads in columns "
                          f"{', '.join(columns) or '(none)'}: expected prompt + chosen + rejected "
                          "(preferences), prompt + completion, messages or text (SFT), or prompt "
-                         "(prompts); name yours with --prompt-column, --chosen-column, "
-                         "--rejected-column, --completion-column, --messages-column")
+                         "(prompts); validate, import-pairs, import-prompts and train sft take "
+                         "yours with --prompt-column, --chosen-column, --rejected-column, "
+                         "--completion-column, --messages-column")
     layout, readers, schema = found
     return {"file": path, "rows": len(rows), "columns": columns, "layout": layout,
             "read_by": readers, "validate": f"offline-rlhf validate {path} --schema "

@@ -125,20 +125,23 @@ def summarise(records: list[dict], target: float, k: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nights", type=int, default=6)
-    ap.add_argument("--per-night", type=int, default=40, help="prompts drawn a night (pool: 120)")
+    ap.add_argument("--pool", type=int, default=300, help="training prompts: the start's SFT data and the nights' pool")
+    ap.add_argument("--heldout", type=int, default=100, help="held-out prompts (no sum shared with the pool)")
+    ap.add_argument("--per-night", type=int, default=60, help="prompts drawn a night")
     ap.add_argument("--steps", type=int, default=20, help="grpo steps a night")
     ap.add_argument("--target", type=float, default=0.8, help="held-out greedy exact match to reach")
     ap.add_argument("--pretrain-steps", type=int, default=1000)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "nights.json"))
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job shares the cores)")
     args = ap.parse_args()
     import torch
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     from offline_rlhf.toy import pretrain_flawed, setup_flawed_task
     tmp = Path(tempfile.mkdtemp(prefix="bench-nights-"))
     res: dict = {"args": vars(args)}
     try:
         t0 = time.perf_counter()
-        setup_flawed_task(tmp, n_train=120, n_test=60)
+        setup_flawed_task(tmp, n_train=args.pool, n_test=args.heldout)
         start = pretrain_flawed(tmp, steps=args.pretrain_steps)
         res["pretrain_seconds"] = time.perf_counter() - t0
         for curate in ("none", "informative"):

@@ -172,9 +172,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a short check that everything runs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "rlaif.json"))
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job shares the cores)")
     args = ap.parse_args()
     import torch
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     from offline_rlhf.demo import MIN_INFORMATIVE
     from offline_rlhf.toy import exact_match, pretrain_until_learnable, setup_copy_task
     k = 8 if args.quick else 16

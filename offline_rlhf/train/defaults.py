@@ -27,6 +27,8 @@ import json
 import math
 from pathlib import Path
 
+from .plan import steps_per_epoch
+
 REFERENCE_PARAMS = 1e5     # where the bench calibrated the rate
 REFERENCE_LR = 1e-3
 FULL_RANGE = (1e-6, 1e-3)
@@ -54,8 +56,7 @@ def auto_lr(params: int, lora: bool, algorithm: str = "sft") -> float:
 
 def auto_epochs(examples: int, batch_size: int) -> int:
     """Epochs when unset: 1, or enough whole epochs for :data:`MIN_STEPS` steps."""
-    per_epoch = max(1, -(-examples // batch_size))
-    return max(1, -(-MIN_STEPS // per_epoch))
+    return max(1, -(-MIN_STEPS // steps_per_epoch(examples, batch_size)))
 
 
 def resolve_epochs(cfg, examples: int) -> str | None:
@@ -66,7 +67,7 @@ def resolve_epochs(cfg, examples: int) -> str | None:
     cfg.epochs = float(auto_epochs(examples, cfg.batch_size))
     if cfg.max_steps:
         return None
-    per_epoch = -(-examples // cfg.batch_size)
+    per_epoch = steps_per_epoch(examples, cfg.batch_size)
     why = (f"{per_epoch} steps of {cfg.batch_size} a pass, at least {MIN_STEPS} steps"
            if cfg.epochs > 1 else f"{per_epoch} steps of {cfg.batch_size} a pass")
     return f"epochs {cfg.epochs:g} (auto: {examples} examples, {why}; --epochs sets it)"

@@ -45,9 +45,10 @@ workdir = "{work}"
 [nights]
 count = {nights}
 prompts_per_night = {per_night}
-seed = 1
+seed = {seed}
 curate = "{curate}"
 skip_after = 1
+fill = {fill}
 [nights.guard]
 reward_margin = 0.01
 [inputs]
@@ -70,11 +71,13 @@ kind = "train"
 algorithm = "grpo"
 data = "stages.score"
 policy = "inputs.policy"
-lr = 1e-3
+lr = {lr}
 max_steps = {steps}
 batch_size = 64
 micro_batch_size = 64
+clip_high = 0.28
 schedule = "constant"
+seed = {seed}
 report_to = "none"
 [stages.eval_sampled]
 kind = "eval"
@@ -95,13 +98,22 @@ max_new_tokens = 6
 """
 
 
-def run(tmp: Path, curate: str, start: Path, args) -> list[dict]:
+def run(tmp: Path, curate: str, start: Path, seed: int, args) -> list[dict]:
     from offline_rlhf.nights import run_nights
     job = tmp / f"{curate}.toml"
     job.write_text(JOB.format(work=tmp / curate, nights=args.nights, per_night=args.per_night,
-                              curate=curate, steps=args.steps, policy=start,
-                              prompts=tmp / "train_prompts", heldout=tmp / "test_prompts"))
+                              curate=curate, fill="false" if curate == "informative" else "true", steps=args.steps, lr=args.lr, seed=seed, policy=start,
+                              prompts=tmp / "pool", heldout=tmp / "test_prompts"))
     return run_nights(str(job))
+
+
+def write_pool(tmp: Path, n: int) -> None:
+    """The nights' pool: the first ``n`` of the start's SFT prompts."""
+    from offline_rlhf.shards import ShardWriter, open_dataset
+    table = open_dataset(str(tmp / "train_prompts")).read()
+    with ShardWriter(str(tmp / "pool"), "prompts", lineage={"source": "bench:nights:pool"}) as w:
+        w.write(0, table.slice(0, n))
+        w.finish(total_chunks=1)
 
 
 def summarise(records: list[dict], target: float, k: int) -> dict:
@@ -124,12 +136,16 @@ def summarise(records: list[dict], target: float, k: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--nights", type=int, default=6)
-    ap.add_argument("--pool", type=int, default=300, help="training prompts: the start's SFT data and the nights' pool")
+    ap.add_argument("--nights", type=int, default=8)
+    ap.add_argument("--sft-prompts", type=int, default=300, help="prompts of the start's flawed SFT data")
+    ap.add_argument("--pool", type=int, default=120, help="the nights' pool: the first N of those prompts")
     ap.add_argument("--heldout", type=int, default=100, help="held-out prompts (no sum shared with the pool)")
-    ap.add_argument("--per-night", type=int, default=60, help="prompts drawn a night")
-    ap.add_argument("--steps", type=int, default=20, help="grpo steps a night")
+    ap.add_argument("--per-night", type=int, default=120, help="prompts drawn a night")
+    ap.add_argument("--steps", type=int, default=20, help="grpo steps of 64 responses a night")
+    ap.add_argument("--lr", type=float, default=3e-4, help="grpo learning rate")
     ap.add_argument("--target", type=float, default=0.8, help="held-out greedy exact match to reach")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="one run per seed (the task split, the start, the draw, training)")
     ap.add_argument("--pretrain-steps", type=int, default=1000)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "nights.json"))
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job shares the cores)")
@@ -137,43 +153,70 @@ def main() -> None:
     import torch
     torch.set_num_threads(args.threads)
     from offline_rlhf.toy import pretrain_flawed, setup_flawed_task
-    tmp = Path(tempfile.mkdtemp(prefix="bench-nights-"))
-    res: dict = {"args": vars(args)}
-    try:
-        t0 = time.perf_counter()
-        setup_flawed_task(tmp, n_train=args.pool, n_test=args.heldout)
-        start = pretrain_flawed(tmp, steps=args.pretrain_steps)
-        res["pretrain_seconds"] = time.perf_counter() - t0
-        for curate in ("none", "informative"):
+    res: dict = {"args": vars(args), "seeds": {}}
+    for seed in args.seeds:
+        tmp = Path(tempfile.mkdtemp(prefix="bench-nights-"))
+        r: dict = {}
+        try:
             t0 = time.perf_counter()
-            res[curate] = summarise(run(tmp, curate, start, args), args.target, 8)
-            res[curate]["seconds"] = time.perf_counter() - t0
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _print(res, args)
+            setup_flawed_task(tmp, n_train=args.sft_prompts, n_test=args.heldout, seed=seed)
+            write_pool(tmp, args.pool)
+            start = pretrain_flawed(tmp, seed=seed, steps=args.pretrain_steps)
+            r["pretrain_seconds"] = time.perf_counter() - t0
+            for curate in ("none", "informative"):
+                t0 = time.perf_counter()
+                r[curate] = summarise(run(tmp, curate, start, seed, args), args.target, 8)
+                r[curate]["seconds"] = time.perf_counter() - t0
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        res["seeds"][seed] = r
+        _print(r, seed, args)
+    _overall(res, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"saved {args.out}")
 
 
-def _print(res: dict, args) -> None:
+def _print(res: dict, seed: int, args) -> None:
     start = res["none"]["nights"][0]["start_em"]
-    print(f"\nNights on the flawed-demonstrator addition task (start: {start:.0%} held-out greedy EM; "
-          f"{args.per_night} prompts x K=8 a night, {args.steps} grpo steps)\n")
+    print(f"\nSeed {seed}: nights on the flawed-demonstrator addition task (start: {start:.0%} held-out "
+          f"greedy EM; {args.per_night} of {args.pool} prompts x K=8 a night, {args.steps} grpo steps, "
+          f"lr {args.lr:g})\n")
     print(f"{'curate':<13}{'night':>6}{'informative':>13}{'skipped':>9}{'replayed':>10}{'held-out EM':>13}"
           f"{'promoted':>10}")
     for c in ("none", "informative"):
         for n in res[c]["nights"]:
             print(f"{c:<13}{n['night']:>6}{n['informative_fraction']:>13.0%}{n['skipped']:>9}"
                   f"{n['replayed']:>10}{n['exact_match']:>13.0%}{'yes' if n['promoted'] else 'no':>10}")
-    a, b = res["none"]["samples_to_target"], res["informative"]["samples_to_target"]
-    ratio = f"{b / a:.2f}x" if a and b else "n/a"
-    print(f"\nsamples to {args.target:.0%} held-out EM: plain {a or 'not reached'}, curated "
-          f"{b or 'not reached'} ({ratio}; target <= 0.6x)")
     for c in ("none", "informative"):
         r = res[c]
-        print(f"{c}: final {r['final_em']:.1%} vs best night {r['best_em']:.1%} (gap "
-              f"{100 * (r['best_em'] - r['final_em']):.1f} points; target <= 1); {r['seconds']:.0f} s")
+        print(f"{c}: samples to {args.target:.0%} {r['samples_to_target'] or 'not reached'}; final "
+              f"{r['final_em']:.1%} vs best night {r['best_em']:.1%} (gap "
+              f"{100 * (r['best_em'] - r['final_em']):.1f} points); {r['seconds']:.0f} s")
+
+
+def _overall(res: dict, args) -> None:
+    """Across seeds: samples to the target (a run that never reaches it counts as the
+    samples of all its nights plus one more night: a lower bound), and the largest gap."""
+    per_night = args.per_night * 8
+    cap = per_night * (args.nights + 1)
+    rows = []
+    for seed, r in res["seeds"].items():
+        a = r["none"]["samples_to_target"] or cap
+        b = r["informative"]["samples_to_target"] or cap
+        rows.append((seed, a, b, b / a))
+    total_a, total_b = sum(a for _, a, _, _ in rows), sum(b for _, _, b, _ in rows)
+    gap = max(100 * (r[c]["best_em"] - r[c]["final_em"]) for r in res["seeds"].values()
+              for c in ("none", "informative"))
+    res["summary"] = {"samples_to_target": {str(s): {"plain": a, "curated": b, "ratio": q} for s, a, b, q in rows},
+                      "ratio_of_totals": total_b / total_a, "largest_gap_points": gap,
+                      "not_reached_counts_as": cap}
+    print(f"\nSamples to {args.target:.0%} held-out greedy EM (not reached: counted as {cap}, a lower bound)")
+    print(f"{'seed':>5}{'plain':>8}{'curated':>9}{'ratio':>7}")
+    for s, a, b, q in rows:
+        print(f"{s:>5}{a:>8}{b:>9}{q:>7.2f}")
+    print(f"{'all':>5}{total_a:>8}{total_b:>9}{total_b / total_a:>7.2f}   (target: curated <= 0.6x plain)")
+    print(f"largest gap between a run's final policy and its best night: {gap:.1f} points (target <= 1)")
 
 
 if __name__ == "__main__":

@@ -99,6 +99,9 @@ class NightsConfig:
                       "skip prompts uninformative on their last `skip_after` nights")
     skip_after: int = opt(2, "curate: a prompt whose last this-many groups were all right or "
                           "all wrong is skipped")
+    fill: bool = opt(True, "curate: when fewer than prompts_per_night prompts are not skipped, "
+                     "skipped ones fill the night; false: the night draws fewer (fewer samples; "
+                     "a night with none left retests the skipped ones)")
     replay_input: str = opt("replay", "the input holding human data (an SFT file) to replay")
     replay_fraction: float = opt(0.0, "share of every night's training examples that are replay "
                                  "rows of inputs.<replay_input> (train grpo: an SFT term); 0: off")
@@ -316,7 +319,7 @@ def _draw(pl: NightsPlan, n: int, pool, write: bool) -> tuple[dict | None, list[
     cfg, out = pl.cfg, pl.workdir / "draws" / f"night-{n:03d}"
     if cfg.curate == "informative":
         drawn, counts = curated_draw(ids, cfg.prompts_per_night, cfg.seed, n,
-                                     read_history(pl.workdir, n), cfg.skip_after)
+                                     read_history(pl.workdir, n), cfg.skip_after, cfg.fill)
     else:
         draws = plain_draws(ids, cfg.prompts_per_night, cfg.seed, n + 1)
         before = {i for d in draws[:n] for i in d}

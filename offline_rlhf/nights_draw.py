@@ -13,7 +13,9 @@ mean reward and whether they were informative). A prompt is *skipped* when it wa
 drawn on at least ``skip_after`` nights and its last ``skip_after`` groups were all
 uninformative (all right or all wrong); the others are ranked unseen-or-last-informative
 first, then seen-and-last-uninformative, ties broken by sha256(seed, night, id). When
-too few prompts remain, skipped ones fill the night (least recently drawn first).
+too few prompts remain, skipped ones fill the night (least recently drawn first);
+with ``fill = false`` they do not (the night generates fewer samples) unless none
+remains, when a night of skipped prompts retests them.
 It is DAPO's dynamic sampling (Yu et al., 2025, section 3.2) done across nights from
 stored data: the groups a trainer would drop are not generated at all.
 """
@@ -56,9 +58,12 @@ def plain_draws(ids: list[str], per_night: int, seed: int, nights: int) -> list[
 
 
 def curated_draw(ids: list[str], per_night: int, seed: int, night: int,
-                 history: dict[str, list[tuple[int, bool]]], skip_after: int) -> tuple[list[str], dict]:
+                 history: dict[str, list[tuple[int, bool]]], skip_after: int,
+                 fill: bool = True) -> tuple[list[str], dict]:
     """Night ``night``'s prompts from the pool and the history ({id: [(night, informative)]},
-    in night order); also how many prompts were skipped and how many drawn again."""
+    in night order); also how many prompts were skipped and how many drawn again. With
+    ``fill`` false a night draws only prompts not skipped (fewer than ``per_night`` when
+    fewer remain), unless none remains: then the skipped ones fill it as usual."""
     if per_night > len(ids):
         raise InputError(f"nights.prompts_per_night: {per_night} is more than the pool's "
                          f"{len(ids)} prompts")
@@ -73,9 +78,10 @@ def curated_draw(ids: list[str], per_night: int, seed: int, night: int,
 
     skip = [i for i in ids if skipped(i)]
     keep = sorted((i for i in ids if not skipped(i)), key=lambda i: (klass(i), _rank(seed, night, i)))
-    fill = sorted(skip, key=lambda i: (history[i][-1][0], _rank(seed, night, i)))
-    draw = (keep + fill)[:per_night]
-    return draw, {"skipped": len(skip) - max(0, per_night - len(keep)),
+    filler = sorted(skip, key=lambda i: (history[i][-1][0], _rank(seed, night, i)))
+    draw = (keep + filler)[:per_night] if fill or not keep else keep[:per_night]
+    skipped_set = set(skip)
+    return draw, {"skipped": len(skip) - sum(1 for i in draw if i in skipped_set),
                   "replayed": sum(1 for i in draw if i in history),
                   "unseen": sum(1 for i in draw if i not in history)}
 

@@ -256,6 +256,14 @@ def test_curated_draw_prefers_unseen_and_informative_and_skips_settled_prompts()
     assert draw[-1] == "p0" and counts["skipped"] == 0
     draw, _ = curated_draw(ids, 4, 0, 2, history, skip_after=1)
     assert not {"p0", "p1", "p3"} & set(draw)
+    # fill = false: a night draws only what is not skipped, fewer than asked when fewer remain
+    draw, counts = curated_draw(ids, 8, 0, 2, history, skip_after=2, fill=False)
+    assert set(draw) == set(ids) - {"p0"} and counts["skipped"] == 1
+    draw, counts = curated_draw(ids, 8, 0, 2, history, skip_after=1, fill=False)
+    assert set(draw) == {"p2", "p4", "p5", "p6", "p7"} and counts["skipped"] == 3
+    settled = {i: [(0, False)] for i in ids}               # nothing left: the skipped ones retested
+    draw, counts = curated_draw(ids, 3, 0, 1, settled, skip_after=1, fill=False)
+    assert len(draw) == 3 and counts == {"skipped": 5, "replayed": 3, "unseen": 0}
 
 
 @pytest.mark.parametrize("name", ["nightly_grpo.toml", "nightly_grpo_small.toml"])

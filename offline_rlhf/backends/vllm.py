@@ -339,26 +339,36 @@ class RewardModel:
 
 # --------------------------------------------------------------------------- judge
 
-def judge_engine_spec(cfg) -> tuple[EngineSpec, str | None]:
-    """The engine of the judge ``cfg.judge`` (a LoRA adapter runs on its base model, as
-    for generation): a generate engine in ``judge_dtype``, without remote code (as the
-    judge loads on the hf backend), on the stage's ``device`` and ``vllm_kv_cache_gb``
-    where its config has them (``pairs`` has no device option)."""
+def judge_engine_spec(cfg) -> EngineSpec:
+    """The engine of the judge ``cfg.judge``: a generate engine in ``judge_dtype``, without
+    remote code (as the judge loads on the hf backend), on the stage's ``device`` and
+    ``vllm_kv_cache_gb`` where its config has them (``pairs`` has no device option)."""
     view = types.SimpleNamespace(device=getattr(cfg, "device", None), dtype=cfg.judge_dtype,
                                  vllm_kv_cache_gb=getattr(cfg, "vllm_kv_cache_gb", None),
                                  trust_remote_code=False)
-    return engine_spec(cfg.judge, view)
+    return engine_spec(cfg.judge, view)[0]
 
 
 def check_judge(cfg) -> None:
     """Refuse, before any work, a judge this backend cannot serve: vllm not installed,
-    another device than vllm's build, bitsandbytes bits, an adapter vLLM's LoRA does not
-    load (modules_to_save, a rank over vLLM's largest)."""
+    another device than vllm's build, bitsandbytes bits, a LoRA adapter directory.
+
+    engine_spec serves adapters (generation runs them), but verdicts are prompt log-probs,
+    and vLLM 0.32 does not apply LoRA there: on CPU a batch of adapter requests with
+    ``prompt_logprobs`` fails in the LoRA logits op (per-request indices against
+    per-token logits: "einsum(): subscript b has size 13 ... size 312", seen in
+    tests/test_vllm.py), and upstream reports wrong numbers when it runs
+    (vllm-project/vllm#29955, #16668; an lm_head adapter's delta dropped, #51594)."""
     require_vllm()
     if cfg.judge_bits is not None:
         raise InputError(f"judge_bits: {cfg.judge_bits}: --judge-backend vllm does not load "
                          "bitsandbytes models; use --judge-backend hf, or a judge checkpoint "
                          "quantized in a format vLLM loads (AWQ, GPTQ, fp8)")
+    check_model_dir(cfg.judge)
+    if adapter_base(cfg.judge) is not None:
+        raise InputError(f"judge: {cfg.judge} is a LoRA adapter, and vLLM 0.32 does not apply "
+                         "LoRA to prompt log-probs (the judge's verdicts on vllm); use "
+                         "--judge-backend hf, or the merged model (train saves OUTPUT/final)")
     judge_engine_spec(cfg)
 
 
@@ -378,8 +388,7 @@ class JudgeModel:
 
     def __init__(self, cfg):
         check_judge(cfg)
-        spec, adapter = judge_engine_spec(cfg)
-        self.llm, self.lora = get_engine(spec), _lora(adapter)
+        self.llm = get_engine(judge_engine_spec(cfg))
         self.context = self.llm.model_config.max_model_len
 
     def verdict_logps(self, seqs: list[list[int]], label_ids: list[int]) -> np.ndarray:
@@ -398,7 +407,7 @@ class JudgeModel:
         outs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(s) + [t]) for s in seqs for t in label_ids],
             SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False),
-            lora_request=self.lora, use_tqdm=False)
+            use_tqdm=False)
         out = np.zeros((len(seqs), len(label_ids)), dtype=np.float64)
         for n, o in enumerate(outs):
             i, j = divmod(n, len(label_ids))

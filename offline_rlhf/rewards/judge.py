@@ -60,8 +60,9 @@ class JudgeOptions:
     judge_backend: str = opt("hf", "engine of the judge's prefill: hf (the built-in transformers "
                              "path: one forward per input, batched by --judge-token-budget) | "
                              "vllm (a vLLM engine, the vllm extra: prompt log-probs of input + "
-                             "label, one request per input and label; on the vllm engine's "
-                             "--vllm-kv-cache-gb, without --judge-bits)")
+                             "label, one request per input and label; --vllm-kv-cache-gb "
+                             "applies; no --judge-bits, no LoRA adapter judge). Same verdicts "
+                             "to float noise, same fingerprint and cache (docs/rlaif.md)")
     judge_bits: int | None = opt(None, "load the judge in 4 or 8 bits (bitsandbytes; hf judge "
                                  "backend only)")
     judge_dtype: str = opt("auto", "judge dtype: auto | float32 | bfloat16 | float16")

@@ -351,7 +351,7 @@ def judge_engine_spec(cfg) -> EngineSpec:
 
 def check_judge(cfg) -> None:
     """Refuse, before any work, a judge this backend cannot serve: vllm not installed,
-    another device than vllm's build, bitsandbytes bits, a LoRA adapter directory.
+    another device than vllm's build, a LoRA adapter directory.
 
     engine_spec serves adapters (generation runs them), but verdicts are prompt log-probs,
     and vLLM 0.32 does not apply LoRA there: on CPU a batch of adapter requests with
@@ -359,11 +359,7 @@ def check_judge(cfg) -> None:
     per-token logits: "einsum(): subscript b has size 13 ... size 312", seen in
     tests/test_vllm.py), and upstream reports wrong numbers when it runs
     (vllm-project/vllm#29955, #16668; an lm_head adapter's delta dropped, #51594)."""
-    require_vllm()
-    if cfg.judge_bits is not None:
-        raise InputError(f"judge_bits: {cfg.judge_bits}: --judge-backend vllm does not load "
-                         "bitsandbytes models; use --judge-backend hf, or a judge checkpoint "
-                         "quantized in a format vLLM loads (AWQ, GPTQ, fp8)")
+    require_vllm()    # (--judge-bits is refused by JudgeOptions itself: no vllm needed)
     check_model_dir(cfg.judge)
     if adapter_base(cfg.judge) is not None:
         raise InputError(f"judge: {cfg.judge} is a LoRA adapter, and vLLM 0.32 does not apply "

@@ -116,6 +116,7 @@ def _score_config(cfg: EvalConfig, out: Path) -> ScoreConfig:
     kw = {"format_pattern": cfg.format_pattern} if cfg.format_pattern else {}
     return ScoreConfig(generations=str(out / "generations"), output=str(out / "scored"),
                        reward_model=cfg.reward_model, weights=dict(cfg.weights), **kw,
+                       vllm_kv_cache_gb=cfg.vllm_kv_cache_gb,   # the judge's, on vllm
                        **{k: getattr(cfg, k) for k in JUDGE_OPTIONS})
 
 

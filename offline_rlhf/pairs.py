@@ -25,6 +25,7 @@ import math
 import numpy as np
 import pyarrow as pa
 
+from .backends import SPEED_OPTIONS, VllmOptions
 from .config import opt, to_dict
 from .errors import InputError, located
 from .executors import EXECUTOR_OPTIONS, ExecutorOptions, run_stage
@@ -45,7 +46,7 @@ GEN_COLUMNS = ["prompt_id", "prompt", "prompt_token_ids", "sample_index", "respo
 
 
 @dataclasses.dataclass
-class PairsConfig(JudgeOptions, ExecutorOptions):
+class PairsConfig(JudgeOptions, VllmOptions, ExecutorOptions):
     generations: str = opt(help="scored generations dataset")
     output: str = opt(help="output pairs dataset")
     overwrite: bool = opt(False, "replace an existing output dataset: it is removed (datasets only) once every input is checked, and the stage starts afresh")
@@ -241,8 +242,10 @@ def build_pairs(cfg: PairsConfig) -> dict:
     judged = cfg.strategy == "judge"
     _check_inputs(src, cfg.reward_column, needs_reward=not judged or cfg.judge_candidates == "best_worst")
     judge_fp = check_judge(cfg, "pairwise") if judged else None
-    skip = {"overwrite", *EXECUTOR_OPTIONS, *(() if judged else JUDGE_OPTIONS), "judge_cache",
-            *(() if judged else ("judge_candidates", "judge_inconsistent"))}
+    # judge_backend hf keeps the hashes of the runs made before it existed
+    skip = {"overwrite", *EXECUTOR_OPTIONS, *SPEED_OPTIONS, *(() if judged else JUDGE_OPTIONS),
+            "judge_cache", *(() if judged else ("judge_candidates", "judge_inconsistent")),
+            *(("judge_backend",) if cfg.judge_backend == "hf" else ())}
     hashed = {**{k: v for k, v in to_dict(cfg).items() if k not in skip},
               "generations": src.fingerprint, "output": None,
               **({"judge": judge_fp} if judged else {})}

@@ -204,6 +204,95 @@ def test_reference_logps_match_the_transformers_stage(tmp_path, vprompts, vpolic
     assert maxdiff(v.column("ref_logps").to_pylist(), v.column("behaviour_logps").to_pylist()) < 1e-4
 
 
+def judge_runs(tmp_path, gens, judge, stage: str, vllm_cache: str | None = None) -> dict:
+    """The same judging on both judge backends (float32), outputs ``tmp_path/{vllm,hf}``;
+    ``vllm_cache``: the vllm run's verdict cache (the hf run has none: it judges afresh)."""
+    from offline_rlhf.pairs import PairsConfig, build_pairs
+    out = {}
+    for backend in ("vllm", "hf"):
+        common = dict(generations=gens, output=str(tmp_path / backend), judge=str(judge),
+                      judge_dtype="float32", judge_backend=backend, vllm_kv_cache_gb=KV_GB,
+                      judge_cache=vllm_cache if backend == "vllm" else None)
+        out[backend] = (score(ScoreConfig(**common)) if stage == "score" else
+                        build_pairs(PairsConfig(strategy="judge", judge_inconsistent="keep",
+                                                **common)))
+    return out
+
+
+def test_judge_verdicts_on_vllm_equal_the_hf_judge(tmp_path, vprompts, vpolicy):
+    """score --judge on the policy's engine (no engine of its own): label probabilities
+    within 1e-4 of the hf judge's (float32 on both: single-precision log-softmax noise is
+    ~1e-6; measured below), the same fingerprint, a verdict cache shared across backends."""
+    generate(cfg(vprompts, tmp_path / "g", vpolicy, backend="hf", max_new_tokens=8))
+    gens = str(tmp_path / "g")
+    m = judge_runs(tmp_path, gens, vpolicy, "score", vllm_cache=str(tmp_path / "cache"))
+    v, h = rows(tmp_path / "vllm"), rows(tmp_path / "hf")
+    pv, ph = (np.array(t.column("judge_probs").to_pylist()) for t in (v, h))
+    diff = float(np.abs(pv - ph).max())
+    print(f"vllm judge label probabilities vs hf: max |diff| {diff:.2e}")
+    assert pv.shape == (36, 5) and diff < 1e-4
+    np.testing.assert_allclose(pv.sum(1), 1.0, atol=1e-12)
+    assert pv.std(0).max() > 1e-3                  # the rows' inputs really differ
+    np.testing.assert_allclose(v.column("reward").to_pylist(), h.column("reward").to_pylist(),
+                               atol=5e-4)
+    assert [m[b]["stats"]["judge_cached"] for b in ("vllm", "hf")] == [0, 0]
+    assert m["vllm"]["stats"]["judge_inputs"] == 36
+    scorer = [open_dataset(str(tmp_path / b)).manifest["lineage"]["scorer"] for b in ("vllm", "hf")]
+    assert scorer[0]["judge"] == scorer[1]["judge"]
+    # the vllm run's cache serves the hf judge: same keys, nothing run again
+    again = score(ScoreConfig(generations=gens, output=str(tmp_path / "again"), judge=str(vpolicy),
+                              judge_dtype="float32", judge_cache=str(tmp_path / "cache")))
+    assert again["stats"]["judge_cached"] == 36
+    assert rows(tmp_path / "again").column("judge_probs").equals(v.column("judge_probs"))
+
+
+def test_pairwise_judge_on_vllm_equals_the_hf_judge(tmp_path, vprompts, vpolicy):
+    generate(cfg(vprompts, tmp_path / "g", vpolicy, backend="hf", max_new_tokens=8))
+    m = judge_runs(tmp_path, str(tmp_path / "g"), vpolicy, "pairs")
+    v, h = rows(tmp_path / "vllm"), rows(tmp_path / "hf")
+    assert m["vllm"]["stats"]["judge_inputs"] == m["hf"]["stats"]["judge_inputs"] > 0
+    for col in ("pair_id", "chosen", "rejected", "judge_consistent", "judge_fingerprint"):
+        assert v.column(col).to_pylist() == h.column(col).to_pylist(), col
+    diff = max(float(np.abs(np.subtract(v.column(c).to_pylist(), h.column(c).to_pylist())).max())
+               for c in ("judge_p_ab", "judge_p_ba"))
+    print(f"vllm pairwise judge vs hf: max |diff| of judge_p_ab/judge_p_ba {diff:.2e}")
+    assert v.num_rows > 0 and diff < 1e-4
+    assert np.std(v.column("judge_p_ab").to_pylist()) > 1e-4
+
+
+def test_judge_backend_refusals_before_any_work(tmp_path, vprompts, vpolicy, monkeypatch):
+    from offline_rlhf.pairs import PairsConfig, build_pairs
+    generate(cfg(vprompts, tmp_path / "g", vpolicy, backend="hf", max_new_tokens=2))
+    gens = str(tmp_path / "g")
+    with pytest.raises(InputError, match="judge_bits: 4: --judge-backend vllm does not load "
+                                         "bitsandbytes"):
+        ScoreConfig(generations=gens, output="o", judge=str(vpolicy), judge_backend="vllm",
+                    judge_bits=4)
+    with pytest.raises(InputError, match="judge_backend: vllm, and the reward model is on vllm "
+                                         "too: one vLLM engine per process"):
+        ScoreConfig(generations=gens, output="o", judge=str(vpolicy), judge_backend="vllm",
+                    reward_model=str(vpolicy), backend="vllm", weights={"judge": 1.0,
+                                                                        "reward_model": 1.0})
+    with pytest.raises(InputError, match="judge_backend: must be one of hf, vllm"):
+        PairsConfig(generations=gens, output="o", strategy="judge", judge=str(vpolicy),
+                    judge_backend="sglang")
+    from vllm.platforms import current_platform
+    other = "cuda" if current_platform.device_type == "cpu" else "cpu"
+    with pytest.raises(InputError, match=f"device: '{other}', but the installed vllm runs on"):
+        score(ScoreConfig(generations=gens, output=str(tmp_path / "d"), judge=str(vpolicy),
+                          judge_backend="vllm", device=other))
+    lora = make_adapter(tmp_path / "lora", vpolicy, load_tokenizer(vpolicy), seed=0)
+    with pytest.raises(InputError, match="is a LoRA adapter, and vLLM 0.32 does not apply LoRA "
+                                         "to prompt log-probs"):
+        build_pairs(PairsConfig(generations=gens, output=str(tmp_path / "l"), strategy="judge",
+                                judge=str(lora), judge_backend="vllm"))
+    monkeypatch.setitem(sys.modules, "vllm", None)     # as if vllm were not installed
+    with pytest.raises(InputError, match="backend vllm: vllm is not installed"):
+        build_pairs(PairsConfig(generations=gens, output=str(tmp_path / "p"), strategy="judge",
+                                judge=str(vpolicy), judge_backend="vllm"))
+    assert not any((tmp_path / x).exists() for x in ("d", "l", "p"))
+
+
 def test_eval_generates_with_the_vllm_backend(tmp_path, vprompts, vpolicy):
     from offline_rlhf.evaluate import EvalConfig, run_eval
     res = run_eval(EvalConfig(policy=str(vpolicy), prompts=vprompts, output=str(tmp_path / "e"),

@@ -32,23 +32,32 @@ BACKENDS = {
 
 
 @dataclasses.dataclass(kw_only=True)
-class BackendOptions:
-    """engine options, shared by the configs of the stages with a model forward"""
+class VllmOptions:
+    """vLLM engine options (the vllm backend and --judge-backend vllm)"""
 
-    backend: str = opt("hf", f"engine: {' | '.join(BACKENDS)} (hf: the built-in transformers "
-                       "loop; vllm: vLLM, installed by the vllm extra; see docs/vllm.md)")
-    vllm_kv_cache_gb: float | None = opt(None, "vllm backend: memory for its KV cache, GiB "
-                                         "(default: on CUDA what 0.9 of the GPU leaves after "
-                                         "the weights; on CPU 1)")
+    vllm_kv_cache_gb: float | None = opt(None, "vllm backend (and --judge-backend vllm): memory "
+                                         "for its KV cache, GiB (default: on CUDA what 0.9 of "
+                                         "the GPU leaves after the weights; on CPU 1)")
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise InputError(f"backend: must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.vllm_kv_cache_gb is not None and self.vllm_kv_cache_gb <= 0:
             raise InputError(f"vllm_kv_cache_gb: must be > 0, got {self.vllm_kv_cache_gb}")
         later = getattr(super(), "__post_init__", None)   # cooperative: other option mixins
         if later is not None:
             later()
+
+
+@dataclasses.dataclass(kw_only=True)
+class BackendOptions(VllmOptions):
+    """engine options, shared by the configs of the stages with a model forward"""
+
+    backend: str = opt("hf", f"engine: {' | '.join(BACKENDS)} (hf: the built-in transformers "
+                       "loop; vllm: vLLM, installed by the vllm extra; see docs/vllm.md)")
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise InputError(f"backend: must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        super().__post_init__()
 
 
 # Options that change how fast rows are made, not which rows (left out of config hashes).

@@ -16,6 +16,8 @@ backends see identical prompt tokens; what vLLM returns is mapped onto our colum
 - reference log-probs are prompt log-probs of prompt + response (one forward, no
   sampling); rewards are ``LLM.classify`` on a pooling engine with the activation off
   (the raw score at the last token, as ``score`` reads it);
+- judge verdicts (``--judge-backend vllm``) are prompt log-probs too: the judge input
+  with one label token appended, one request per (input, label) (:class:`JudgeModel`);
 - a LoRA adapter directory (``train ... --lora-r`` saves ``OUTPUT/adapter/``) runs on
   its base model with ``enable_lora`` and a ``LoRARequest``, without merging.
 
@@ -33,6 +35,7 @@ import dataclasses
 import gc
 import json
 import os
+import types
 from pathlib import Path
 
 import numpy as np
@@ -329,6 +332,83 @@ class RewardModel:
                                  pooling_params=PoolingParams(use_activation=False),
                                  use_tqdm=False)
         return np.array([o.outputs.probs[0] for o in outs], dtype=np.float64)
+
+    def close(self) -> None:
+        release_engine()
+
+
+# --------------------------------------------------------------------------- judge
+
+def judge_engine_spec(cfg) -> EngineSpec:
+    """The engine of the judge ``cfg.judge``: a generate engine in ``judge_dtype``, without
+    remote code (as the judge loads on the hf backend), on the stage's ``device`` and
+    ``vllm_kv_cache_gb`` where its config has them (``pairs`` has no device option)."""
+    view = types.SimpleNamespace(device=getattr(cfg, "device", None), dtype=cfg.judge_dtype,
+                                 vllm_kv_cache_gb=getattr(cfg, "vllm_kv_cache_gb", None),
+                                 trust_remote_code=False)
+    return engine_spec(cfg.judge, view)[0]
+
+
+def check_judge(cfg) -> None:
+    """Refuse, before any work, a judge this backend cannot serve: vllm not installed,
+    another device than vllm's build, a LoRA adapter directory.
+
+    engine_spec serves adapters (generation runs them), but verdicts are prompt log-probs,
+    and vLLM 0.32 does not apply LoRA there: on CPU a batch of adapter requests with
+    ``prompt_logprobs`` fails in the LoRA logits op (per-request indices against
+    per-token logits: "einsum(): subscript b has size 13 ... size 312", seen in
+    tests/test_vllm.py), and upstream reports wrong numbers when it runs
+    (vllm-project/vllm#29955, #16668; an lm_head adapter's delta dropped, #51594)."""
+    require_vllm()    # (--judge-bits is refused by JudgeOptions itself: no vllm needed)
+    check_model_dir(cfg.judge)
+    if adapter_base(cfg.judge) is not None:
+        raise InputError(f"judge: {cfg.judge} is a LoRA adapter, and vLLM 0.32 does not apply "
+                         "LoRA to prompt log-probs (the judge's verdicts on vllm); use "
+                         "--judge-backend hf, or the merged model (train saves OUTPUT/final)")
+    judge_engine_spec(cfg)
+
+
+class JudgeModel:
+    """Verdict log-probs as vLLM prompt log-probs: for each judge input and each label
+    token, one request of input + [label] (``prompt_logprobs=0``: the log-prob of each
+    prompt token given those before it), whose last position is log p(label | input),
+    the number the hf backend reads from the last position's log-softmax.
+
+    Cost: labels x inputs requests, each a whole prefill. The requests of one input
+    share all but their last token, yet vLLM (0.32) does not serve them from its prefix
+    cache: a request with ``prompt_logprobs`` set skips reading the cache
+    (``SamplingParams.skip_reading_prefix_cache`` defaults to true for them, and
+    ``KVCacheManager.get_computed_blocks`` then returns no cached blocks), since cached
+    positions would have no prompt log-probs. They are batched by vLLM's scheduler, so
+    the cost is prefill FLOPs, not engine round trips."""
+
+    def __init__(self, cfg):
+        check_judge(cfg)
+        self.llm = get_engine(judge_engine_spec(cfg))
+        self.context = self.llm.model_config.max_model_len
+
+    def verdict_logps(self, seqs: list[list[int]], label_ids: list[int]) -> np.ndarray:
+        """Log-probabilities ``[len(seqs), len(label_ids)]`` of each label token as the
+        next token after each sequence."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        for s in seqs:
+            if len(s) + 1 > self.context:
+                raise InputError(f"judge_max_length: a judge input of {len(s)} tokens and its "
+                                 f"verdict token exceed the judge's context ({self.context} "
+                                 "tokens on vLLM); lower --judge-max-length")
+            if not s:
+                raise InputError("judge_template: a judge input of no tokens (the judge reads the "
+                                 "label after at least one)")
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(s) + [t]) for s in seqs for t in label_ids],
+            SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False),
+            use_tqdm=False)
+        out = np.zeros((len(seqs), len(label_ids)), dtype=np.float64)
+        for n, o in enumerate(outs):
+            i, j = divmod(n, len(label_ids))
+            out[i, j] = o.prompt_logprobs[len(seqs[i])][label_ids[j]].logprob
+        return out
 
     def close(self) -> None:
         release_engine()

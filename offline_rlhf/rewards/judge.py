@@ -12,8 +12,13 @@ The verdict is never parsed from generated text. The judge reads a rendered temp
   p(A) / (p(A) + p(B)). Each pair is asked in both orders (position bias: Zheng et al.
   2023, "Judging LLM-as-a-Judge", sec. 3.3).
 
-Only prefill runs (one forward per input, the logits of the last position kept), in
-token-budget batches through the built-in transformers path. Verdicts are cached by
+Only prefill runs. On the hf backend (``--judge-backend hf``, the default): one forward
+per input, the logits of the last position kept, in token-budget batches through the
+built-in transformers path. On vLLM (``--judge-backend vllm``): the same log-probs as
+prompt log-probs of input + label, one request per (input, label)
+(:class:`offline_rlhf.backends.vllm.JudgeModel`). Either way the label log-probs go
+through one path (renormalised, cached, counted), and the judge fingerprint does not
+name the backend: verdicts agree to float noise. Verdicts are cached by
 (judge fingerprint, input text) in ``--judge-cache`` (see :class:`VerdictCache`), so
 re-judging unchanged rows costs nothing.
 """
@@ -52,17 +57,32 @@ class JudgeOptions:
                                      "offline_rlhf/rewards/judge_templates/*.txt")
     judge_scale: str = opt("1-5", "score: verdict labels LO-HI, each one token of the judge's "
                            "tokenizer; the component is their expected value")
-    judge_bits: int | None = opt(None, "load the judge in 4 or 8 bits (bitsandbytes)")
+    judge_backend: str = opt("hf", "engine of the judge's prefill: hf (the built-in transformers "
+                             "path: one forward per input, batched by --judge-token-budget) | "
+                             "vllm (a vLLM engine, the vllm extra: prompt log-probs of input + "
+                             "label, one request per input and label; --vllm-kv-cache-gb "
+                             "applies; no --judge-bits, no LoRA adapter judge). Same verdicts "
+                             "to float noise, same fingerprint and cache (docs/rlaif.md)")
+    judge_bits: int | None = opt(None, "load the judge in 4 or 8 bits (bitsandbytes; hf judge "
+                                 "backend only)")
     judge_dtype: str = opt("auto", "judge dtype: auto | float32 | bfloat16 | float16")
     judge_max_length: int = opt(2048, "judge input tokens kept (the last ones: the verdict "
                                 "position stays); cut inputs are counted")
-    judge_token_budget: int = opt(16384, "judge tokens per prefill batch")
+    judge_token_budget: int = opt(16384, "judge tokens per prefill batch (hf judge backend; "
+                                  "vLLM schedules its own)")
     judge_cache: str | None = opt(None, "directory of verdicts keyed by (judge fingerprint, "
                                   "template, input): rows judged before are not run again")
 
     def __post_init__(self):
         if self.judge_bits not in (None, 4, 8):
             raise InputError(f"judge_bits: must be 4 or 8, got {self.judge_bits}")
+        if self.judge_backend not in JUDGE_BACKENDS:
+            raise InputError(f"judge_backend: must be one of {', '.join(JUDGE_BACKENDS)}, "
+                             f"got {self.judge_backend!r}")
+        if self.judge_backend == "vllm" and self.judge_bits is not None:
+            raise InputError(f"judge_bits: {self.judge_bits}: --judge-backend vllm does not load "
+                             "bitsandbytes models (vLLM's own quantization formats are not "
+                             "--judge-bits); use --judge-backend hf")
         if self.judge_max_length < 1 or self.judge_token_budget < 1:
             raise InputError("judge_max_length and judge_token_budget: must be >= 1")
         scale_labels(self.judge_scale)
@@ -73,6 +93,7 @@ class JudgeOptions:
             later()
 
 
+JUDGE_BACKENDS = ("hf", "vllm")
 JUDGE_OPTIONS = tuple(f.name for f in dataclasses.fields(JudgeOptions))
 
 
@@ -131,10 +152,14 @@ def judge_spec(model_fp: str, template: str, labels: list[str], max_length: int)
 
 
 def check_judge(cfg: JudgeOptions, kind: str) -> str:
-    """Before any work: the judge directory, its template and labels (one token each);
-    returns the judge fingerprint (what :class:`Judge` computes after loading)."""
+    """Before any work: the judge directory, its template and labels (one token each),
+    and on vLLM what the engine cannot serve; returns the judge fingerprint (what
+    :class:`Judge` computes after loading)."""
     from ..models import check_model_dir, fingerprint, load_tokenizer
     check_model_dir(cfg.judge, "judge model")
+    if cfg.judge_backend == "vllm":
+        from ..backends.vllm import check_judge as check_vllm_judge
+        check_vllm_judge(cfg)
     template = read_template(cfg.judge_template, kind)
     labels = scale_labels(cfg.judge_scale) if kind == "pointwise" else list(PAIR_LABELS)
     verdict_token_ids(load_tokenizer(cfg.judge), labels, cfg.judge)
@@ -189,9 +214,14 @@ class Judge:
         self.fingerprint = judge_spec(fingerprint(cfg.judge), self.template, self.labels,
                                       cfg.judge_max_length)
         self.cache = VerdictCache(cfg.judge_cache, self.fingerprint)
-        self.model = load_policy(cfg.judge, dtype=cfg.judge_dtype, bits=cfg.judge_bits,
-                                 device=device, train=False)
-        self.model.requires_grad_(False)
+        self.model = self.engine = None
+        if cfg.judge_backend == "vllm":
+            from ..backends.vllm import JudgeModel
+            self.engine = JudgeModel(cfg)
+        else:
+            self.model = load_policy(cfg.judge, dtype=cfg.judge_dtype, bits=cfg.judge_bits,
+                                     device=device, train=False)
+            self.model.requires_grad_(False)
         self.stats = {"judge_inputs": 0, "judge_cached": 0, "judge_inputs_truncated": 0}
 
     def text(self, values: dict[str, str | None]) -> str:
@@ -219,8 +249,10 @@ class Judge:
         self.stats["judge_inputs"] += len(texts)
         self.stats["judge_cached"] += len(texts) - len(todo)
         if todo:
-            lp = verdict_logps(self.model, self.encode([t for _, t in todo]), self.label_ids,
-                               self.tokenizer.pad_token_id, self.cfg.judge_token_budget)
+            seqs = self.encode([t for _, t in todo])
+            lp = (self.engine.verdict_logps(seqs, self.label_ids) if self.engine is not None else
+                  verdict_logps(self.model, seqs, self.label_ids, self.tokenizer.pad_token_id,
+                                self.cfg.judge_token_budget))
             p = np.exp(lp - lp.max(-1, keepdims=True))
             p /= p.sum(-1, keepdims=True)
             self.cache.add({k: row.tolist() for (k, _), row in zip(todo, p)})
@@ -242,6 +274,9 @@ class Judge:
 
     def close(self) -> None:
         self.model = None
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
 
 def verdict_logps(model, seqs: list[list[int]], label_ids: list[int], pad_id: int,

@@ -66,6 +66,12 @@ class ScoreConfig(BackendOptions, ExecutorOptions, JudgeOptions):
         if ("judge" in self.weights) != bool(self.judge):
             raise InputError("weights.judge: set, but no judge model was given" if self.judge is None
                              else "judge: given, but weights has no judge entry")
+        if self.judge and self.judge_backend == "vllm" and self.reward_model and \
+                self.backend == "vllm":
+            raise InputError("judge_backend: vllm, and the reward model is on vllm too: one vLLM "
+                             "engine per process, and the judge's (generate) is not the reward "
+                             "model's (pooling); put one of them on hf (--judge-backend hf or "
+                             "--backend hf)")
         if self.length_correct not in CORRECTNESS:
             raise InputError(f"length_correct: must be one of {', '.join(CORRECTNESS)}, "
                              f"got {self.length_correct!r}")
@@ -170,7 +176,10 @@ def plan_score(cfg: ScoreConfig) -> StagePlan:
     reward_fp = hashlib.sha256(canonical_json(scorer_spec).encode()).hexdigest()
     hashed = {"generations": src.fingerprint, "scorer": reward_fp, "dtype": cfg.dtype,
               "bits": cfg.bits, **({"backend": cfg.backend} if cfg.reward_model else {}),
-              **({"judge_dtype": cfg.judge_dtype, "judge_bits": cfg.judge_bits} if judge_fp else {})}
+              **({"judge_dtype": cfg.judge_dtype, "judge_bits": cfg.judge_bits} if judge_fp else {}),
+              # the judge fingerprint (and verdict cache) leave the backend out: its verdicts
+              # are the same numbers; a run is not resumed on the other one (as for --backend)
+              **({"judge_backend": "vllm"} if judge_fp and cfg.judge_backend == "vllm" else {})}
     chash = config_hash(hashed)
     return StagePlan(name="score", unit="rows", units=[e["rows"] for e in src.shards],
                      writer={"url": cfg.output, "schema": "generations", "config_hash": chash,

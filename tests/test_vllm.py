@@ -286,11 +286,15 @@ def test_judge_backend_refusals_before_any_work(tmp_path, vprompts, vpolicy, mon
                                          "to prompt log-probs"):
         build_pairs(PairsConfig(generations=gens, output=str(tmp_path / "l"), strategy="judge",
                                 judge=str(lora), judge_backend="vllm"))
+    with pytest.raises(InputError, match="reference: .* is a LoRA adapter, and vLLM 0.32 does not "
+                                         "apply LoRA to prompt log-probs .*use --backend hf"):
+        compute_logprobs(LogprobsConfig(generations=gens, output=str(tmp_path / "r"),
+                                        reference=str(lora), backend="vllm"))
     monkeypatch.setitem(sys.modules, "vllm", None)     # as if vllm were not installed
     with pytest.raises(InputError, match="backend vllm: vllm is not installed"):
         build_pairs(PairsConfig(generations=gens, output=str(tmp_path / "p"), strategy="judge",
                                 judge=str(vpolicy), judge_backend="vllm"))
-    assert not any((tmp_path / x).exists() for x in ("d", "l", "p"))
+    assert not any((tmp_path / x).exists() for x in ("d", "l", "p", "r"))
 
 
 def test_eval_generates_with_the_vllm_backend(tmp_path, vprompts, vpolicy):

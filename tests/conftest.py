@@ -58,7 +58,20 @@ def copy_task_inputs(directory, policy_dir, reward_dir, prompts: int, heldout: i
             "heldout": directory / "heldout"}
 
 
+# The order files start in: the longest first (CPU seconds per file, measured with
+# OFFLINE_RLHF_TEST_CPU), then the rest in collection order. make test runs one file per
+# process at a time (pytest-xdist --dist loadfile, with --no-loadscope-reorder so that
+# xdist keeps this order instead of sorting files by their number of tests): a long file
+# started last would leave the other process idle at the end (longest processing time first).
+LONG_FILES = ("test_demo.py", "test_train_dpo.py", "test_ray_executor.py", "test_vllm.py",
+              "test_generation.py", "test_pipeline.py", "test_train_honest.py",
+              "test_train_grpo.py", "test_front_door.py", "test_export.py", "test_nights.py",
+              "test_kills.py", "test_locks.py", "test_bad_inputs.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))   # stable
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -182,6 +182,17 @@ def test_bad_input_in_an_actor_is_refused_on_the_driver(tmp_path, ray_session):
 
 
 def test_killed_driver_rerun_equals_uninterrupted(tmp_path, ray_session, prompts, policy_dir):
+    """A driver killed after 3+ commits, rerun: the rows equal an uninterrupted run's.
+
+    Each row's ``code_version`` names the code of the process that made it, and the
+    killed driver runs other code than this process whenever the checkout's HEAD moved
+    after the test session started (a merge during the suite: the flake this test had).
+    So the driver always runs here with no git checkout in sight (``GIT_DIR`` pointing
+    nowhere: its rows say the bare package version) and the rows are checked shard by
+    shard: the killed run's shards carry its code version, the rerun's this process's,
+    and every other column (less ``created_at``) equals the clean run's."""
+    from offline_rlhf import __version__
+    from offline_rlhf.lineage import code_version
     opts = dict(GEN, chunk_prompts=2, max_new_tokens=16)  # 10 chunks
     with one_thread():
         generate(GenerateConfig(prompts=prompts, output=str(tmp_path / "clean"),
@@ -193,7 +204,8 @@ def test_killed_driver_rerun_equals_uninterrupted(tmp_path, ray_session, prompts
         [sys.executable, "-m", "offline_rlhf.cli", "generate", "--prompts", prompts, "--output",
          str(out), "--policy", str(policy_dir), *flags, "--executor", "ray", "--ray-address",
          address, "--ray-actors", "1", "--ray-cpus-per-actor", "0.5"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "GIT_DIR": str(tmp_path / "no-git")})
     entries = out / ".offline-rlhf" / "shards"
     deadline = time.time() + 300
     while not (entries.exists() and len(list(entries.glob("*.json"))) >= 3):
@@ -202,16 +214,23 @@ def test_killed_driver_rerun_equals_uninterrupted(tmp_path, ray_session, prompts
         time.sleep(0.02)
     os.kill(driver.pid, signal.SIGKILL)
     driver.communicate()
-    committed = len(list(entries.glob("*.json")))
-    assert not json.loads((out / ".offline-rlhf" / "manifest.json").read_text())["complete"]
+    killed = json.loads((out / ".offline-rlhf" / "manifest.json").read_text())
+    assert not killed["complete"] and killed["lineage"]["code_version"] == __version__
     while ray_session.available_resources().get("CPU", 0) < 2:  # the dead job's actor is gone
         assert time.time() < deadline
         time.sleep(0.1)
+    done_before = {int(p.stem.split("-")[1]) for p in entries.glob("*.json")}
     m = generate(GenerateConfig(prompts=prompts, output=str(out), policy=str(policy_dir),
                                 **opts, **RAY))
-    assert m["complete"] and m["run"]["chunks_skipped"] >= committed >= 3
+    assert m["complete"] and m["run"]["chunks_skipped"] == len(done_before) >= 3
     assert m["run"]["chunks_done"] + m["run"]["chunks_skipped"] == 10
-    assert table(out, VOLATILE).equals(table(tmp_path / "clean", VOLATILE))
+    assert m["lineage"]["code_version"] == code_version()
+    made_by = [__version__ if e["chunk"] in done_before else code_version()
+               for e in m["shards"] for _ in range(e["rows"])]
+    got = table(out, VOLATILE)
+    assert got.column("code_version").to_pylist() == made_by
+    assert got.drop_columns(["code_version"]).equals(
+        table(tmp_path / "clean", [*VOLATILE, "code_version"]))
     assert not list(out.glob(".*.tmp"))
 
 

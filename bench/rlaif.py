@@ -92,11 +92,11 @@ def judge_sft_file(tmp: Path, start: Path, n: int, seed: int) -> Path:
     return f
 
 
-def train_judge(tmp: Path, start: Path, quick: bool, seed: int) -> Path:
+def train_judge(tmp: Path, start: Path, quick: bool, seed: int, steps: int, lr: float) -> Path:
     from offline_rlhf.train.sft import SFTTrainConfig, train_sft
     data = judge_sft_file(tmp, start, 400 if quick else 4000, seed)
-    train_sft(SFTTrainConfig(data=str(data), output=str(tmp / "judge"), policy=str(start), lr=1e-3,
-                             max_steps=4 if quick else 150, batch_size=32, micro_batch_size=32,
+    train_sft(SFTTrainConfig(data=str(data), output=str(tmp / "judge"), policy=str(start), lr=lr,
+                             max_steps=4 if quick else steps, batch_size=32, micro_batch_size=32,
                              schedule="constant", report_to="none", seed=seed))
     return tmp / "judge" / "final"
 
@@ -172,6 +172,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a short check that everything runs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "rlaif.json"))
+    ap.add_argument("--judge-steps", type=int, default=150, help="SFT steps of 32 rows for the judge")
+    ap.add_argument("--judge-lr", type=float, default=1e-3, help="the judge's SFT learning rate")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job shares the cores)")
     args = ap.parse_args()
     import torch
@@ -189,7 +191,7 @@ def main() -> None:
         start, pre_steps, _ = pretrain_until_learnable(tmp, MIN_INFORMATIVE, k, 0.7, args.seed)
         start_em = exact_match(start, tmp / "test_prompts", tmp / "start-eval")
         times["start_model"] = time.perf_counter() - t0
-        judge = train_judge(tmp, start, args.quick, args.seed)
+        judge = train_judge(tmp, start, args.quick, args.seed, args.judge_steps, args.judge_lr)
         times["judge_training"] = time.perf_counter() - t0 - times["start_model"]
         labelled = label_pairs(tmp, start, judge, k, args.seed, args.quick)
         print(f"start model, judge and labels ready after {time.perf_counter() - t0:.0f} s", flush=True)

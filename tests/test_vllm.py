@@ -309,13 +309,18 @@ def test_eval_generates_with_the_vllm_backend(tmp_path, vprompts, vpolicy):
 
 def test_killed_run_resumes_to_the_same_rows(tmp_path, vprompts, vpolicy):
     """A vLLM-backed CLI run killed after some shards, rerun, equals an uninterrupted run
-    (made here, in this process: a different engine start and batch history)."""
+    (made here, in this process: a different engine start and batch history). The two CLI
+    runs see no git checkout (``GIT_DIR`` pointing nowhere), so their rows' code_version is
+    the bare package version whatever commits land while the suite runs (a HEAD that
+    moved between this process's start and theirs made the columns differ)."""
+    from offline_rlhf import __version__
+    env = {**os.environ, "GIT_DIR": str(tmp_path / "no-git")}
     args = ["generate", "--prompts", vprompts, "--output", str(tmp_path / "k"), "--policy",
             str(vpolicy), "--num-samples", "3", "--max-new-tokens", "12", "--chunk-prompts", "1",
             "--temperature", "0.7", "--top-k", "20", "--top-p", "0.8", "--backend", "vllm",
             "--vllm-kv-cache-gb", str(KV_GB), "--dtype", "float32"]
     proc = subprocess.Popen([sys.executable, "-m", "offline_rlhf.cli", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     entries = tmp_path / "k" / ".offline-rlhf" / "shards"
     deadline = time.time() + 600
     while not (entries.exists() and len(list(entries.glob("*.json"))) >= 2):
@@ -327,14 +332,16 @@ def test_killed_run_resumes_to_the_same_rows(tmp_path, vprompts, vpolicy):
     manifest = json.loads((tmp_path / "k" / ".offline-rlhf" / "manifest.json").read_text())
     assert not manifest["complete"] and manifest["num_shards"] < 12
     rerun = subprocess.run([sys.executable, "-m", "offline_rlhf.cli", *args],
-                           capture_output=True, text=True, timeout=600)
+                           capture_output=True, text=True, timeout=600, env=env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     done, skipped = map(int, re.search(r"(\d+) chunks done, (\d+) already committed",
                                        rerun.stdout).groups())
     assert skipped >= 2 and done + skipped == 12
     generate(cfg(vprompts, tmp_path / "clean", vpolicy, chunk_prompts=1))
     resumed, clean = rows(tmp_path / "k"), rows(tmp_path / "clean")
-    assert [c for c in clean.column_names if not resumed.column(c).equals(clean.column(c))] == []
+    assert set(resumed.column("code_version").to_pylist()) == {__version__}
+    assert [c for c in clean.column_names
+            if c != "code_version" and not resumed.column(c).equals(clean.column(c))] == []
 
 
 def test_refusals_before_any_work(tmp_path, vprompts, vpolicy):

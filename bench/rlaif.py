@@ -44,9 +44,11 @@ PAIRWISE = "Copy check.\n{prompt}\nA:{response_a}\nB:{response_b}\nWhich is corr
 
 
 def corrupt(digits: list[str], rng: random.Random) -> list[str]:
-    """A wrong copy: one digit changed, dropped, added, or two neighbours swapped."""
-    d = list(digits)
-    while d == digits:
+    """A wrong copy: one to three edits, each a digit changed, dropped, added, or two
+    neighbours swapped."""
+    d, edits = list(digits), rng.randint(1, 3)
+    while d == digits or edits > 0:
+        edits -= 1
         i, kind = rng.randrange(len(d)), rng.randrange(4)
         if kind == 0:
             d[i] = str(rng.randrange(10))

@@ -44,11 +44,9 @@ PAIRWISE = "Copy check.\n{prompt}\nA:{response_a}\nB:{response_b}\nWhich is corr
 
 
 def corrupt(digits: list[str], rng: random.Random) -> list[str]:
-    """A wrong copy: one to three edits, each a digit changed, dropped, added, or two
-    neighbours swapped."""
-    d, edits = list(digits), rng.randint(1, 3)
-    while d == digits or edits > 0:
-        edits -= 1
+    """A wrong copy: one digit changed, dropped, added, or two neighbours swapped."""
+    d = list(digits)
+    while d == digits:
         i, kind = rng.randrange(len(d)), rng.randrange(4)
         if kind == 0:
             d[i] = str(rng.randrange(10))
@@ -94,9 +92,16 @@ def judge_sft_file(tmp: Path, start: Path, n: int, seed: int) -> Path:
     return f
 
 
-def train_judge(tmp: Path, start: Path, quick: bool, seed: int, steps: int, lr: float) -> Path:
+def train_judge(tmp: Path, start: Path, quick: bool, seed: int, steps: int, lr: float,
+                rows: int, size: tuple[int, int] | None = None) -> Path:
     from offline_rlhf.train.sft import SFTTrainConfig, train_sft
-    data = judge_sft_file(tmp, start, 400 if quick else 4000, seed)
+    data = judge_sft_file(tmp, start, 400 if quick else rows, seed)
+    if size:     # a judge of its own size, from scratch (the policy's tokenizer)
+        from offline_rlhf.models import load_tokenizer
+        from offline_rlhf.tiny import build_tiny_model
+        hidden, layers = size
+        start = build_tiny_model(tmp / "judge-init", hidden=hidden, layers=layers, heads=4, seed=seed,
+                                 tokenizer=load_tokenizer(start))
     train_sft(SFTTrainConfig(data=str(data), output=str(tmp / "judge"), policy=str(start), lr=lr,
                              max_steps=4 if quick else steps, batch_size=32, micro_batch_size=32,
                              schedule="constant", report_to="none", seed=seed))
@@ -159,8 +164,13 @@ def judge_figures(tmp: Path) -> dict:
 
 
 def train_and_eval(tmp: Path, start: Path, name: str, data: str, shared: dict, **extra) -> dict:
+    from offline_rlhf.shards import open_dataset
     from offline_rlhf.toy import exact_match
     from offline_rlhf.train.dpo import DPOTrainConfig, train_dpo
+    if open_dataset(str(tmp / data)).read(columns=["prompt_id"]).num_rows == 0:
+        print(f"{name}: no pairs (every judged pair inconsistent and dropped): nothing trained")
+        em = exact_match(start, tmp / "test_prompts", tmp / "eval" / name)
+        return {"run": name, "exact_match": em, "pairs": 0, "train_seconds": 0.0}
     t0 = time.perf_counter()
     s = train_dpo(DPOTrainConfig(data=str(tmp / data), output=str(tmp / "runs" / name),
                                  policy=str(start), **shared, **extra))
@@ -175,6 +185,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "rlaif.json"))
     ap.add_argument("--judge-steps", type=int, default=150, help="SFT steps of 32 rows for the judge")
+    ap.add_argument("--judge-rows", type=int, default=4000,
+                    help="judge SFT rows (4 per digit string: two pointwise, two pairwise)")
+    ap.add_argument("--judge-size", type=int, nargs=2, metavar=("HIDDEN", "LAYERS"),
+                    help="a judge of this size trained from scratch (default: the start model, "
+                         "fine-tuned)")
     ap.add_argument("--judge-lr", type=float, default=1e-3, help="the judge's SFT learning rate")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job shares the cores)")
     args = ap.parse_args()
@@ -193,7 +208,8 @@ def main() -> None:
         start, pre_steps, _ = pretrain_until_learnable(tmp, MIN_INFORMATIVE, k, 0.7, args.seed)
         start_em = exact_match(start, tmp / "test_prompts", tmp / "start-eval")
         times["start_model"] = time.perf_counter() - t0
-        judge = train_judge(tmp, start, args.quick, args.seed, args.judge_steps, args.judge_lr)
+        judge = train_judge(tmp, start, args.quick, args.seed, args.judge_steps, args.judge_lr,
+                            args.judge_rows, tuple(args.judge_size) if args.judge_size else None)
         times["judge_training"] = time.perf_counter() - t0 - times["start_model"]
         labelled = label_pairs(tmp, start, judge, k, args.seed, args.quick)
         print(f"start model, judge and labels ready after {time.perf_counter() - t0:.0f} s", flush=True)

@@ -1,6 +1,6 @@
 """Nights that keep improving: curation from stored history, and the guard, on a flawed start.
 
-    python bench/nights.py [--seeds 0 1 2] [--nights 8] [--out bench/results/nights.json]
+    python bench/nights.py [--seeds 0 1 2] [--nights 10] [--lr 3e-5] [--out bench/results/nights.json]
 
 Task (offline_rlhf/toy.py, ``setup_flawed_task``): sums up to 20+20 (``What is 17+8?
 Answer:``), 300 training prompts and 100 held-out ones that share no sum. The start
@@ -143,13 +143,13 @@ def summarise(records: list[dict], target: float, k: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--nights", type=int, default=8)
+    ap.add_argument("--nights", type=int, default=10)
     ap.add_argument("--sft-prompts", type=int, default=300, help="prompts of the start's flawed SFT data")
     ap.add_argument("--pool", type=int, default=120, help="the nights' pool: the first N of those prompts")
     ap.add_argument("--heldout", type=int, default=100, help="held-out prompts (no sum shared with the pool)")
     ap.add_argument("--per-night", type=int, default=120, help="prompts drawn a night")
     ap.add_argument("--steps", type=int, default=20, help="grpo steps of 64 responses a night")
-    ap.add_argument("--lr", type=float, default=3e-4, help="grpo learning rate")
+    ap.add_argument("--lr", type=float, default=3e-5, help="grpo learning rate")
     ap.add_argument("--target", type=float, default=0.8, help="held-out greedy exact match to reach")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                     help="one pair of runs per seed (the draw, sampling, training)")

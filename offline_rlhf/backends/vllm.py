@@ -280,6 +280,18 @@ def _sample(c) -> dict:
 
 # --------------------------------------------------------------------------- logprobs, score
 
+def prompt_logprobs(llm, token_lists: list[list[int]], lora=None) -> list:
+    """vLLM's prompt log-probs of each token list (one forward each, no sampling): per
+    list, entry k holds the log-prob of token k given those before it."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    outs = llm.generate([TokensPrompt(prompt_token_ids=t) for t in token_lists],
+                        SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
+                                       detokenize=False),
+                        lora_request=lora, use_tqdm=False)
+    return [o.prompt_logprobs for o in outs]
+
+
 class ReferenceModel:
     """Reference log-probs as vLLM prompt log-probs of prompt + response."""
 
@@ -289,20 +301,16 @@ class ReferenceModel:
         self.llm, self.lora = get_engine(spec), _lora(adapter)
 
     def sequence_logps(self, prompts, responses) -> list[np.ndarray]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
         if any(not p for p, r in zip(prompts, responses) if r):
             raise InputError("a response needs at least one prompt token before it")
         todo = [i for i, r in enumerate(responses) if len(r)]
-        outs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(prompts[i]) + list(responses[i])) for i in todo],
-            SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False),
-            lora_request=self.lora, use_tqdm=False)
+        outs = prompt_logprobs(self.llm, [list(prompts[i]) + list(responses[i]) for i in todo],
+                               self.lora)
         out = [np.zeros(0, dtype=np.float32) for _ in prompts]
-        for i, o in zip(todo, outs):
+        for i, lps in zip(todo, outs):
             n = len(prompts[i])
-            out[i] = np.array([o.prompt_logprobs[n + j][t].logprob
-                               for j, t in enumerate(responses[i])], dtype=np.float32)
+            out[i] = np.array([lps[n + j][t].logprob for j, t in enumerate(responses[i])],
+                              dtype=np.float32)
         return out
 
     def close(self) -> None:
@@ -361,8 +369,8 @@ def check_judge(cfg) -> None:
     per-token logits: "einsum(): subscript b has size 13 ... size 312", seen in
     tests/test_vllm.py), and upstream reports wrong numbers when it runs
     (vllm-project/vllm#29955, #16668; an lm_head adapter's delta dropped, #51594)."""
-    require_vllm()    # (--judge-bits is refused by JudgeOptions itself: no vllm needed)
-    check_model_dir(cfg.judge)
+    require_vllm()    # --judge-bits is refused by JudgeOptions itself (no vllm needed), the
+    # directory by rewards.judge.check_judge, which calls this
     no_adapter(cfg.judge, "judge", "--judge-backend hf")
     judge_engine_spec(cfg)
 
@@ -398,8 +406,6 @@ class JudgeModel:
     def verdict_logps(self, seqs: list[list[int]], label_ids: list[int]) -> np.ndarray:
         """Log-probabilities ``[len(seqs), len(label_ids)]`` of each label token as the
         next token after each sequence."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
         for s in seqs:
             if len(s) + 1 > self.context:
                 raise InputError(f"judge_max_length: a judge input of {len(s)} tokens and its "
@@ -408,14 +414,11 @@ class JudgeModel:
             if not s:
                 raise InputError("judge_template: a judge input of no tokens (the judge reads the "
                                  "label after at least one)")
-        outs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(s) + [t]) for s in seqs for t in label_ids],
-            SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False),
-            use_tqdm=False)
+        outs = prompt_logprobs(self.llm, [list(s) + [t] for s in seqs for t in label_ids])
         out = np.zeros((len(seqs), len(label_ids)), dtype=np.float64)
-        for n, o in enumerate(outs):
+        for n, lps in enumerate(outs):
             i, j = divmod(n, len(label_ids))
-            out[i, j] = o.prompt_logprobs[len(seqs[i])][label_ids[j]].logprob
+            out[i, j] = lps[len(seqs[i])][label_ids[j]].logprob
         return out
 
     def close(self) -> None:

@@ -162,12 +162,26 @@ def summarise(runs: list[dict]) -> dict:
             "passes": all(g <= PASS_POINTS for g in gaps.values()), "runs": runs}
 
 
+def merge(saved: list[dict]) -> dict:
+    """Several saved results as one: their tasks, and each task's trainers (a trainer in a
+    later file replaces the same trainer of an earlier one)."""
+    out = {**saved[0], "tasks": {}}
+    for s in saved:
+        for task, res in s["tasks"].items():
+            mine = out["tasks"].setdefault(task, {**res, "trainers": {}})
+            mine["trainers"].update(res["trainers"])
+    return out
+
+
 def with_tuned(results: dict, earlier: dict) -> dict:
-    """``results``' defaults beside the tuned settings' figures of an ``earlier`` run."""
+    """``results``' defaults beside the tuned settings' figures of an ``earlier`` run
+    (trainers it did not search keep their defaults alone)."""
     for task, res in results["tasks"].items():
         for trainer, t in res["trainers"].items():
-            old = earlier["tasks"][task]["trainers"][trainer]["runs"][1:]
-            res["trainers"][trainer] = summarise(t["runs"][:1] + old)
+            searched = earlier["tasks"].get(task, {}).get("trainers", {}).get(trainer)
+            if searched is None or len(searched["runs"]) < 2:
+                continue
+            res["trainers"][trainer] = summarise(t["runs"][:1] + searched["runs"][1:])
     results["tuned_from"] = "an earlier run (--reuse-tuned)"
     return results
 
@@ -200,21 +214,22 @@ def main() -> None:
                     + ", ".join(TRAINERS))
     ap.add_argument("--seed", type=int, default=0, help="seed of the tasks, start models, sampling, training")
     ap.add_argument("--table", nargs="+", metavar="JSON", help="print the table of saved results "
-                    "(several: their tasks merged) and run nothing")
-    ap.add_argument("--reuse-tuned", metavar="JSON", help="run only the defaults; take the tuned "
-                    "settings' figures from an earlier run's JSON (same seed, same machine: after a "
-                    "change of the defaults, the grid's explicit settings give the same figures); "
-                    "with --table: merge them into the saved defaults-only results")
+                    "(several: their tasks and trainers merged, a later file's trainer replacing an "
+                    "earlier one's) and run nothing")
+    ap.add_argument("--reuse-tuned", nargs="+", metavar="JSON", help="run only the defaults; take the "
+                    "tuned settings' figures from earlier runs' JSON (merged as --table merges; same "
+                    "seed, same machine: after a change of the defaults, the grid's explicit settings "
+                    "give the same figures); with --table: merge them into the saved defaults-only "
+                    "results")
     ap.add_argument("--defaults-only", action="store_true", help="run only the defaults (merge "
                     "the saved JSON with an earlier run's tuned settings: --table it --reuse-tuned JSON)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "defaults.json"))
     args = ap.parse_args()
     if args.table:
-        saved = [json.loads(Path(f).read_text()) for f in args.table]
-        results = {**saved[0], "tasks": {k: v for s in saved for k, v in s["tasks"].items()}}
+        results = merge([json.loads(Path(f).read_text()) for f in args.table])
         if args.reuse_tuned:
-            results = with_tuned(results, json.loads(Path(args.reuse_tuned).read_text()))
+            results = with_tuned(results, merge([json.loads(Path(f).read_text()) for f in args.reuse_tuned]))
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(results, indent=1, default=str))
         print_table(results)
@@ -234,7 +249,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     results["seconds"] = time.perf_counter() - t0
     if args.reuse_tuned:
-        results = with_tuned(results, json.loads(Path(args.reuse_tuned).read_text()))
+        results = with_tuned(results, merge([json.loads(Path(f).read_text()) for f in args.reuse_tuned]))
     if not args.defaults_only:
         print_table(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

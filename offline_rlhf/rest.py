@@ -44,7 +44,8 @@ from .models import fingerprint
 from .rewards.score import ScoreConfig, score
 from .shards import is_complete, open_dataset
 from .storage import read_json_file, remove_run_output, write_json_atomic
-from .train.defaults import auto_lr, count_parameters
+from .train.defaults import BASE_EPOCHS, MIN_STEPS, auto_epochs, auto_lr, count_parameters
+from .train.plan import steps_per_epoch
 from .train.sft import SFTTrainConfig, train_sft
 
 
@@ -77,8 +78,10 @@ class RestConfig(BackendOptions):
     reward_model: str | None = opt(None, "reward model directory (optional)")
     weights: dict[str, float] = opt({}, "reward components and weights (see `score`)")
     format_pattern: str | None = opt(None, "regex for the 'format' component")
-    steps_per_improve: int = opt(0, "optimizer steps per improve step (0: one epoch)")
-    epochs_per_improve: float = opt(1.0, "epochs per improve step when steps_per_improve is 0")
+    steps_per_improve: int = opt(0, "optimizer steps per improve step (0: epochs_per_improve epochs)")
+    epochs_per_improve: float | None = opt(None, "epochs per improve step when steps_per_improve is 0; "
+                                           f"unset: the `train` rule on the step's kept samples ({BASE_EPOCHS}, "
+                                           f"or enough whole epochs for {MIN_STEPS} steps; docs/training.md)")
     batch_size: int = opt(16, "examples per optimizer step")
     micro_batch_size: int = opt(16, "examples per forward pass")
     lora_r: int = opt(0, "LoRA rank (0: full fine-tuning)")
@@ -172,6 +175,16 @@ def improve_filter(cfg: RestConfig, i: int) -> dict:
             "max_per_prompt": cfg.max_per_prompt}
 
 
+def improve_plan(cfg: RestConfig, kept: int) -> tuple[float | None, int]:
+    """Epochs (None when ``steps_per_improve`` decides) and optimizer steps of an improve
+    step on ``kept`` samples, counted as ``train`` counts them: floor(epochs * ceil(kept /
+    batch)); epochs unset follow the ``train`` rule (:func:`auto_epochs`)."""
+    if cfg.steps_per_improve:
+        return None, cfg.steps_per_improve
+    epochs = cfg.epochs_per_improve or auto_epochs(kept, cfg.batch_size)
+    return epochs, max(1, int(epochs * steps_per_epoch(kept, cfg.batch_size)))
+
+
 def _improve(cfg: RestConfig, g: int, i: int, grow_dir: Path, start: str) -> dict:
     scored = open_dataset(str(grow_dir / "scored"), require_complete=True)
     flt = improve_filter(cfg, i)
@@ -186,8 +199,9 @@ def _improve(cfg: RestConfig, g: int, i: int, grow_dir: Path, start: str) -> dic
     if not kept:
         raise InputError(f"improve step {i + 1} of grow {g}: no sample passes threshold "
                          f"{cfg.thresholds[i]} ({cfg.threshold_mode}); lower it")
+    epochs, steps = improve_plan(cfg, len(kept))
     if read_json_file(d / "train_summary.json") is None:
-        steps = cfg.steps_per_improve or max(1, int(len(kept) * cfg.epochs_per_improve) // cfg.batch_size)
+        _say_choice(cfg, g, i, lr, epochs, steps, len(kept))
         train_sft(SFTTrainConfig(data=str(grow_dir / "scored"), output=str(d), policy=start,
                                  lr=lr, max_steps=steps, batch_size=min(cfg.batch_size, len(kept)),
                                  micro_batch_size=cfg.micro_batch_size, schedule="constant",
@@ -195,7 +209,17 @@ def _improve(cfg: RestConfig, g: int, i: int, grow_dir: Path, start: str) -> dic
                                  gradient_checkpointing=cfg.gradient_checkpointing, **flt))
     return {"dir": str(d), "model": str(d / "final"), "kept": len(kept),
             "kept_fraction": len(kept) / max(1, len(rows)), "threshold": cfg.thresholds[i],
-            "lr": lr, "filter": stats}
+            "lr": lr, "epochs": epochs, "filter": stats}
+
+
+def _say_choice(cfg: RestConfig, g: int, i: int, lr: float, epochs, steps: int, kept: int) -> None:
+    """One line before an improve step's training: its rate and passes, and which the rule chose."""
+    from .console import status
+    rate = f"lr {lr:.3g}" + ("" if cfg.lrs else f" (auto: the train rule's rate / {2 ** i}; lrs sets it)")
+    passes = (f"{steps} steps (steps_per_improve)" if cfg.steps_per_improve else
+              f"epochs {epochs:g} of {kept} kept samples, {steps} steps"
+              + ("" if cfg.epochs_per_improve else " (auto; epochs_per_improve sets it)"))
+    status(f"grow {g} improve {i + 1}: {rate}, {passes}")
 
 
 def run_rest(cfg: RestConfig) -> dict:

@@ -6,7 +6,10 @@ import json
 import pytest
 from cli_helpers import cli
 
+from offline_rlhf.rest import RestConfig, improve_plan
 from offline_rlhf.train.defaults import (
+    BASE_EPOCHS,
+    CONTRASTS,
     MIN_STEPS,
     auto_epochs,
     auto_lr,
@@ -14,6 +17,7 @@ from offline_rlhf.train.defaults import (
     resolve_epochs,
     resolve_lr,
 )
+from offline_rlhf.train.dpo import DPOTrainConfig
 from offline_rlhf.train.kto import KTOTrainConfig
 from offline_rlhf.train.sft import SFTTrainConfig
 
@@ -39,14 +43,27 @@ def test_kto_and_grpo_run_at_0_3_times_the_rule():
 
 
 @pytest.mark.parametrize("examples, batch, want", [
-    (1000, 16, 1),            # 63 steps a pass: one epoch
-    (753, 16, 1),             # 47 full steps and a last one: 48
-    (752, 16, 2),             # 47 steps a pass: one short, two passes
+    (1000, 16, 3),            # 63 steps a pass: three passes (189 steps)
+    (300, 16, 3),             # 19 steps a pass: three are 57 steps
+    (200, 16, 4),             # 13 steps a pass: three are 39, four are 52
     (105, 16, 7),             # 7 steps a pass: 7 passes, 49 steps
     (5, 16, 48),              # one step a pass
 ])
 def test_epochs_rule_by_hand(examples, batch, want):
-    assert MIN_STEPS == 48 and auto_epochs(examples, batch) == want
+    assert (BASE_EPOCHS, MIN_STEPS) == (3, 48) and auto_epochs(examples, batch) == want
+    assert auto_epochs(examples, batch, "ilql") == want          # a likelihood fit, as sft
+
+
+@pytest.mark.parametrize("examples, batch, want", [
+    (1000, 16, 1),            # 63 steps a pass: one pass
+    (753, 16, 1),             # 47 full steps and a last one: 48
+    (752, 16, 2),             # 47 steps a pass: one short, two passes
+    (137, 16, 6),             # 9 steps a pass: 6 passes, 54 steps
+    (5, 16, 48),
+])
+def test_contrasts_start_from_one_pass(examples, batch, want):
+    assert CONTRASTS == ("dpo", "kto", "grpo", "rm")
+    assert all(auto_epochs(examples, batch, a) == want for a in CONTRASTS)
 
 
 def test_explicit_epochs_win_and_unset_are_said():
@@ -55,8 +72,37 @@ def test_explicit_epochs_win_and_unset_are_said():
     unset = SFTTrainConfig(data="x", output="o", policy="p")
     assert resolve_epochs(unset, 105) == "epochs 7 (auto: 105 examples, 7 steps of 16 a pass, at least " \
                                          "48 steps; --epochs sets it)" and unset.epochs == 7.0
+    many = SFTTrainConfig(data="x", output="o", policy="p")
+    assert resolve_epochs(many, 1000) == "epochs 3 (auto: 1000 examples, 63 steps of 16 a pass; " \
+                                        "--epochs sets it)" and many.epochs == 3.0
+    dpo = DPOTrainConfig(data="x", output="o", policy="p")
+    assert resolve_epochs(dpo, 1000) == "epochs 1 (auto: 1000 examples, 63 steps of 16 a pass; " \
+                                       "--epochs sets it)" and dpo.epochs == 1.0
     steps = SFTTrainConfig(data="x", output="o", policy="p", max_steps=3)
     assert resolve_epochs(steps, 105) is None                    # max_steps decides: nothing to say
+
+
+@pytest.mark.parametrize("kept, settings, want", [
+    (100, {}, (7, 49)),                          # 7 steps a pass: the train rule, 7 passes
+    (1000, {}, (3, 189)),                        # 63 steps a pass: 3 passes
+    (100, {"epochs_per_improve": 1.5}, (1.5, 10)),   # given: floor(1.5 * 7)
+    (100, {"steps_per_improve": 5}, (None, 5)),
+    (10, {}, (48, 48)),                          # fewer than a batch: one step a pass
+])
+def test_rest_improve_steps_follow_the_train_rule(kept, settings, want):
+    cfg = RestConfig(policy="m", prompts="p", output="o", **settings)
+    assert improve_plan(cfg, kept) == want
+
+
+def test_rest_says_what_each_improve_step_chose(capsys):
+    from offline_rlhf.rest import _say_choice
+    _say_choice(RestConfig(policy="m", prompts="p", output="o"), 0, 1, 5e-4, 7, 49, 100)
+    _say_choice(RestConfig(policy="m", prompts="p", output="o", lrs=[1e-3, 5e-4, 2e-4],
+                           epochs_per_improve=2), 0, 0, 1e-3, 2, 14, 100)
+    assert capsys.readouterr().err.splitlines() == [
+        "grow 0 improve 2: lr 0.0005 (auto: the train rule's rate / 2; lrs sets it), epochs 7 of 100 kept "
+        "samples, 49 steps (auto; epochs_per_improve sets it)",
+        "grow 0 improve 1: lr 0.001, epochs 2 of 100 kept samples, 14 steps"]
 
 
 def test_parameters_counted_from_the_file_headers(policy_dir):
@@ -94,4 +140,5 @@ def test_first_line_shows_the_choice_and_the_run_records_it(tmp_path, policy_dir
         pytest.approx(lr)                                        # cosine: step 1 runs at the peak
     help_text = " ".join(cli("train", "dpo", "--help").stdout.split())
     assert "unset: chosen by the model's parameter count" in help_text
-    assert "as many whole epochs as make at least 48 optimizer steps" in help_text
+    assert "unset: 3 epochs (train sft, train ilql, rest's improve steps) or 1 (train dpo, kto, grpo, " \
+           "rm), or as many whole epochs as make at least 48 optimizer steps" in help_text

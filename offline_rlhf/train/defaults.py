@@ -19,7 +19,8 @@ few hundred examples, a few passes of batch 16 are too few updates to learn the 
 - three passes (transformers' ``num_train_epochs`` default) for the trainers that fit a
   likelihood: ``train sft``, ``train ilql`` (its policy term is an advantage-weighted
   likelihood) and ``offline-rlhf rest``'s improve steps (the rule on each step's kept
-  samples). On the bench's tasks three passes beat one for each of them at its best rate;
+  samples). On the bench's tasks three passes beat one for sft on both, ILQL on the
+  flawed task and rest on the copy task (the others were level);
 - one pass for those that fit a contrast whose loss keeps falling with every pass
   (:data:`CONTRASTS`: ``train dpo``, ``kto``, ``grpo``, ``rm``): KTO went from 63% to 39%
   greedy on the flawed-demonstrator task with three passes instead of one, and a reward

@@ -1,29 +1,38 @@
-"""RLAIF on the copy task: DPO on pairs labelled by a tiny LLM judge trained here,
-against DPO on pairs labelled by the exact-match rule, from the demo's start.
+"""RLAIF: DPO on pairs labelled by a tiny LLM judge trained here, against DPO on pairs
+labelled by the exact-match rule, from a mediocre start.
 
-    python bench/rlaif.py [--quick] [--seed 0] [--out bench/results/rlaif.json]
+    python bench/rlaif.py [--task flawed|copy] [--quick] [--seed 0] [--out bench/results/rlaif-TASK.json]
 
-Task: copy a 4-digit string (``Copy: 3 8 1 9 =>`` -> ``3 8 1 9``), training and
-held-out prompts that share no string (``offline_rlhf/toy.py``). The start is the
-demo's (``toy.pretrain_until_learnable``, for ``--seed``).
+Tasks (``offline_rlhf/toy.py``); training and held-out prompts share no prompt:
+
+- ``flawed`` (the default): sums up to 20+20 (``What is 17+8? Answer:`` -> ``25``); the start
+  is SFT'd on demonstrations that drop the carry 60% of the time, so its greedy answer to a
+  carrying sum is wrong while its samples are sometimes right. The judge grades against the
+  reference answer (reference-guided grading: the templates show ``{reference_answer}``):
+  checking an answer against a reference is a comparison, easier than doing the sum.
+- ``copy``: copy a 4-digit string (``Copy: 3 8 1 9 =>`` -> ``3 8 1 9``); the demo's start.
+  The answer is in the prompt, so checking is a comparison of two digit strings; no judge
+  tried here learned it (docs/rlaif.md).
 
 The judge: the start model fine-tuned (SFT, ``train sft``) on judge prompts rendered
-exactly as the engine renders them (short templates below, the judge's chat template),
-for digit strings of a third split that neither the policy's training nor its held-out
-prompts contain: pointwise "is this response correct? 0/1" and pairwise "A or B?",
-correct answers against synthetic corruptions (a digit changed, dropped, added, or two
-swapped), both orders. No policy sample and no rule label of the DPO data is seen.
+exactly as the engine renders them (the short templates below, the judge's chat template),
+for questions the policy is never evaluated on (copy: digit strings of a third split;
+flawed: sums of the same kind, none of them held out):
+pointwise "is this response correct? 0/1" and pairwise "A or B?", correct answers against
+synthetic corruptions (a digit changed, dropped, added, or two swapped; nothing about the
+flawed demonstrator's carry), both orders. No policy sample and no rule label of the DPO
+data is seen.
 
-From K samples per training prompt at temperature 0.7, once:
+From K samples per training prompt, once:
 - rule: ``score`` exact_match -> ``logprobs`` -> ``pairs best_worst`` -> ``train dpo``;
 - judge: ``score --judge`` (pointwise, scale 0-1: the score is P(correct)) ->
   ``logprobs`` -> ``pairs --strategy judge --judge-candidates best_worst`` (the best and
   worst by the judge's score, labelled in both orders, inconsistent pairs dropped) ->
   ``train dpo --pair-weight judge``.
-Same DPO settings (the demo's: 30 steps, batch 16, lr 1e-3, beta 0.1, NLL 1). Reported:
-held-out greedy exact match of start, rule-DPO and judge-DPO; the judge's agreement with
-the rule (pairs where the rule separates the two responses; pointwise correlation) and
-its position consistency and first-position preference.
+Same DPO settings for both (per task, printed). Reported: held-out greedy exact match of
+start, rule-DPO and judge-DPO; the judge's agreement with the rule (pairs where the rule
+separates the two responses; pointwise correlation) and its position consistency and
+first-position preference.
 """
 
 from __future__ import annotations
@@ -39,17 +48,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-POINTWISE = "Copy check.\n{prompt}\nResponse:{response}\nCorrect (0 or 1)?\n"
-PAIRWISE = "Copy check.\n{prompt}\nA:{response_a}\nB:{response_b}\nWhich is correct, A or B?\n"
+TEMPLATES = {      # (pointwise, pairwise) per task
+    "copy": ("Copy check.\n{prompt}\nResponse:{response}\nCorrect (0 or 1)?\n",
+             "Copy check.\n{prompt}\nA:{response_a}\nB:{response_b}\nWhich is correct, A or B?\n"),
+    "flawed": ("Grade against the reference.\n{prompt}\nReference: {reference_answer}\n"
+               "Response:{response}\nCorrect (0 or 1)?\n",
+               "Grade against the reference.\n{prompt}\nReference: {reference_answer}\n"
+               "A:{response_a}\nB:{response_b}\nWhich is correct, A or B?\n"),
+}
+# per task: samples per prompt and temperature, and the DPO settings both runs share
+SAMPLING = {"copy": (16, 0.7), "flawed": (16, 1.0)}
+DPO = {"copy": dict(lr=1e-3, max_steps=30), "flawed": dict(lr=3e-4, epochs=3)}
 
 
 def corrupt(digits: list[str], rng: random.Random) -> list[str]:
-    """A wrong copy: one digit changed, dropped, added, or two neighbours swapped."""
+    """A wrong answer: one digit changed (to any digit, or a near miss: one up or down),
+    dropped, added, or two neighbours swapped."""
     d = list(digits)
     while d == digits:
-        i, kind = rng.randrange(len(d)), rng.randrange(4)
+        i, kind = rng.randrange(len(d)), rng.randrange(5)
         if kind == 0:
             d[i] = str(rng.randrange(10))
+        elif kind == 4:
+            d[i] = str((int(d[i]) + rng.choice((-1, 1))) % 10)
         elif kind == 1 and len(d) > 1:
             del d[i]
         elif kind == 2:
@@ -59,43 +80,67 @@ def corrupt(digits: list[str], rng: random.Random) -> list[str]:
     return d
 
 
-def judge_sft_file(tmp: Path, start: Path, n: int, seed: int) -> Path:
-    """SFT examples for the judge: prompts rendered as the engine renders them (templates
-    above, the chat template), completions the verdict label."""
+def judge_questions(tmp: Path, task: str, rng: random.Random):
+    """Endless (prompt, reference answer as a list of digits, joiner) for the judge's
+    training: copy, digit strings of neither the policy's training nor its held-out split;
+    flawed, sums of the policy's kind (operands up to 20, answers 0-40, the range the judge
+    grades), never a held-out one."""
+    from offline_rlhf.shards import open_dataset
+    seen = set(open_dataset(str(tmp / "test_prompts")).read(columns=["prompt"]).column(0).to_pylist())
+    if task == "copy":
+        seen |= set(open_dataset(str(tmp / "train_prompts")).read(columns=["prompt"]).column(0).to_pylist())
+    while True:
+        if task == "copy":
+            digits = [str(rng.randrange(10)) for _ in range(4)]
+            prompt, answer, joiner = f"Copy: {' '.join(digits)} =>", digits, " "
+        else:
+            a, b = rng.randrange(21), rng.randrange(21)
+            prompt, answer, joiner = f"What is {a}+{b}? Answer:", list(str(a + b)), ""
+        if prompt not in seen:
+            yield prompt, answer, joiner
+
+
+def judge_sft_file(tmp: Path, start: Path, task: str, n: int, seed: int, negatives: str = "edits") -> Path:
+    """SFT examples for the judge: prompts rendered as the engine renders them (the task's
+    templates, the chat template), completions the verdict label. Wrong answers are
+    :func:`corrupt` edits, or (``negatives="mistakes"``, flawed task) half of them the
+    flawed demonstrator's own mistake, the sum with its carry dropped, where it differs."""
     from offline_rlhf.models import load_tokenizer
     from offline_rlhf.rewards.judge import render
-    from offline_rlhf.shards import open_dataset
+    from offline_rlhf.toy import carry_dropped
     tok = load_tokenizer(start)
-    seen = set()
-    for split in ("train_prompts", "test_prompts"):
-        seen |= set(open_dataset(str(tmp / split)).read(columns=["reference_answer"]).column(0).to_pylist())
+    pointwise, pairwise = TEMPLATES[task]
     rng = random.Random(f"judge:{seed}")
 
     def chat(text):
         return tok.apply_chat_template([{"role": "user", "content": text[:-1]}], tokenize=False,
                                        add_generation_prompt=True)
     rows = []
-    while len(rows) < n:
-        digits = [str(rng.randrange(10)) for _ in range(4)]
-        if " ".join(digits) in seen:
-            continue
-        prompt, good, bad = f"Copy: {' '.join(digits)} =>", " " + " ".join(digits), \
-            " " + " ".join(corrupt(digits, rng))
+    for prompt, answer, joiner in judge_questions(tmp, task, rng):
+        if len(rows) >= n:
+            break
+        ref = joiner.join(answer)
+        good, bad = " " + ref, " " + joiner.join(corrupt(answer, rng))
+        if negatives == "mistakes" and task == "flawed" and rng.random() < 0.5:
+            dropped = carry_dropped(*(int(x) for x in prompt[8:-9].split("+")))
+            bad = " " + dropped if dropped != ref else bad
         for resp, label in ((good, "1"), (bad, "0")):
-            rows.append({"prompt": chat(render(POINTWISE, {"prompt": prompt, "response": resp})),
+            rows.append({"prompt": chat(render(pointwise, {"prompt": prompt, "response": resp,
+                                                           "reference_answer": ref})),
                          "completion": label})
         for a, b, label in ((good, bad, "A"), (bad, good, "B")):
-            rows.append({"prompt": chat(render(PAIRWISE, {"prompt": prompt, "response_a": a,
-                                                          "response_b": b})), "completion": label})
+            rows.append({"prompt": chat(render(pairwise, {"prompt": prompt, "response_a": a, "response_b": b,
+                                                          "reference_answer": ref})),
+                         "completion": label})
     f = tmp / "judge_sft.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return f
 
 
-def train_judge(tmp: Path, start: Path, quick: bool, seed: int, steps: int, lr: float,
-                rows: int, size: tuple[int, int] | None = None) -> Path:
+def train_judge(tmp: Path, start: Path, task: str, quick: bool, seed: int, steps: int, lr: float,
+                rows: int, size: tuple[int, int] | None = None, negatives: str = "edits") -> Path:
     from offline_rlhf.train.sft import SFTTrainConfig, train_sft
-    data = judge_sft_file(tmp, start, 400 if quick else rows, seed)
+    data = judge_sft_file(tmp, start, task, 400 if quick else rows, seed, negatives)
     if size:     # a judge of its own size, from scratch (the policy's tokenizer)
         from offline_rlhf.models import load_tokenizer
         from offline_rlhf.tiny import build_tiny_model
@@ -104,21 +149,22 @@ def train_judge(tmp: Path, start: Path, quick: bool, seed: int, steps: int, lr: 
                                  tokenizer=load_tokenizer(start))
     train_sft(SFTTrainConfig(data=str(data), output=str(tmp / "judge"), policy=str(start), lr=lr,
                              max_steps=4 if quick else steps, batch_size=32, micro_batch_size=32,
-                             schedule="constant", report_to="none", seed=seed))
+                             schedule="cosine", warmup_ratio=0.05, report_to="none", seed=seed))
     return tmp / "judge" / "final"
 
 
-def label_pairs(tmp: Path, start: Path, judge: Path, k: int, seed: int, quick: bool) -> dict:
+def label_pairs(tmp: Path, start: Path, judge: Path, task: str, k: int, temperature: float, seed: int,
+                quick: bool) -> dict:
     """Generations once; rule pairs and judge pairs from them."""
     from offline_rlhf.generation import GenerateConfig, generate
     from offline_rlhf.logprobs import LogprobsConfig, compute_logprobs
     from offline_rlhf.pairs import PairsConfig, build_pairs
     from offline_rlhf.rewards.score import ScoreConfig, score
     (tmp / "templates").mkdir(exist_ok=True)
-    (tmp / "templates" / "pointwise.txt").write_text(POINTWISE)
-    (tmp / "templates" / "pairwise.txt").write_text(PAIRWISE)
+    for kind, text in zip(("pointwise", "pairwise"), TEMPLATES[task]):
+        (tmp / "templates" / f"{kind}.txt").write_text(text)
     generate(GenerateConfig(prompts=str(tmp / "train_prompts"), output=str(tmp / "gen"),
-                            policy=str(start), num_samples=k, temperature=0.7, max_new_tokens=10,
+                            policy=str(start), num_samples=k, temperature=temperature, max_new_tokens=10,
                             seed=seed))
     score(ScoreConfig(generations=str(tmp / "gen"), output=str(tmp / "rule"), weights={"exact_match": 1.0}))
     t0 = time.perf_counter()
@@ -179,39 +225,66 @@ def train_and_eval(tmp: Path, start: Path, name: str, data: str, shared: dict, *
     return {"run": name, "exact_match": em, "pairs": s["data"].get("pairs"), "train_seconds": secs}
 
 
+def start_model(tmp: Path, task: str, quick: bool, seed: int, k: int, temperature: float):
+    """The task's prompts and its mediocre start: (model dir, SFT steps)."""
+    from offline_rlhf.demo import MIN_INFORMATIVE
+    from offline_rlhf.toy import (
+        pretrain_flawed,
+        pretrain_until_learnable,
+        setup_copy_task,
+        setup_flawed_task,
+    )
+    n_train, n_test = (60, 20) if quick else (300, 100)
+    if task == "copy":
+        setup_copy_task(tmp, n_train=n_train, n_test=n_test, seed=seed)
+        start, steps, _ = pretrain_until_learnable(tmp, MIN_INFORMATIVE, k, temperature, seed)
+        return start, steps
+    setup_flawed_task(tmp, n_train=n_train, n_test=n_test, seed=seed)
+    steps = 200 if quick else 1000
+    return pretrain_flawed(tmp, seed, steps=steps), steps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", choices=("flawed", "copy"), default="flawed",
+                    help="flawed: sums, judged against the reference answer (default); copy: copy 4 digits")
     ap.add_argument("--quick", action="store_true", help="a short check that everything runs")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "rlaif.json"))
-    ap.add_argument("--judge-steps", type=int, default=150, help="SFT steps of 32 rows for the judge")
-    ap.add_argument("--judge-rows", type=int, default=4000,
-                    help="judge SFT rows (4 per digit string: two pointwise, two pairwise)")
+    ap.add_argument("--out", help="JSON results (default: bench/results/rlaif-TASK.json)")
+    ap.add_argument("--judge-steps", type=int, default=1500, help="SFT steps of 32 rows for the judge")
+    ap.add_argument("--judge-rows", type=int, default=24000,
+                    help="judge SFT rows (4 per question: two pointwise, two pairwise)")
     ap.add_argument("--judge-size", type=int, nargs=2, metavar=("HIDDEN", "LAYERS"),
                     help="a judge of this size trained from scratch (default: the start model, "
                          "fine-tuned)")
-    ap.add_argument("--judge-lr", type=float, default=1e-3, help="the judge's SFT learning rate")
+    ap.add_argument("--judge-lr", type=float, default=1e-3, help="the judge's SFT learning rate (peak of "
+                    "a cosine schedule after 5%% warm-up)")
+    ap.add_argument("--judge-negatives", choices=("edits", "mistakes"), default="edits",
+                    help="the judge's wrong answers: edits (a digit changed, dropped, added or swapped; "
+                         "the default) or mistakes (flawed task: half of them the demonstrator's own "
+                         "mistake, the carry dropped: a judge that knows the policy's failure)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job shares the cores)")
     args = ap.parse_args()
+    out = args.out or str(Path(__file__).parent / "results" / f"rlaif-{args.task}.json")
     import torch
     torch.set_num_threads(args.threads)
-    from offline_rlhf.demo import MIN_INFORMATIVE
-    from offline_rlhf.toy import exact_match, pretrain_until_learnable, setup_copy_task
-    k = 8 if args.quick else 16
-    shared = dict(lr=1e-3, max_steps=2 if args.quick else 30, batch_size=16, micro_batch_size=16,
-                  schedule="constant", report_to="none", seed=args.seed, beta=0.1, nll_alpha=1.0)
+    from offline_rlhf.toy import exact_match
+    k, temperature = SAMPLING[args.task]
+    k = 8 if args.quick else k
+    dpo = dict(DPO[args.task], max_steps=2) if args.quick else DPO[args.task]
+    shared = dict(dpo, batch_size=16, micro_batch_size=16, schedule="constant", report_to="none",
+                  seed=args.seed, beta=0.1, nll_alpha=1.0)
     tmp = Path(tempfile.mkdtemp(prefix="bench-rlaif-"))
     t0, times = time.perf_counter(), {}
     try:
-        setup_copy_task(tmp, n_train=60 if args.quick else 300, n_test=20 if args.quick else 100,
-                        seed=args.seed)
-        start, pre_steps, _ = pretrain_until_learnable(tmp, MIN_INFORMATIVE, k, 0.7, args.seed)
+        start, pre_steps = start_model(tmp, args.task, args.quick, args.seed, k, temperature)
         start_em = exact_match(start, tmp / "test_prompts", tmp / "start-eval")
         times["start_model"] = time.perf_counter() - t0
-        judge = train_judge(tmp, start, args.quick, args.seed, args.judge_steps, args.judge_lr,
-                            args.judge_rows, tuple(args.judge_size) if args.judge_size else None)
+        judge = train_judge(tmp, start, args.task, args.quick, args.seed, args.judge_steps, args.judge_lr,
+                            args.judge_rows, tuple(args.judge_size) if args.judge_size else None,
+                            args.judge_negatives)
         times["judge_training"] = time.perf_counter() - t0 - times["start_model"]
-        labelled = label_pairs(tmp, start, judge, k, args.seed, args.quick)
+        labelled = label_pairs(tmp, start, judge, args.task, k, temperature, args.seed, args.quick)
         print(f"start model, judge and labels ready after {time.perf_counter() - t0:.0f} s", flush=True)
         figures = judge_figures(tmp)
         rows = [train_and_eval(tmp, start, "rule", "pairs-rule", shared),
@@ -219,9 +292,10 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     total = time.perf_counter() - t0
-    print(f"\nRLAIF on the copy task (seed {args.seed}): start {start_em:.1%} held-out greedy exact "
-          f"match ({pre_steps} SFT steps); DPO {shared['max_steps']} steps, batch 16, lr 1e-3, "
-          "beta 0.1, NLL 1\n")
+    steps = f"{dpo['max_steps']} steps" if "max_steps" in dpo else f"{dpo['epochs']} epochs"
+    print(f"\nRLAIF on the {args.task} task (seed {args.seed}): start {start_em:.1%} held-out greedy exact "
+          f"match ({pre_steps} SFT steps); {k} samples per prompt at temperature {temperature}; DPO {steps}, "
+          f"batch 16, lr {dpo['lr']:g}, beta 0.1, NLL 1\n")
     print(f"{'pairs labelled by':<20}{'pairs':>7}{'held-out EM':>13}{'gain (points)':>15}")
     for r in rows:
         print(f"{r['run']:<20}{r['pairs']:>7}{r['exact_match']:>13.1%}"
@@ -230,12 +304,15 @@ def main() -> None:
                                   for k, v in figures.items()))
     print(f"judging: pointwise {labelled['pointwise_seconds']:.1f} s, pairwise (both orders) "
           f"{labelled['pairwise_seconds']:.1f} s")
-    res = {"task": "copy 4 digits", "quick": args.quick, "seed": args.seed, "start_exact_match": start_em,
-           "pretrain_steps": pre_steps, "settings": shared, "samples_per_prompt": k, "rows": rows,
-           "judge": figures, "labelling": labelled, "times": times, "seconds": total}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1, default=str))
-    print(f"\n{total:.0f} s in all; saved {args.out}")
+    res = {"task": args.task, "quick": args.quick, "seed": args.seed, "start_exact_match": start_em,
+           "pretrain_steps": pre_steps, "settings": shared, "samples_per_prompt": k,
+           "temperature": temperature, "judge_training": {"steps": args.judge_steps, "rows": args.judge_rows,
+                                                         "lr": args.judge_lr, "size": args.judge_size,
+                                                         "negatives": args.judge_negatives},
+           "rows": rows, "judge": figures, "labelling": labelled, "times": times, "seconds": total}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(res, indent=1, default=str))
+    print(f"\n{total:.0f} s in all; saved {out}")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,9 @@ class PairsConfig(JudgeOptions, VllmOptions, ExecutorOptions):
     output: str = opt(help="output pairs dataset")
     overwrite: bool = opt(False, "replace an existing output dataset: it is removed (datasets only) once every input is checked, and the stage starts afresh")
     strategy: str = opt("best_worst", f"pairing strategy: {' | '.join(STRATEGIES)}")
-    min_margin: float = opt(0.0, "smallest reward margin kept (ties are always dropped)")
+    min_margin: float = opt(0.0, "smallest reward margin kept (ties are always dropped); judge: the "
+                            "smallest judge margin 2 P(chosen better) - 1 kept, 0 to 1 (low-confidence "
+                            "pairs dropped, not only down-weighted)")
     top_k: int = opt(2, "k of top_bottom")
     reward_column: str = opt("reward", "reward | reward_normalized")
     max_pairs_per_prompt: int = opt(0, "cap on pairs per prompt, largest margins first (0: none; "
@@ -77,6 +79,11 @@ class PairsConfig(JudgeOptions, VllmOptions, ExecutorOptions):
             raise InputError(f"reward_column: must be reward or reward_normalized, got {self.reward_column!r}")
         if self.min_margin < 0 or self.top_k < 1 or self.max_pairs_per_prompt < 0:
             raise InputError("min_margin must be >= 0, top_k >= 1, max_pairs_per_prompt >= 0")
+        if self.strategy == "judge" and self.min_margin > 0 and self.judge_inconsistent == "keep":
+            raise InputError("min_margin: kept inconsistent judge pairs are ties (margin 0); "
+                             "with min_margin > 0 use --judge-inconsistent drop")
+        if self.strategy == "judge" and self.min_margin > 1:
+            raise InputError(f"min_margin: judge margins are at most 1, got {self.min_margin}")
 
 
 def pair_id(prompt_id: str, chosen: str, rejected: str) -> str:
@@ -190,10 +197,11 @@ def judge_pairs(rows: list[dict], cfg: PairsConfig, judge, source: str) -> tuple
     ``judge_p_ab`` / ``judge_p_ba`` are P(chosen better) with chosen shown first /
     second, ``judge_consistent`` whether both exceed 0.5, and the margin
     ``judge_p_ab + judge_p_ba - 1`` (= 2 P(chosen better) - 1; 0 for kept inconsistent
-    pairs). An exact tie (0.5) is dropped."""
+    pairs). An exact tie (0.5) is dropped, and so is a consistent pair whose margin is
+    below ``min_margin``."""
     stats = {"prompts": 0, "prompts_single_response": 0, "duplicate_responses_dropped": 0,
              "judge_pairs_asked": 0, "judge_inconsistent": 0, "judge_inconsistent_dropped": 0,
-             "judge_ties_dropped": 0}
+             "judge_ties_dropped": 0, "judge_below_min_margin_dropped": 0}
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["prompt_id"], []).append(r)
@@ -227,6 +235,9 @@ def judge_pairs(rows: list[dict], cfg: PairsConfig, judge, source: str) -> tuple
         _agreement(stats, c, r, cfg.reward_column)
         if not consistent and cfg.judge_inconsistent == "drop":
             stats["judge_inconsistent_dropped"] += 1
+            continue
+        if consistent and p_ab + p_ba - 1.0 < cfg.min_margin:
+            stats["judge_below_min_margin_dropped"] += 1
             continue
         row = pair_row(pid, c, r, cfg.reward_column, source, p_ab + p_ba - 1.0 if consistent else 0.0)
         out.append({**row, "judge_p_ab": p_ab, "judge_p_ba": p_ba, "judge_consistent": consistent,

@@ -228,6 +228,35 @@ def test_consistency_and_position_bias_are_measured_exactly(bias):
     assert all(p["chosen"] > p["rejected"] for p in pairs)   # the better digit is chosen
 
 
+def test_min_margin_drops_low_confidence_judge_pairs():
+    """``min_margin`` with the judge keeps the consistent pairs whose judge margin
+    (2 P(chosen better) - 1) reaches it: computed here from the stub's sigmoid."""
+    from conftest import generation_rows
+
+    from offline_rlhf.errors import InputError
+    from offline_rlhf.pairs import PairsConfig, judge_pairs
+    rows = generation_rows(12, k=4)
+    for i, r in enumerate(rows):
+        r["response"] = f" {[0, 1, 2, 5][i % 4]}"
+    sig = lambda x: 1 / (1 + np.exp(-x))   # noqa: E731
+    gaps = [1, 2, 5, 1, 4, 3]                # quality gaps of the 6 pairs of {0, 1, 2, 5}
+    margins = [2 * sig(g) - 1 for g in gaps]  # no position bias: P(better) = sig(gap) in both orders
+    everything, _ = judge_pairs(rows, PairsConfig(generations="-", output="-", strategy="judge",
+                                                  judge="-"), StubJudge(0.0), "test")
+    assert sorted(p["margin"] for p in everything) == pytest.approx(sorted(3 * margins))
+    cut = 0.8                                # between the margins of gaps 2 (0.76) and 3 (0.91)
+    kept, stats = judge_pairs(rows, PairsConfig(generations="-", output="-", strategy="judge", judge="-",
+                                                min_margin=cut), StubJudge(0.0), "test")
+    assert len(kept) == 3 * sum(m >= cut for m in margins) == 9
+    assert stats["judge_below_min_margin_dropped"] == 18 - 9
+    assert all(p["margin"] >= cut for p in kept)
+    with pytest.raises(InputError, match="use --judge-inconsistent drop"):
+        PairsConfig(generations="-", output="-", strategy="judge", judge="-", min_margin=0.5,
+                    judge_inconsistent="keep")
+    with pytest.raises(InputError, match="judge margins are at most 1"):
+        PairsConfig(generations="-", output="-", strategy="judge", judge="-", min_margin=1.5)
+
+
 def test_killed_judging_run_resumes_to_the_same_rows(tmp_path, policy_dir):
     """SIGKILL after the first committed shard of `pairs --strategy judge`; the rerun
     skips it and ends with the rows of an uninterrupted run. Then `train dpo

@@ -154,7 +154,7 @@ def train_judge(tmp: Path, start: Path, task: str, quick: bool, seed: int, steps
 
 
 def label_pairs(tmp: Path, start: Path, judge: Path, task: str, k: int, temperature: float, seed: int,
-                quick: bool) -> dict:
+                quick: bool, min_margin: float = 0.0) -> dict:
     """Generations once; rule pairs and judge pairs from them."""
     from offline_rlhf.generation import GenerateConfig, generate
     from offline_rlhf.logprobs import LogprobsConfig, compute_logprobs
@@ -181,7 +181,8 @@ def label_pairs(tmp: Path, start: Path, judge: Path, task: str, k: int, temperat
     m = build_pairs(PairsConfig(generations=str(tmp / "judged-ref"), output=str(tmp / "pairs-judge"),
                                 strategy="judge", judge=str(judge), judge_candidates="best_worst",
                                 judge_template=str(tmp / "templates" / "pairwise.txt"),
-                                judge_inconsistent="keep" if quick else "drop"))
+                                judge_inconsistent="keep" if quick else "drop",
+                                min_margin=0.0 if quick else min_margin))
     return {"pointwise_seconds": pointwise_s, "pairwise_seconds": time.perf_counter() - t0,
             "pairs_stats": m["stats"]}
 
@@ -263,6 +264,9 @@ def main() -> None:
                     help="the judge's wrong answers: edits (a digit changed, dropped, added or swapped; "
                          "the default) or mistakes (flawed task: half of them the demonstrator's own "
                          "mistake, the carry dropped: a judge that knows the policy's failure)")
+    ap.add_argument("--judge-min-margin", type=float, default=0.0,
+                    help="drop judge pairs whose margin (2 P(chosen better) - 1) is below this (pairs "
+                         "--min-margin; default 0: every consistent pair, weighted by its margin)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job shares the cores)")
     args = ap.parse_args()
     out = args.out or str(Path(__file__).parent / "results" / f"rlaif-{args.task}.json")
@@ -284,7 +288,8 @@ def main() -> None:
                             args.judge_rows, tuple(args.judge_size) if args.judge_size else None,
                             args.judge_negatives)
         times["judge_training"] = time.perf_counter() - t0 - times["start_model"]
-        labelled = label_pairs(tmp, start, judge, args.task, k, temperature, args.seed, args.quick)
+        labelled = label_pairs(tmp, start, judge, args.task, k, temperature, args.seed, args.quick,
+                               args.judge_min_margin)
         print(f"start model, judge and labels ready after {time.perf_counter() - t0:.0f} s", flush=True)
         figures = judge_figures(tmp)
         rows = [train_and_eval(tmp, start, "rule", "pairs-rule", shared),
@@ -308,7 +313,8 @@ def main() -> None:
            "pretrain_steps": pre_steps, "settings": shared, "samples_per_prompt": k,
            "temperature": temperature, "judge_training": {"steps": args.judge_steps, "rows": args.judge_rows,
                                                          "lr": args.judge_lr, "size": args.judge_size,
-                                                         "negatives": args.judge_negatives},
+                                                         "negatives": args.judge_negatives,
+                                                         "min_margin": args.judge_min_margin},
            "rows": rows, "judge": figures, "labelling": labelled, "times": times, "seconds": total}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(res, indent=1, default=str))

@@ -267,6 +267,8 @@ def main() -> None:
     ap.add_argument("--judge-min-margin", type=float, default=0.0,
                     help="drop judge pairs whose margin (2 P(chosen better) - 1) is below this (pairs "
                          "--min-margin; default 0: every consistent pair, weighted by its margin)")
+    ap.add_argument("--dpo-steps", type=int, help="both DPO runs this many optimizer steps (default: the "
+                    "task's epochs: copy 30 steps, flawed 3 epochs, so fewer pairs make fewer steps)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job shares the cores)")
     args = ap.parse_args()
     out = args.out or str(Path(__file__).parent / "results" / f"rlaif-{args.task}.json")
@@ -275,7 +277,9 @@ def main() -> None:
     from offline_rlhf.toy import exact_match
     k, temperature = SAMPLING[args.task]
     k = 8 if args.quick else k
-    dpo = dict(DPO[args.task], max_steps=2) if args.quick else DPO[args.task]
+    dpo = DPO[args.task]
+    if args.quick or args.dpo_steps:
+        dpo = {"lr": dpo["lr"], "max_steps": 2 if args.quick else args.dpo_steps}
     shared = dict(dpo, batch_size=16, micro_batch_size=16, schedule="constant", report_to="none",
                   seed=args.seed, beta=0.1, nll_alpha=1.0)
     tmp = Path(tempfile.mkdtemp(prefix="bench-rlaif-"))

@@ -51,20 +51,8 @@ PASS_POINTS = 3.0
 
 def prepare(root: Path, task: str, quick: bool, seed: int) -> Path:
     """The task's prompts, its start model and, from the start, the data every trainer reads."""
-    from offline_rlhf.demo import MIN_INFORMATIVE
-    from offline_rlhf.toy import (
-        pretrain_flawed,
-        pretrain_until_learnable,
-        setup_copy_task,
-        setup_flawed_task,
-    )
-    n_train, n_test = (60, 20) if quick else (300, 100)
-    if task == "copy":
-        setup_copy_task(root, n_train=n_train, n_test=n_test, seed=seed)
-        start, _, _ = pretrain_until_learnable(root, MIN_INFORMATIVE, 16, TEMPERATURE, seed)
-    else:
-        setup_flawed_task(root, n_train=n_train, n_test=n_test, seed=seed)
-        start = pretrain_flawed(root, seed, steps=200 if quick else 1000)
+    from offline_rlhf.toy import mediocre_start
+    start, _ = mediocre_start(root, task, seed, quick, 16, TEMPERATURE)
     _data(root, start, seed)
     return start
 
@@ -173,6 +161,11 @@ def merge(saved: list[dict]) -> dict:
     return out
 
 
+def load(files: list[str]) -> dict:
+    """Saved results files, merged (:func:`merge`)."""
+    return merge([json.loads(Path(f).read_text()) for f in files])
+
+
 def with_tuned(results: dict, earlier: dict) -> dict:
     """``results``' defaults beside the tuned settings' figures of an ``earlier`` run
     (trainers it did not search keep their defaults alone)."""
@@ -227,9 +220,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "defaults.json"))
     args = ap.parse_args()
     if args.table:
-        results = merge([json.loads(Path(f).read_text()) for f in args.table])
+        results = load(args.table)
         if args.reuse_tuned:
-            results = with_tuned(results, merge([json.loads(Path(f).read_text()) for f in args.reuse_tuned]))
+            results = with_tuned(results, load(args.reuse_tuned))
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(results, indent=1, default=str))
         print_table(results)
@@ -249,7 +242,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     results["seconds"] = time.perf_counter() - t0
     if args.reuse_tuned:
-        results = with_tuned(results, merge([json.loads(Path(f).read_text()) for f in args.reuse_tuned]))
+        results = with_tuned(results, load(args.reuse_tuned))
     if not args.defaults_only:
         print_table(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

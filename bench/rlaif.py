@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -122,7 +123,7 @@ def judge_sft_file(tmp: Path, start: Path, task: str, n: int, seed: int, negativ
         ref = joiner.join(answer)
         good, bad = " " + ref, " " + joiner.join(corrupt(answer, rng))
         if negatives == "mistakes" and task == "flawed" and rng.random() < 0.5:
-            dropped = carry_dropped(*(int(x) for x in prompt[8:-9].split("+")))
+            dropped = carry_dropped(*(int(x) for x in re.findall(r"\d+", prompt)))
             bad = " " + dropped if dropped != ref else bad
         for resp, label in ((good, "1"), (bad, "0")):
             rows.append({"prompt": chat(render(pointwise, {"prompt": prompt, "response": resp,
@@ -226,25 +227,6 @@ def train_and_eval(tmp: Path, start: Path, name: str, data: str, shared: dict, *
     return {"run": name, "exact_match": em, "pairs": s["data"].get("pairs"), "train_seconds": secs}
 
 
-def start_model(tmp: Path, task: str, quick: bool, seed: int, k: int, temperature: float):
-    """The task's prompts and its mediocre start: (model dir, SFT steps)."""
-    from offline_rlhf.demo import MIN_INFORMATIVE
-    from offline_rlhf.toy import (
-        pretrain_flawed,
-        pretrain_until_learnable,
-        setup_copy_task,
-        setup_flawed_task,
-    )
-    n_train, n_test = (60, 20) if quick else (300, 100)
-    if task == "copy":
-        setup_copy_task(tmp, n_train=n_train, n_test=n_test, seed=seed)
-        start, steps, _ = pretrain_until_learnable(tmp, MIN_INFORMATIVE, k, temperature, seed)
-        return start, steps
-    setup_flawed_task(tmp, n_train=n_train, n_test=n_test, seed=seed)
-    steps = 200 if quick else 1000
-    return pretrain_flawed(tmp, seed, steps=steps), steps
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", choices=("flawed", "copy"), default="flawed",
@@ -274,7 +256,7 @@ def main() -> None:
     out = args.out or str(Path(__file__).parent / "results" / f"rlaif-{args.task}.json")
     import torch
     torch.set_num_threads(args.threads)
-    from offline_rlhf.toy import exact_match
+    from offline_rlhf.toy import exact_match, mediocre_start
     k, temperature = SAMPLING[args.task]
     k = 8 if args.quick else k
     dpo = DPO[args.task]
@@ -285,7 +267,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-rlaif-"))
     t0, times = time.perf_counter(), {}
     try:
-        start, pre_steps = start_model(tmp, args.task, args.quick, args.seed, k, temperature)
+        start, pre_steps = mediocre_start(tmp, args.task, args.seed, args.quick, k, temperature)
         start_em = exact_match(start, tmp / "test_prompts", tmp / "start-eval")
         times["start_model"] = time.perf_counter() - t0
         judge = train_judge(tmp, start, args.task, args.quick, args.seed, args.judge_steps, args.judge_lr,

@@ -227,3 +227,25 @@ def pretrain_flawed(root, seed: int = 0, steps: int = 1000, lr: float = 3e-3):
                              policy=str(model), lr=lr, max_steps=steps, batch_size=32,
                              micro_batch_size=32, report_to="none", schedule="constant", seed=seed))
     return root / "flawed-start" / "final"
+
+
+def mediocre_start(root, task: str, seed: int = 0, quick: bool = False, num_samples: int = 16,
+                   temperature: float = 0.7):
+    """A benchmark's toy task under ``root`` and its mediocre start: (model dir, SFT steps).
+
+    ``copy``: :func:`setup_copy_task`, then :func:`pretrain_until_learnable` (the demo's
+    start: until the demo's share of informative prompts at ``num_samples`` samples and
+    ``temperature``); ``flawed``: :func:`setup_flawed_task`, then :func:`pretrain_flawed`
+    (1,000 steps). 300 training and 100 held-out prompts; ``quick``: 60 and 20, and 200
+    flawed steps."""
+    from .demo import MIN_INFORMATIVE
+    n_train, n_test = (60, 20) if quick else (300, 100)
+    if task == "copy":
+        setup_copy_task(root, n_train=n_train, n_test=n_test, seed=seed)
+        start, steps, _ = pretrain_until_learnable(root, MIN_INFORMATIVE, num_samples, temperature, seed)
+        return start, steps
+    if task != "flawed":
+        raise ValueError(f"task: copy or flawed, got {task!r}")
+    setup_flawed_task(root, n_train=n_train, n_test=n_test, seed=seed)
+    steps = 200 if quick else 1000
+    return pretrain_flawed(root, seed, steps=steps), steps

@@ -39,12 +39,16 @@ MPO = ("sigmoid,bco_pair,sft", "0.8,0.2,1")
 
 def prepare(tmp: Path, quick: bool, seed: int) -> tuple[Path, float, int]:
     """The start model and its scored generations with reference log-probs, and pairs."""
-    from offline_rlhf.demo import MIN_INFORMATIVE
     from offline_rlhf.generation import GenerateConfig, generate
     from offline_rlhf.logprobs import LogprobsConfig, compute_logprobs
     from offline_rlhf.pairs import PairsConfig, build_pairs
     from offline_rlhf.rewards.score import ScoreConfig, score
-    from offline_rlhf.toy import exact_match, pretrain_until_learnable, setup_copy_task
+    from offline_rlhf.toy import (
+        MIN_INFORMATIVE,
+        exact_match,
+        pretrain_until_learnable,
+        setup_copy_task,
+    )
     setup_copy_task(tmp, n_train=60 if quick else 300, n_test=20 if quick else 100, seed=seed)
     k = 8 if quick else 16
     start, steps, _ = pretrain_until_learnable(tmp, MIN_INFORMATIVE, k, 0.7, seed)

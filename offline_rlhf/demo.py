@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-MIN_INFORMATIVE = 0.3   # of the train prompts: with 300 prompts, at least 90 pairs
+from .toy import MIN_INFORMATIVE
 
 
 def _prepare(root: Path, seed: int, num_samples: int, temperature: float) -> None:

@@ -13,6 +13,8 @@ import pyarrow as pa
 
 from .prompts import prompt_id_for
 
+MIN_INFORMATIVE = 0.3   # of the train prompts, for the demo's start: with 300 prompts, at least 90 pairs
+
 
 def addition_prompts(n: int, seed: int = 0, max_operand: int = 20, split: str = "train",
                      chat_fraction: float = 0.0) -> pa.Table:
@@ -111,7 +113,7 @@ def sampled_yield(model, prompts, work, num_samples: int = 16, temperature: floa
             "informative": float(((means > 0) & (means < 1)).mean())}
 
 
-def pretrain_until_learnable(root, min_informative: float = 0.3, num_samples: int = 16,
+def pretrain_until_learnable(root, min_informative: float = MIN_INFORMATIVE, num_samples: int = 16,
                              temperature: float = 0.7, seed: int = 0, max_steps: int = 400):
     """A tiny model trained from scratch (seeded by ``seed``) on ``root``'s copy task until
     sampling from it makes a preference loop learnable: at least ``min_informative`` of
@@ -238,7 +240,6 @@ def mediocre_start(root, task: str, seed: int = 0, quick: bool = False, num_samp
     ``temperature``); ``flawed``: :func:`setup_flawed_task`, then :func:`pretrain_flawed`
     (1,000 steps). 300 training and 100 held-out prompts; ``quick``: 60 and 20, and 200
     flawed steps."""
-    from .demo import MIN_INFORMATIVE
     n_train, n_test = (60, 20) if quick else (300, 100)
     if task == "copy":
         setup_copy_task(root, n_train=n_train, n_test=n_test, seed=seed)

@@ -37,6 +37,7 @@ from ..losses.dpo import (
 from ..models import check_model_dir
 from ..pairs import check_pairs_source, read_pairs
 from ..shards import is_dataset, open_dataset_of
+from .defaults import BETA_TEXT
 from .loop import TrainConfig, fit, micro_batches
 from .values import check_finite
 
@@ -55,7 +56,8 @@ class DPOTrainConfig(TrainConfig):
     loss: str = opt("sigmoid", f"loss, or several separated by commas, summed with --loss-weights "
                     f"(MPO: sigmoid,bco_pair,sft): {' | '.join(LOSS_TYPES)} (docs/dpo.md)")
     loss_weights: str = opt("", "weights of the --loss terms, comma-separated (default: 1 each)")
-    beta: float = opt(0.1, "strength of the KL regularisation (IPO, sppo_hard: tau)")
+    beta: float | None = opt(None, "strength of the KL regularisation (IPO, sppo_hard: tau); "
+                             + BETA_TEXT)
     label_smoothing: float = opt(0.0, "assumed label-flip rate for cdpo, robust, aot, aot_unpaired; "
                                  "the label smoothing eps of exo_pair (which needs it > 0; paper: 1e-3)")
     simpo_gamma: float = opt(0.5, "SimPO target reward margin")
@@ -96,7 +98,7 @@ class DPOTrainConfig(TrainConfig):
         self.terms = check_losses(self)
         if self.pair_weight not in PAIR_WEIGHTS:
             raise InputError(f"pair_weight: must be one of {', '.join(PAIR_WEIGHTS)}, got {self.pair_weight!r}")
-        if self.beta <= 0:
+        if self.beta is not None and self.beta <= 0:
             raise InputError(f"beta: must be > 0, got {self.beta}")
         names = [n for n, _ in self.terms]
         if not 0 <= self.label_smoothing < 0.5:

@@ -37,7 +37,7 @@ from ..errors import InputError, TrainingDiverged
 from ..lineage import code_version, config_hash
 from ..storage import write_json_atomic
 from . import checkpoint as ckpt
-from .defaults import EPOCHS_TEXT, RULE_TEXT, resolve_epochs, resolve_lr
+from .defaults import EPOCHS_TEXT, RULE_TEXT, resolve_beta, resolve_epochs, resolve_lr
 from .identity import Finished, prepare_output, run_identity
 from .plan import micro_batches, plan_epoch, steps_per_epoch, total_steps, warmup_steps
 
@@ -298,6 +298,7 @@ def _fit(cfg: TrainConfig, task_factory, *, model_loader=None, extra_modules=Non
         extras = extra_modules(model) if extra_modules else None
         lengths = task.lengths()
         chose.append(resolve_epochs(cfg, len(lengths)))   # identity keeps "unset": data decide it
+        chose.append(resolve_beta(cfg, len(lengths)))     # train dpo: by the passes just chosen
         steps = total_steps(cfg, len(lengths))
         params = list(model.parameters()) + (list(extras.parameters()) if extras else [])
         optimizer, scheduler = make_optimizer(cfg, params, steps)

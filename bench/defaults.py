@@ -132,9 +132,24 @@ def one(root: Path, start: Path, trainer: str, setting: dict, seed: int) -> dict
     t1 = time.perf_counter()
     model = train(root, start, trainer, root / "runs" / name, setting)
     figures = evaluate(root, model, root / "eval" / name, seed)
+    chose = chosen(root / "runs" / name) if not setting else {}
     print(f"  {trainer:<5} {str(setting or 'defaults'):<32} greedy {figures['greedy']:.1%} "
-          f"sampled {figures['sampled']:.1%}", flush=True)
-    return {"setting": setting or "defaults", **figures, "seconds": time.perf_counter() - t1}
+          f"sampled {figures['sampled']:.1%}" + (f"  ({describe(chose)})" if chose else ""), flush=True)
+    return {"setting": setting or "defaults", **figures, "seconds": time.perf_counter() - t1,
+            **({"chosen": chose} if chose else {})}
+
+
+def chosen(run: Path) -> dict:
+    """What a ``train`` run's unset options resolved to, from its ``config.json`` (rest: none)."""
+    f = run / "config.json"
+    if not f.exists():
+        return {}
+    cfg = json.loads(f.read_text())["config"]
+    return {k: cfg[k] for k in ("lr", "epochs", "beta") if cfg.get(k) is not None}
+
+
+def describe(chose: dict) -> str:
+    return ", ".join(f"{k} {v:.2g}" if k == "lr" else f"{k} {v:g}" for k, v in chose.items())
 
 
 def _score(run: dict) -> float:
@@ -194,7 +209,8 @@ def print_table(results: dict) -> None:
             setting = ", ".join(f"{k} {v:g}" for k, v in b["setting"].items())
             print(f"{'':<8}{trainer:<8}{d['greedy']:>14.1%} / {d['sampled']:<8.1%}"
                   f"{b['greedy']:>17.1%} / {b['sampled']:<8.1%}  {setting:<28}"
-                  f"{g['greedy']:>6.1f} / {g['sampled']:<5.1f}  {'yes' if t['passes'] else 'NO'}")
+                  f"{g['greedy']:>6.1f} / {g['sampled']:<5.1f}  {'yes' if t['passes'] else 'NO'}"
+                  + (f"  defaults chose: {describe(d['chosen'])}" if d.get("chosen") else ""))
 
 
 def main() -> None:

@@ -21,9 +21,11 @@ each with its defaults and with the settings of a small search: lr 3e-4, 1e-3 an
 first lr, halved each improve step, and epochs per improve step). ``rm`` is left out: it trains
 a reward model, not a policy, so it has no greedy or sampled accuracy.
 
-Reported: held-out greedy exact match and sampled exact match (4 samples per prompt at
-temperature 0.7) of the defaults and of the best grid setting (by greedy + sampled),
-and the gap; the defaults pass when both gaps are at most 3 points.
+Each setting trains with ``--train-seeds`` seeds (3; the task, start and evaluation stay
+those of ``--seed``). Reported: the means over those seeds of held-out greedy exact match
+and sampled exact match (4 samples per prompt at temperature 0.7) of the defaults and of
+the best grid setting (by greedy + sampled), and the gap; the defaults pass when both gaps
+are at most 3 points.
 
 ``--quick`` (a check that it runs, not a measurement): fewer prompts, a shorter start,
 one tuned setting (lr 1e-3). Prints a table and saves JSON. Figures are deterministic on one
@@ -77,8 +79,8 @@ def _data(root: Path, start: Path, seed: int) -> None:
     (root / "best.jsonl").write_text("".join(json.dumps(r) + "\n" for r in best.values()))
 
 
-def train(root: Path, start: Path, trainer: str, out: Path, setting: dict) -> Path:
-    """One run of ``trainer`` with only data, policy and output given, plus ``setting``."""
+def train(root: Path, start: Path, trainer: str, out: Path, setting: dict, seed: int = 0) -> Path:
+    """One run of ``trainer`` with only data, policy, output and its seed given, plus ``setting``."""
     from offline_rlhf.train import ALGORITHMS
     if trainer == "rest":
         from offline_rlhf.rest import RestConfig, run_rest
@@ -88,12 +90,12 @@ def train(root: Path, start: Path, trainer: str, out: Path, setting: dict) -> Pa
         if "epochs" in setting:
             kw["epochs_per_improve"] = setting["epochs"]
         report = run_rest(RestConfig(policy=str(start), prompts=str(root / "train_prompts"), output=str(out),
-                                     weights={"exact_match": 1.0}, max_new_tokens=10, **kw))
+                                     weights={"exact_match": 1.0}, max_new_tokens=10, seed=seed, **kw))
         return Path(report["final_model"])
     data = {"sft": root / "best.jsonl", "dpo": root / "pairs", "kto": root / "ref",
             "ilql": root / "scored", "grpo": root / "scored"}[trainer]
     cls, run, _ = ALGORITHMS[trainer]
-    run(cls(data=str(data), policy=str(start), output=str(out), report_to="none", **setting))
+    run(cls(data=str(data), policy=str(start), output=str(out), report_to="none", seed=seed, **setting))
     return out / "final"
 
 
@@ -105,7 +107,7 @@ def evaluate(root: Path, model: Path, work: Path, seed: int) -> dict:
 
 
 def run_task(tmp: Path, task: str, trainers, grid: dict, quick: bool, seed: int,
-             tuned: dict | None = None) -> dict:
+             tuned: dict | None = None, train_seeds: int = 1) -> dict:
     root = tmp / task
     t0 = time.perf_counter()
     start = prepare(root, task, quick, seed)
@@ -113,30 +115,38 @@ def run_task(tmp: Path, task: str, trainers, grid: dict, quick: bool, seed: int,
            "prepare_seconds": time.perf_counter() - t0, "trainers": {}}
     print(f"{task}: start greedy {res['start']['greedy']:.1%} sampled {res['start']['sampled']:.1%}", flush=True)
     for trainer in trainers:
-        runs = [one(root, start, trainer, {}, seed)]
+        seeds = range(seed, seed + train_seeds)
+        runs = [one(root, start, trainer, {}, seed, seeds)]
         if tuned is not None:                 # the grid of an earlier run: only the defaults run
             res["trainers"][trainer] = {"runs": runs}
             continue
         for lr in grid["lr"]:                 # a coordinate search: the rate at one epoch,
-            runs.append(one(root, start, trainer, {"lr": lr, "epochs": 1}, seed))
+            runs.append(one(root, start, trainer, {"lr": lr, "epochs": 1}, seed, seeds))
         best_lr = max(runs[1:], key=_score)["setting"]["lr"]
         for e in grid["epochs"]:              # then more epochs at the best rate
-            runs.append(one(root, start, trainer, {"lr": best_lr, "epochs": e}, seed))
+            runs.append(one(root, start, trainer, {"lr": best_lr, "epochs": e}, seed, seeds))
         res["trainers"][trainer] = summarise(runs)
     res["seconds"] = time.perf_counter() - t0
     return res
 
 
-def one(root: Path, start: Path, trainer: str, setting: dict, seed: int) -> dict:
+def one(root: Path, start: Path, trainer: str, setting: dict, seed: int, train_seeds=(0,)) -> dict:
+    """``setting`` trained once per seed of ``train_seeds`` (the task, its start and the
+    evaluation stay those of ``seed``); its figures are their means, each seed's kept."""
     name = f"{trainer}-" + "-".join(f"{k}{v:g}" for k, v in setting.items()) if setting else trainer
     t1 = time.perf_counter()
-    model = train(root, start, trainer, root / "runs" / name, setting)
-    figures = evaluate(root, model, root / "eval" / name, seed)
-    chose = chosen(root / "runs" / name) if not setting else {}
+    per_seed = []
+    for s in train_seeds:
+        model = train(root, start, trainer, root / "runs" / f"{name}-s{s}", setting, s)
+        per_seed.append({"train_seed": s, **evaluate(root, model, root / "eval" / f"{name}-s{s}", seed)})
+    figures = {k: sum(r[k] for r in per_seed) / len(per_seed) for k in ("greedy", "sampled")}
+    chose = chosen(root / "runs" / f"{name}-s{train_seeds[0]}") if not setting else {}
     print(f"  {trainer:<5} {str(setting or 'defaults'):<32} greedy {figures['greedy']:.1%} "
-          f"sampled {figures['sampled']:.1%}" + (f"  ({describe(chose)})" if chose else ""), flush=True)
-    return {"setting": setting or "defaults", **figures, "seconds": time.perf_counter() - t1,
-            **({"chosen": chose} if chose else {})}
+          f"sampled {figures['sampled']:.1%}" + (f" (mean of {len(per_seed)} seeds: "
+          + ", ".join(f"{r['greedy']:.0%}/{r['sampled']:.1%}" for r in per_seed) + ")" if len(per_seed) > 1 else "")
+          + (f"  ({describe(chose)})" if chose else ""), flush=True)
+    return {"setting": setting or "defaults", **figures, "per_seed": per_seed,
+            "seconds": time.perf_counter() - t1, **({"chosen": chose} if chose else {})}
 
 
 def chosen(run: Path) -> dict:
@@ -144,7 +154,9 @@ def chosen(run: Path) -> dict:
     f = run / "config.json"
     if not f.exists():
         return {}
-    cfg = json.loads(f.read_text())["config"]
+    cfg = json.loads(f.read_text()).get("config")
+    if not isinstance(cfg, dict):     # rest writes a config.json of its own kind
+        return {}
     return {k: cfg[k] for k in ("lr", "epochs", "beta") if cfg.get(k) is not None}
 
 
@@ -222,7 +234,11 @@ def main() -> None:
     ap.add_argument("--tasks", default="copy,flawed", help="comma-separated: copy, flawed")
     ap.add_argument("--trainers", default=",".join(TRAINERS), help="comma-separated subset of "
                     + ", ".join(TRAINERS))
-    ap.add_argument("--seed", type=int, default=0, help="seed of the tasks, start models, sampling, training")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the tasks, start models, sampling and "
+                    "evaluation, and the first training seed")
+    ap.add_argument("--train-seeds", type=int, help="each setting trains this many times (seeds "
+                    "SEED, SEED+1, ...) and reports the means: one run's greedy accuracy can swing by "
+                    "tens of points between neighbouring settings (default 3; with --quick 1)")
     ap.add_argument("--table", nargs="+", metavar="JSON", help="print the table of saved results "
                     "(several: their tasks and trainers merged, a later file's trainer replacing an "
                     "earlier one's) and run nothing")
@@ -236,6 +252,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "defaults.json"))
     args = ap.parse_args()
+    if args.train_seeds is None:
+        args.train_seeds = 1 if args.quick else 3
+    if args.train_seeds < 1:
+        ap.error(f"--train-seeds: at least 1, got {args.train_seeds}")
     if args.table:
         results = load(args.table)
         if args.reuse_tuned:
@@ -249,12 +269,14 @@ def main() -> None:
     grid = QUICK_GRID if args.quick else GRID
     tmp = Path(tempfile.mkdtemp(prefix="bench-defaults-"))
     t0 = time.perf_counter()
-    results = {"quick": args.quick, "seed": args.seed, "grid": grid, "temperature": TEMPERATURE,
+    results = {"quick": args.quick, "seed": args.seed, "train_seeds": args.train_seeds,
+               "grid": grid, "temperature": TEMPERATURE,
                "samples_per_prompt": K, "eval_samples": EVAL_SAMPLES, "pass_points": PASS_POINTS, "tasks": {}}
     try:
         for task in args.tasks.split(","):
             results["tasks"][task] = run_task(tmp, task, args.trainers.split(","), grid, args.quick,
-                                              args.seed, {} if args.defaults_only or args.reuse_tuned else None)
+                                              args.seed, {} if args.defaults_only or args.reuse_tuned else None,
+                                              args.train_seeds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results["seconds"] = time.perf_counter() - t0

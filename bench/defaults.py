@@ -154,10 +154,12 @@ def chosen(run: Path) -> dict:
     f = run / "config.json"
     if not f.exists():
         return {}
-    cfg = json.loads(f.read_text()).get("config")
+    recorded = json.loads(f.read_text())
+    cfg = recorded.get("config")
     if not isinstance(cfg, dict):     # rest writes a config.json of its own kind
         return {}
-    return {k: cfg[k] for k in ("lr", "epochs", "beta") if cfg.get(k) is not None}
+    keys = ("lr", "epochs") + (("beta",) if recorded.get("algorithm") == "dpo" else ())   # dpo's beta has a rule
+    return {k: cfg[k] for k in keys if cfg.get(k) is not None}
 
 
 def describe(chose: dict) -> str:

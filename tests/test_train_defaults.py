@@ -84,7 +84,7 @@ def test_explicit_epochs_win_and_unset_are_said():
     assert resolve_epochs(steps, 105) is None                    # max_steps decides: nothing to say
 
 
-@pytest.mark.parametrize("passes, want", [(0.5, 0.1), (1, 0.1), (1.02, 1.0), (6, 1.0)])
+@pytest.mark.parametrize("passes, want", [(0.5, 0.1), (1, 0.1), (1.02, 2.0), (6, 2.0)])
 def test_dpo_beta_rule_by_hand(passes, want):
     assert auto_beta(passes) == want
 
@@ -92,13 +92,13 @@ def test_dpo_beta_rule_by_hand(passes, want):
 def test_dpo_beta_follows_the_passes_and_explicit_wins():
     few = DPOTrainConfig(data="x", output="o", policy="p")       # 137 pairs: 9 steps a pass, 6 passes
     resolve_epochs(few, 137)
-    assert resolve_beta(few, 137) == "beta 1 (auto: 6 passes over 137 pairs; --beta sets it)" and few.beta == 1.0
+    assert resolve_beta(few, 137) == "beta 2 (auto: 6 passes over 137 pairs; --beta sets it)" and few.beta == 2.0
     many = DPOTrainConfig(data="x", output="o", policy="p")      # 1000 pairs: 63 steps, one pass
     resolve_epochs(many, 1000)
     assert resolve_beta(many, 1000) == "beta 0.1 (auto: 1 pass over 1000 pairs; --beta sets it)"
     steps = DPOTrainConfig(data="x", output="o", policy="p", max_steps=100)   # 100 / 63 passes
     resolve_epochs(steps, 1000)
-    assert resolve_beta(steps, 1000) == "beta 1 (auto: 1.59 passes over 1000 pairs; --beta sets it)"
+    assert resolve_beta(steps, 1000) == "beta 2 (auto: 1.59 passes over 1000 pairs; --beta sets it)"
     given = DPOTrainConfig(data="x", output="o", policy="p", epochs=3.0, beta=0.3)
     assert resolve_beta(given, 1000) is None and given.beta == 0.3
     kto = KTOTrainConfig(data="x", output="o", policy="p", epochs=3.0)   # its own beta, unchanged
@@ -165,4 +165,4 @@ def test_first_line_shows_the_choice_and_the_run_records_it(tmp_path, policy_dir
     assert "unset: chosen by the model's parameter count" in help_text
     assert "unset: 3 epochs (train sft, train ilql, rest's improve steps) or 1 (train dpo, kto, grpo, " \
            "rm), or as many whole epochs as make at least 48 optimizer steps" in help_text
-    assert "unset: 0.1 when the run passes over its pairs once, 1 when more than once" in help_text
+    assert "unset: 0.1 when the run passes over its pairs once, 2 when more than once" in help_text

@@ -40,12 +40,12 @@ def test_five_steps_change_every_parameter_and_move_loss(tmp_path, pairs_ds, pol
 
 
 def test_unset_beta_is_chosen_by_the_passes_and_recorded(tmp_path, pairs_ds, policy_dir, capsys):
-    """48 pairs at batch 8 are 6 steps a pass: 12 steps are two passes, so beta 1 (train
+    """48 pairs at batch 8 are 6 steps a pass: 12 steps are two passes, so beta 2 (train
     dpo's rule), said on stderr and recorded; the identity keeps it unset (the data decide)."""
     train_dpo(cfg(pairs_ds, tmp_path / "o", policy_dir, max_steps=12, beta=None))
-    assert "beta 1 (auto: 2 passes over 48 pairs; --beta sets it)" in capsys.readouterr().err
+    assert "beta 2 (auto: 2 passes over 48 pairs; --beta sets it)" in capsys.readouterr().err
     recorded = json.loads((tmp_path / "o" / "config.json").read_text())
-    assert recorded["config"]["beta"] == 1.0 and recorded["identity"]["beta"] is None
+    assert recorded["config"]["beta"] == 2.0 and recorded["identity"]["beta"] is None
 
 
 def test_accumulation_1x8_equals_8x1(tmp_path, pairs_ds, policy_dir):

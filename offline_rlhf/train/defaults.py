@@ -27,12 +27,13 @@ few hundred examples, a few passes of batch 16 are too few updates to learn the 
   model is commonly trained one epoch against over-fitting (InstructGPT).
 
 ``train dpo``'s ``beta`` left unset (:func:`auto_beta`) is 0.1 (the DPO paper's and TRL's
-value) when the run passes over its pairs once, and 1.0 when it passes over them more than
+value) when the run passes over its pairs once, and 2.0 when it passes over them more than
 once (the :data:`MIN_STEPS` floor on a few hundred pairs, ``--epochs`` above 1, or a
 ``--max-steps`` beyond one pass): a stronger pull towards the reference against
 over-training on repeated pairs. On the flawed-demonstrator task the floor's six passes at
-beta 0.1 fell 8 points short of the tuned best; at 1.0 the defaults came within 3 points on
-both toy tasks at two seeds (docs/training.md).
+beta 0.1 fell 8 points short of the tuned best and 6.7 at 1.0 (means of three training
+seeds); at 2.0 the defaults came within 3 points on both toy tasks at two task seeds
+(docs/training.md).
 
 An explicit ``lr``, ``epochs`` or ``beta`` always wins. The resolved value is what the run records (its
 ``config.json``, identity and summary) and the run's first line says what was chosen
@@ -60,7 +61,7 @@ MIN_STEPS = 48            # ... or more whole passes, for at least this many opt
 ALGORITHM_FACTOR = {"kto": 0.3, "grpo": 0.3}
 
 DPO_BETA = 0.1            # beta unset, one pass over the pairs (Rafailov et al. 2023; TRL)
-DPO_BETA_REPEATED = 1.0   # ... more than one pass: a stronger pull to the reference
+DPO_BETA_REPEATED = 2.0   # ... more than one pass: a stronger pull to the reference
 
 BETA_TEXT = (f"unset: {DPO_BETA:g} when the run passes over its pairs once, {DPO_BETA_REPEATED:g} "
              "when more than once (docs/training.md)")

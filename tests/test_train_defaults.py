@@ -53,7 +53,7 @@ def test_kto_and_grpo_run_at_0_3_times_the_rule():
 ])
 def test_epochs_rule_by_hand(examples, batch, want):
     assert (BASE_EPOCHS, MIN_STEPS) == (3, 48) and auto_epochs(examples, batch) == want
-    assert auto_epochs(examples, batch, "ilql") == want          # a likelihood fit, as sft
+    assert auto_epochs(examples, batch, "ilql") == auto_epochs(examples, batch, "grpo") == want   # as sft
 
 
 @pytest.mark.parametrize("examples, batch, want", [
@@ -64,7 +64,7 @@ def test_epochs_rule_by_hand(examples, batch, want):
     (5, 16, 48),
 ])
 def test_contrasts_start_from_one_pass(examples, batch, want):
-    assert CONTRASTS == ("dpo", "kto", "grpo", "rm")
+    assert CONTRASTS == ("dpo", "kto", "rm")
     assert all(auto_epochs(examples, batch, a) == want for a in CONTRASTS)
 
 
@@ -163,6 +163,6 @@ def test_first_line_shows_the_choice_and_the_run_records_it(tmp_path, policy_dir
         pytest.approx(lr)                                        # cosine: step 1 runs at the peak
     help_text = " ".join(cli("train", "dpo", "--help").stdout.split())
     assert "unset: chosen by the model's parameter count" in help_text
-    assert "unset: 3 epochs (train sft, train ilql, rest's improve steps) or 1 (train dpo, kto, grpo, " \
-           "rm), or as many whole epochs as make at least 48 optimizer steps" in help_text
+    assert "unset: 3 epochs (train sft, train ilql, train grpo, rest's improve steps) or 1 (train dpo, " \
+           "kto, rm), or as many whole epochs as make at least 48 optimizer steps" in help_text
     assert "unset: 0.1 when the run passes over its pairs once, 2 when more than once" in help_text

@@ -14,25 +14,28 @@ Tasks (``offline_rlhf/toy.py``); training and held-out prompts share no prompt:
   The answer is in the prompt, so checking is a comparison of two digit strings; no judge
   tried here learned it (docs/rlaif.md).
 
-The judge: the start model fine-tuned (SFT, ``train sft``) on judge prompts rendered
-exactly as the engine renders them (the short templates below, the judge's chat template),
-for questions the policy is never evaluated on (copy: digit strings of a third split;
-flawed: sums of the same kind, none of them held out):
-pointwise "is this response correct? 0/1" and pairwise "A or B?", correct answers against
-synthetic corruptions (a digit changed, dropped, added, or two swapped; nothing about the
-flawed demonstrator's carry), both orders. No policy sample and no rule label of the DPO
-data is seen.
+The judge: the start model fine-tuned (SFT, ``train sft``, 6,000 steps of 32 rows) on judge
+prompts rendered exactly as the engine renders them (the short templates below, the judge's
+chat template), for questions the policy is never evaluated on (copy: digit strings of a
+third split; flawed: sums of the same kind, none of them held out): pointwise "is this
+response correct? 0/1" and pairwise "A or B?", both orders, correct answers against wrong
+ones. By default (``--judge-negatives mistakes``, flawed task) half of the wrong answers
+are the flawed demonstrator's own mistake (the sum with its carry dropped) and the rest
+edits, half of those near misses (``--judge-near-miss``: one digit one up or down), so
+the judge knows the policy's failure as a rubric would name it. No policy sample and no
+rule label of the DPO data is seen.
 
 From K samples per training prompt, once:
 - rule: ``score`` exact_match -> ``logprobs`` -> ``pairs best_worst`` -> ``train dpo``;
 - judge: ``score --judge`` (pointwise, scale 0-1: the score is P(correct)) ->
-  ``logprobs`` -> ``pairs --strategy judge --judge-candidates best_worst`` (the best and
-  worst by the judge's score, labelled in both orders, inconsistent pairs dropped) ->
-  ``train dpo --pair-weight judge``.
-Same DPO settings for both (per task, printed). Reported: held-out greedy exact match of
-start, rule-DPO and judge-DPO; the judge's agreement with the rule (pairs where the rule
+  ``logprobs`` -> ``pairs --strategy judge --judge-candidates best_worst --min-margin 0.5``
+  (the best and worst by the judge's score, labelled in both orders, inconsistent and
+  low-confidence pairs dropped) -> ``train dpo --pair-weight judge``.
+Same DPO settings for both (per task, printed), each trained with ``--dpo-seeds`` seeds.
+Reported: held-out greedy exact match of start, rule-DPO and judge-DPO (means over the DPO
+seeds, and each seed's gain); the judge's agreement with the rule (pairs where the rule
 separates the two responses; pointwise correlation) and its position consistency and
-first-position preference.
+first-position preference; whether the target is met.
 """
 
 from __future__ import annotations
@@ -62,10 +65,16 @@ SAMPLING = {"copy": (16, 0.7), "flawed": (16, 1.0)}
 DPO = {"copy": dict(lr=1e-3, max_steps=30), "flawed": dict(lr=3e-4, epochs=3)}
 
 
-def corrupt(digits: list[str], rng: random.Random) -> list[str]:
-    """A wrong answer: one digit changed (to any digit, or a near miss: one up or down),
-    dropped, added, or two neighbours swapped."""
+def corrupt(digits: list[str], rng: random.Random, near_miss: float = 0.0) -> list[str]:
+    """A wrong answer: with probability ``near_miss`` a near miss (one digit one up or down:
+    an off-by-one, the commonest slip of a model that half knows a sum), else one digit
+    changed (to any digit, or one up or down), dropped, added, or two neighbours swapped."""
     d = list(digits)
+    if rng.random() < near_miss:
+        while d == digits:
+            i = rng.randrange(len(d))
+            d[i] = str((int(digits[i]) + rng.choice((-1, 1))) % 10)
+        return d
     while d == digits:
         i, kind = rng.randrange(len(d)), rng.randrange(5)
         if kind == 0:
@@ -101,11 +110,13 @@ def judge_questions(tmp: Path, task: str, rng: random.Random):
             yield prompt, answer, joiner
 
 
-def judge_sft_file(tmp: Path, start: Path, task: str, n: int, seed: int, negatives: str = "edits") -> Path:
+def judge_sft_file(tmp: Path, start: Path, task: str, n: int, seed: int, negatives: str = "edits",
+                   near_miss: float = 0.0) -> Path:
     """SFT examples for the judge: prompts rendered as the engine renders them (the task's
     templates, the chat template), completions the verdict label. Wrong answers are
-    :func:`corrupt` edits, or (``negatives="mistakes"``, flawed task) half of them the
-    flawed demonstrator's own mistake, the sum with its carry dropped, where it differs."""
+    :func:`corrupt` edits (``near_miss`` of them near misses), or (``negatives="mistakes"``,
+    flawed task) half of them the flawed demonstrator's own mistake, the sum with its carry
+    dropped, where it differs."""
     from offline_rlhf.models import load_tokenizer
     from offline_rlhf.rewards.judge import render
     from offline_rlhf.toy import carry_dropped
@@ -121,7 +132,7 @@ def judge_sft_file(tmp: Path, start: Path, task: str, n: int, seed: int, negativ
         if len(rows) >= n:
             break
         ref = joiner.join(answer)
-        good, bad = " " + ref, " " + joiner.join(corrupt(answer, rng))
+        good, bad = " " + ref, " " + joiner.join(corrupt(answer, rng, near_miss))
         if negatives == "mistakes" and task == "flawed" and rng.random() < 0.5:
             dropped = carry_dropped(*(int(x) for x in re.findall(r"\d+", prompt)))
             bad = " " + dropped if dropped != ref else bad
@@ -139,9 +150,10 @@ def judge_sft_file(tmp: Path, start: Path, task: str, n: int, seed: int, negativ
 
 
 def train_judge(tmp: Path, start: Path, task: str, quick: bool, seed: int, steps: int, lr: float,
-                rows: int, size: tuple[int, int] | None = None, negatives: str = "edits") -> Path:
+                rows: int, size: tuple[int, int] | None = None, negatives: str = "edits",
+                near_miss: float = 0.0) -> Path:
     from offline_rlhf.train.sft import SFTTrainConfig, train_sft
-    data = judge_sft_file(tmp, start, task, 400 if quick else rows, seed, negatives)
+    data = judge_sft_file(tmp, start, task, 400 if quick else rows, seed, negatives, near_miss)
     if size:     # a judge of its own size, from scratch (the policy's tokenizer)
         from offline_rlhf.models import load_tokenizer
         from offline_rlhf.tiny import build_tiny_model
@@ -211,20 +223,25 @@ def judge_figures(tmp: Path) -> dict:
             "first_position_preference": pos["first_position_preference"]}
 
 
-def train_and_eval(tmp: Path, start: Path, name: str, data: str, shared: dict, **extra) -> dict:
+def train_and_eval(tmp: Path, start: Path, name: str, data: str, shared: dict, seeds, **extra) -> dict:
+    """DPO from ``start`` on ``data``, once per seed of ``seeds``; held-out exact match of
+    each, and their mean."""
     from offline_rlhf.shards import open_dataset
     from offline_rlhf.toy import exact_match
     from offline_rlhf.train.dpo import DPOTrainConfig, train_dpo
     if open_dataset(str(tmp / data)).read(columns=["prompt_id"]).num_rows == 0:
         print(f"{name}: no pairs (every judged pair inconsistent and dropped): nothing trained")
         em = exact_match(start, tmp / "test_prompts", tmp / "eval" / name)
-        return {"run": name, "exact_match": em, "pairs": 0, "train_seconds": 0.0}
-    t0 = time.perf_counter()
-    s = train_dpo(DPOTrainConfig(data=str(tmp / data), output=str(tmp / "runs" / name),
-                                 policy=str(start), **shared, **extra))
-    secs = time.perf_counter() - t0
-    em = exact_match(tmp / "runs" / name / "final", tmp / "test_prompts", tmp / "eval" / name)
-    return {"run": name, "exact_match": em, "pairs": s["data"].get("pairs"), "train_seconds": secs}
+        return {"run": name, "exact_match": em, "per_seed": [em], "pairs": 0, "train_seconds": 0.0}
+    t0, per_seed, pairs = time.perf_counter(), [], None
+    for seed in seeds:
+        out = tmp / "runs" / f"{name}-s{seed}"
+        s = train_dpo(DPOTrainConfig(data=str(tmp / data), output=str(out), policy=str(start),
+                                     **{**shared, "seed": seed}, **extra))
+        pairs = s["data"].get("pairs")
+        per_seed.append(exact_match(out / "final", tmp / "test_prompts", tmp / "eval" / f"{name}-s{seed}"))
+    return {"run": name, "exact_match": sum(per_seed) / len(per_seed), "per_seed": per_seed, "pairs": pairs,
+            "train_seconds": time.perf_counter() - t0}
 
 
 def main() -> None:
@@ -234,7 +251,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a short check that everything runs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="JSON results (default: bench/results/rlaif-TASK.json)")
-    ap.add_argument("--judge-steps", type=int, default=1500, help="SFT steps of 32 rows for the judge")
+    ap.add_argument("--judge-steps", type=int, default=6000, help="SFT steps of 32 rows for the judge")
     ap.add_argument("--judge-rows", type=int, default=24000,
                     help="judge SFT rows (4 per question: two pointwise, two pairwise)")
     ap.add_argument("--judge-size", type=int, nargs=2, metavar=("HIDDEN", "LAYERS"),
@@ -242,17 +259,26 @@ def main() -> None:
                          "fine-tuned)")
     ap.add_argument("--judge-lr", type=float, default=1e-3, help="the judge's SFT learning rate (peak of "
                     "a cosine schedule after 5%% warm-up)")
-    ap.add_argument("--judge-negatives", choices=("edits", "mistakes"), default="edits",
-                    help="the judge's wrong answers: edits (a digit changed, dropped, added or swapped; "
-                         "the default) or mistakes (flawed task: half of them the demonstrator's own "
-                         "mistake, the carry dropped: a judge that knows the policy's failure)")
-    ap.add_argument("--judge-min-margin", type=float, default=0.0,
+    ap.add_argument("--judge-negatives", choices=("edits", "mistakes"), default="mistakes",
+                    help="the judge's wrong answers: edits (a digit changed, dropped, added or swapped) "
+                         "or mistakes (the default; flawed task: half of them the demonstrator's own "
+                         "mistake, the carry dropped, the rest edits: a judge that knows the policy's "
+                         "failure)")
+    ap.add_argument("--judge-near-miss", type=float, default=0.5,
+                    help="share of the edits that are near misses, one digit one up or down (default "
+                         "0.5; 0: a fifth of the digit changes are)")
+    ap.add_argument("--judge-min-margin", type=float, default=0.5,
                     help="drop judge pairs whose margin (2 P(chosen better) - 1) is below this (pairs "
-                         "--min-margin; default 0: every consistent pair, weighted by its margin)")
+                         "--min-margin; default 0.5; 0: every consistent pair, weighted by its margin)")
+    ap.add_argument("--dpo-seeds", type=int, default=3, help="both DPO runs train with this many seeds "
+                    "(SEED, SEED+1, ...); reported are the mean and each seed's exact match (--quick: 1)")
     ap.add_argument("--dpo-steps", type=int, help="both DPO runs this many optimizer steps (default: the "
                     "task's epochs: copy 30 steps, flawed 3 epochs, so fewer pairs make fewer steps)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job shares the cores)")
     args = ap.parse_args()
+    if args.dpo_seeds < 1 or not 0 <= args.judge_near_miss <= 1:
+        ap.error("--dpo-seeds: at least 1; --judge-near-miss: between 0 and 1")
+    seeds = range(args.seed, args.seed + (1 if args.quick else args.dpo_seeds))
     out = args.out or str(Path(__file__).parent / "results" / f"rlaif-{args.task}.json")
     import torch
     torch.set_num_threads(args.threads)
@@ -272,25 +298,31 @@ def main() -> None:
         times["start_model"] = time.perf_counter() - t0
         judge = train_judge(tmp, start, args.task, args.quick, args.seed, args.judge_steps, args.judge_lr,
                             args.judge_rows, tuple(args.judge_size) if args.judge_size else None,
-                            args.judge_negatives)
+                            args.judge_negatives, args.judge_near_miss)
         times["judge_training"] = time.perf_counter() - t0 - times["start_model"]
         labelled = label_pairs(tmp, start, judge, args.task, k, temperature, args.seed, args.quick,
                                args.judge_min_margin)
         print(f"start model, judge and labels ready after {time.perf_counter() - t0:.0f} s", flush=True)
         figures = judge_figures(tmp)
-        rows = [train_and_eval(tmp, start, "rule", "pairs-rule", shared),
-                train_and_eval(tmp, start, "judge", "pairs-judge", shared, pair_weight="judge")]
+        rows = [train_and_eval(tmp, start, "rule", "pairs-rule", shared, seeds),
+                train_and_eval(tmp, start, "judge", "pairs-judge", shared, seeds, pair_weight="judge")]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     total = time.perf_counter() - t0
     steps = f"{dpo['max_steps']} steps" if "max_steps" in dpo else f"{dpo['epochs']} epochs"
     print(f"\nRLAIF on the {args.task} task (seed {args.seed}): start {start_em:.1%} held-out greedy exact "
           f"match ({pre_steps} SFT steps); {k} samples per prompt at temperature {temperature}; DPO {steps}, "
-          f"batch 16, lr {dpo['lr']:g}, beta 0.1, NLL 1\n")
-    print(f"{'pairs labelled by':<20}{'pairs':>7}{'held-out EM':>13}{'gain (points)':>15}")
+          f"batch 16, lr {dpo['lr']:g}, beta 0.1, NLL 1; DPO seeds {', '.join(map(str, seeds))}\n")
+    print(f"{'pairs labelled by':<20}{'pairs':>7}{'held-out EM (mean)':>20}{'gain (points)':>15}"
+          f"  gain per DPO seed")
     for r in rows:
-        print(f"{r['run']:<20}{r['pairs']:>7}{r['exact_match']:>13.1%}"
-              f"{100 * (r['exact_match'] - start_em):>15.1f}")
+        print(f"{r['run']:<20}{r['pairs']:>7}{r['exact_match']:>20.1%}"
+              f"{100 * (r['exact_match'] - start_em):>15.1f}  "
+              + ", ".join(f"{100 * (e - start_em):+.0f}" for e in r["per_seed"]))
+    gap = 100 * (rows[0]["exact_match"] - rows[1]["exact_match"])
+    gain = 100 * (rows[1]["exact_match"] - start_em)
+    print(f"\ntarget (judge-labelled DPO >= +20 points and within 5 of rule-labelled): judge {gain:+.1f}, "
+          f"{gap:.1f} below the rule: {'met' if gain >= 20 and gap <= 5 else 'NOT met'}")
     print("\njudge: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                   for k, v in figures.items()))
     print(f"judging: pointwise {labelled['pointwise_seconds']:.1f} s, pairwise (both orders) "
@@ -300,7 +332,9 @@ def main() -> None:
            "temperature": temperature, "judge_training": {"steps": args.judge_steps, "rows": args.judge_rows,
                                                          "lr": args.judge_lr, "size": args.judge_size,
                                                          "negatives": args.judge_negatives,
+                                                         "near_miss": args.judge_near_miss,
                                                          "min_margin": args.judge_min_margin},
+           "dpo_seeds": list(seeds),
            "rows": rows, "judge": figures, "labelling": labelled, "times": times, "seconds": total}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(res, indent=1, default=str))

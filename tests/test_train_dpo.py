@@ -14,7 +14,7 @@ from offline_rlhf.train.dpo import DPOTrainConfig, train_dpo
 
 def cfg(pairs, out, policy, **kw):
     base = dict(data=pairs, output=str(out), policy=str(policy), reference=str(policy), lr=1e-3,
-                max_steps=5, batch_size=8, micro_batch_size=4, report_to="none", nll_alpha=0.0)
+                max_steps=5, batch_size=8, micro_batch_size=4, report_to="none", nll_alpha=0.0, beta=0.1)
     base.update(kw)
     return DPOTrainConfig(**base)
 

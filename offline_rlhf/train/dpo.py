@@ -359,6 +359,9 @@ class DPOTask:
     def loss(self, model, batch: dict):
         pc, pr, lc, lr, pc_full = self.completion_logps(model, batch)
         cfg = self.cfg
+        if cfg.beta is None:     # train_dpo resolves it once the data are read
+            raise ValueError("beta is unset: train_dpo chooses it (docs/training.md); set beta to use "
+                             "DPOTask outside train_dpo")
         sft_mean = getattr(self, "step_chosen_tokens", None)
         losses, metrics = dpo_loss(
             pc.double(), pr.double(), batch["ref_chosen"], batch["ref_rejected"], beta=cfg.beta,

@@ -69,18 +69,21 @@ def corrupt(digits: list[str], rng: random.Random, near_miss: float = 0.0) -> li
     """A wrong answer: with probability ``near_miss`` a near miss (one digit one up or down:
     an off-by-one, the commonest slip of a model that half knows a sum), else one digit
     changed (to any digit, or one up or down), dropped, added, or two neighbours swapped."""
+    def off_by_one(digit: str) -> str:
+        return str((int(digit) + rng.choice((-1, 1))) % 10)
+
     d = list(digits)
     if rng.random() < near_miss:
         while d == digits:
             i = rng.randrange(len(d))
-            d[i] = str((int(digits[i]) + rng.choice((-1, 1))) % 10)
+            d[i] = off_by_one(d[i])
         return d
     while d == digits:
         i, kind = rng.randrange(len(d)), rng.randrange(5)
         if kind == 0:
             d[i] = str(rng.randrange(10))
         elif kind == 4:
-            d[i] = str((int(d[i]) + rng.choice((-1, 1))) % 10)
+            d[i] = off_by_one(d[i])
         elif kind == 1 and len(d) > 1:
             del d[i]
         elif kind == 2:

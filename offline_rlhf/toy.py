@@ -14,6 +14,7 @@ import pyarrow as pa
 from .prompts import prompt_id_for
 
 MIN_INFORMATIVE = 0.3   # of the train prompts, for the demo's start: with 300 prompts, at least 90 pairs
+FLAWED_START_EM = 0.5   # training greedy exact match of the flawed task's start (pretrain_flawed_until)
 
 
 def addition_prompts(n: int, seed: int = 0, max_operand: int = 20, split: str = "train",
@@ -126,17 +127,12 @@ def pretrain_until_learnable(root, min_informative: float = MIN_INFORMATIVE, num
     from pathlib import Path
 
     from .tiny import build_tiny_model
-    from .train.sft import SFTTrainConfig, train_sft
     root = Path(root)
     model = build_tiny_model(root / "scratch", hidden=64, layers=2, heads=4, seed=seed)
     steps, k, stats = 0, 0, {"informative": 0.0}
     while stats["informative"] < min_informative and steps < max_steps:
         n = 5 if stats["informative"] < 0.05 else 2
-        train_sft(SFTTrainConfig(data=str(root / "sft.jsonl"), output=str(root / f"pre{k}"),
-                                 policy=str(model), lr=3e-3, max_steps=n, batch_size=32,
-                                 micro_batch_size=32, report_to="none", schedule="constant",
-                                 seed=seed * 1000 + k))
-        model, steps = root / f"pre{k}" / "final", steps + n
+        model, steps = _sft_round(root, model, f"pre{k}", n, seed * 1000 + k), steps + n
         stats = sampled_yield(model, root / "train_prompts", root / f"yield{k}", num_samples,
                               temperature, seed)
         k += 1
@@ -149,15 +145,11 @@ def pretrain_to(root, below: float, max_rounds: int = 40):
     from pathlib import Path
 
     from .tiny import build_tiny_model
-    from .train.sft import SFTTrainConfig, train_sft
     root = Path(root)
     model = build_tiny_model(root / "scratch", hidden=64, layers=2, heads=4, seed=0)
     em, steps, k = 0.0, 0, 0
     while em < below and k < max_rounds:
-        train_sft(SFTTrainConfig(data=str(root / "sft.jsonl"), output=str(root / f"pre{k}"),
-                                 policy=str(model), lr=3e-3, max_steps=10, batch_size=32,
-                                 micro_batch_size=32, report_to="none", schedule="constant", seed=k))
-        model, steps, k = root / f"pre{k}" / "final", steps + 10, k + 1
+        model, steps, k = _sft_round(root, model, f"pre{k}", 10, k), steps + 10, k + 1
         em = exact_match(model, root / "test_prompts", root / f"pre-eval{k}")
     return model, steps, em
 
@@ -216,19 +208,51 @@ def setup_flawed_task(root, n_train: int = 300, n_test: int = 100, seed: int = 0
 def pretrain_flawed(root, seed: int = 0, steps: int = 1000, lr: float = 3e-3):
     """The flawed demonstrator's student: a tiny model trained from scratch (seeded by
     ``seed``) on ``root``'s ``sft.jsonl`` (:func:`setup_flawed_task`) for ``steps`` SFT
-    steps of 32 rows. On the held-out sums it answers those without a carry right and,
-    greedily, drops the carry of most of the others (seed 0: 58% greedy exact match,
-    ~60% of samples right at temperature 1). Returns the model directory."""
+    steps of 32 rows in one run. Its quality after a fixed number of steps depends on the
+    seed (1,000 steps: 58% held-out greedy exact match at seed 0, 20% at seed 1); the
+    benchmarks' start is :func:`pretrain_flawed_until`. Returns the model directory."""
     from pathlib import Path
 
     from .tiny import build_tiny_model
-    from .train.sft import SFTTrainConfig, train_sft
     root = Path(root)
     model = build_tiny_model(root / "scratch", hidden=64, layers=2, heads=4, seed=seed)
-    train_sft(SFTTrainConfig(data=str(root / "sft.jsonl"), output=str(root / "flawed-start"),
-                             policy=str(model), lr=lr, max_steps=steps, batch_size=32,
-                             micro_batch_size=32, report_to="none", schedule="constant", seed=seed))
-    return root / "flawed-start" / "final"
+    return _sft_round(root, model, "flawed-start", steps, seed, lr)
+
+
+def pretrain_flawed_until(root, seed: int = 0, at_least: float = FLAWED_START_EM, round_steps: int = 250,
+                          max_steps: int = 3000):
+    """The flawed demonstrator's student, trained until it has learnt the demonstration's
+    mode: a tiny model trained from scratch (seeded by ``seed``) on ``root``'s ``sft.jsonl``
+    (:func:`setup_flawed_task`) in rounds of ``round_steps`` SFT steps (lr 3e-3, 32 rows)
+    until its greedy exact match on the *training* prompts reaches ``at_least`` (or
+    ``max_steps``). About 55% of the sums carry nothing, so at 50% it answers those right
+    and drops most carries: a mediocre start at any seed (task seeds 0-3: 750-1,000 steps,
+    53-62% held out at seeds 0, 1 and 3; 34% at seed 2), where a fixed step count is not
+    (:func:`pretrain_flawed`). Returns (model dir, SFT steps, training greedy exact match)."""
+    from pathlib import Path
+
+    from .tiny import build_tiny_model
+    if round_steps < 1 or max_steps < 1:
+        raise ValueError(f"round_steps and max_steps: at least 1, got {round_steps} and {max_steps}")
+    root = Path(root)
+    model = build_tiny_model(root / "scratch", hidden=64, layers=2, heads=4, seed=seed)
+    em, steps, k = None, 0, 0
+    while steps == 0 or (em < at_least and steps < max_steps):      # one round at least
+        n = min(round_steps, max_steps - steps)
+        model, steps = _sft_round(root, model, f"flawed{k}", n, seed * 1000 + k), steps + n
+        em = exact_match(model, root / "train_prompts", root / f"flawed-eval{k}")
+        k += 1
+    return model, steps, em
+
+
+def _sft_round(root, model, name: str, steps: int, seed: int, lr: float = 3e-3):
+    """``steps`` SFT steps (32 rows, constant ``lr``) of ``model`` on ``root``'s ``sft.jsonl``,
+    saved under ``root/name``: the model directory."""
+    from .train.sft import SFTTrainConfig, train_sft
+    train_sft(SFTTrainConfig(data=str(root / "sft.jsonl"), output=str(root / name), policy=str(model), lr=lr,
+                             max_steps=steps, batch_size=32, micro_batch_size=32, report_to="none",
+                             schedule="constant", seed=seed))
+    return root / name / "final"
 
 
 def mediocre_start(root, task: str, seed: int = 0, quick: bool = False, num_samples: int = 16,
@@ -237,9 +261,9 @@ def mediocre_start(root, task: str, seed: int = 0, quick: bool = False, num_samp
 
     ``copy``: :func:`setup_copy_task`, then :func:`pretrain_until_learnable` (the demo's
     start: until the demo's share of informative prompts at ``num_samples`` samples and
-    ``temperature``); ``flawed``: :func:`setup_flawed_task`, then :func:`pretrain_flawed`
-    (1,000 steps). 300 training and 100 held-out prompts; ``quick``: 60 and 20, and 200
-    flawed steps."""
+    ``temperature``); ``flawed``: :func:`setup_flawed_task`, then :func:`pretrain_flawed_until`
+    (until half the training sums are answered right greedily). 300 training and 100
+    held-out prompts; ``quick``: 60 and 20, and at most 200 flawed steps."""
     n_train, n_test = (60, 20) if quick else (300, 100)
     if task == "copy":
         setup_copy_task(root, n_train=n_train, n_test=n_test, seed=seed)
@@ -248,5 +272,5 @@ def mediocre_start(root, task: str, seed: int = 0, quick: bool = False, num_samp
     if task != "flawed":
         raise ValueError(f"task: copy or flawed, got {task!r}")
     setup_flawed_task(root, n_train=n_train, n_test=n_test, seed=seed)
-    steps = 200 if quick else 1000
-    return pretrain_flawed(root, seed, steps=steps), steps
+    start, steps, _ = pretrain_flawed_until(root, seed, **(dict(round_steps=100, max_steps=200) if quick else {}))
+    return start, steps

@@ -42,3 +42,19 @@ def test_setup_flawed_task_splits_disjoint(tmp_path):
     assert {json.loads(r["metadata"])["split"] for r in test} == {"test"}
     sft = [json.loads(x) for x in (tmp_path / "sft.jsonl").read_text().splitlines()]
     assert len(sft) == 200 and {r["prompt"] for r in sft} == {r["prompt"] for r in train}
+
+
+def test_pretrain_flawed_until_stops_at_the_threshold_or_the_step_cap(tmp_path):
+    from offline_rlhf.toy import exact_match, pretrain_flawed_until
+    setup_flawed_task(tmp_path / "a", n_train=12, n_test=4, seed=0)
+    # a threshold of 0 is met after the first round; an unreachable one runs to the cap,
+    # whose last round is cut to what is left (3 + 2 steps)
+    model, steps, em = pretrain_flawed_until(tmp_path / "a", at_least=0.0, round_steps=3, max_steps=5)
+    assert steps == 3 and model == tmp_path / "a" / "flawed0" / "final"
+    setup_flawed_task(tmp_path / "b", n_train=12, n_test=4, seed=0)
+    model, steps, em = pretrain_flawed_until(tmp_path / "b", at_least=1.01, round_steps=3, max_steps=5)
+    assert steps == 5 and model == tmp_path / "b" / "flawed1" / "final"
+    assert not (tmp_path / "b" / "flawed2").exists()
+    assert em == exact_match(model, tmp_path / "b" / "train_prompts", tmp_path / "b" / "again")
+    state = json.loads((tmp_path / "b" / "flawed1" / "config.json").read_text())
+    assert state["config"]["max_steps"] == 2 and state["config"]["seed"] == 1

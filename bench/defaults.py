@@ -8,7 +8,8 @@ Tasks (``offline_rlhf/toy.py``), each from a mediocre start, exact-match reward:
 - ``copy``: copy 4 digits; the demo's start (a tiny model trained until 30% of the training
   prompts get some right and some wrong answers among 16 samples at temperature 0.7).
 - ``flawed``: sums up to 20+20 from a flawed demonstrator; the start is SFT'd on
-  demonstrations that drop the carry 60% of the time, so its greedy answer to a carrying
+  demonstrations that drop the carry 60% of the time (in rounds of 250 steps until it
+  answers half the training sums right greedily), so its greedy answer to a carrying
   sum is systematically wrong while its samples are sometimes right.
 
 For each task, once: K=8 samples per training prompt at temperature 0.7 from the start,

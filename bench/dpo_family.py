@@ -96,7 +96,7 @@ def main() -> None:
     from offline_rlhf.losses.dpo import LOSS_TYPES
     steps = args.steps or (2 if args.quick else 30)
     shared = dict(lr=1e-3, max_steps=steps, batch_size=16, micro_batch_size=16, schedule="constant",
-                  report_to="none", seed=args.seed)
+                  report_to="none", seed=args.seed, beta=0.1)    # set: unset, train dpo/kto choose by passes
     tmp = Path(tempfile.mkdtemp(prefix="bench-dpo-family-"))
     rows = []
     t0 = time.perf_counter()

@@ -6,7 +6,8 @@ labelled by the exact-match rule, from a mediocre start.
 Tasks (``offline_rlhf/toy.py``); training and held-out prompts share no prompt:
 
 - ``flawed`` (the default): sums up to 20+20 (``What is 17+8? Answer:`` -> ``25``); the start
-  is SFT'd on demonstrations that drop the carry 60% of the time, so its greedy answer to a
+  is SFT'd on demonstrations that drop the carry 60% of the time (in rounds of 250 steps
+  until it answers half the training sums right greedily), so its greedy answer to a
   carrying sum is wrong while its samples are sometimes right. The judge grades against the
   reference answer (reference-guided grading: the templates show ``{reference_answer}``):
   checking an answer against a reference is a comparison, easier than doing the sum.
@@ -65,15 +66,19 @@ SAMPLING = {"copy": (16, 0.7), "flawed": (16, 1.0)}
 DPO = {"copy": dict(lr=1e-3, max_steps=30), "flawed": dict(lr=3e-4, epochs=3)}
 
 
-def corrupt(digits: list[str], rng: random.Random, near_miss: float = 0.0) -> list[str]:
-    """A wrong answer: with probability ``near_miss`` a near miss (one digit one up or down:
-    an off-by-one, the commonest slip of a model that half knows a sum), else one digit
-    changed (to any digit, or one up or down), dropped, added, or two neighbours swapped."""
+def corrupt(digits: list[str], rng: random.Random, near_miss: float = 0.0, number: bool = False) -> list[str]:
+    """A wrong answer: with probability ``near_miss`` a near miss (one digit one up or down;
+    ``number``: the number the digits write one up or down, an off-by-one, the commonest slip
+    of a model that half knows a sum), else one digit changed (to any digit, or one up or
+    down), dropped, added, or two neighbours swapped."""
     def off_by_one(digit: str) -> str:
         return str((int(digit) + rng.choice((-1, 1))) % 10)
 
     d = list(digits)
     if rng.random() < near_miss:
+        if number:
+            value = int("".join(digits))
+            return list(str(value + rng.choice((-1, 1)) if value else 1))
         while d == digits:
             i = rng.randrange(len(d))
             d[i] = off_by_one(d[i])
@@ -135,7 +140,7 @@ def judge_sft_file(tmp: Path, start: Path, task: str, n: int, seed: int, negativ
         if len(rows) >= n:
             break
         ref = joiner.join(answer)
-        good, bad = " " + ref, " " + joiner.join(corrupt(answer, rng, near_miss))
+        good, bad = " " + ref, " " + joiner.join(corrupt(answer, rng, near_miss, number=task == "flawed"))
         if negatives == "mistakes" and task == "flawed" and rng.random() < 0.5:
             dropped = carry_dropped(*(int(x) for x in re.findall(r"\d+", prompt)))
             bad = " " + dropped if dropped != ref else bad

@@ -54,6 +54,7 @@ def test_kto_and_grpo_run_at_0_3_times_the_rule():
 def test_epochs_rule_by_hand(examples, batch, want):
     assert (BASE_EPOCHS, MIN_STEPS) == (3, 48) and auto_epochs(examples, batch) == want
     assert auto_epochs(examples, batch, "ilql") == auto_epochs(examples, batch, "grpo") == want   # as sft
+    assert auto_epochs(examples, batch, "kto") == want                                           # with beta 1
 
 
 @pytest.mark.parametrize("examples, batch, want", [
@@ -64,7 +65,7 @@ def test_epochs_rule_by_hand(examples, batch, want):
     (5, 16, 48),
 ])
 def test_contrasts_start_from_one_pass(examples, batch, want):
-    assert CONTRASTS == ("dpo", "kto", "rm")
+    assert CONTRASTS == ("dpo", "rm")
     assert all(auto_epochs(examples, batch, a) == want for a in CONTRASTS)
 
 
@@ -86,7 +87,12 @@ def test_explicit_epochs_win_and_unset_are_said():
 
 @pytest.mark.parametrize("passes, want", [(0.5, 0.1), (1, 0.1), (1.02, 2.0), (6, 2.0)])
 def test_dpo_beta_rule_by_hand(passes, want):
-    assert auto_beta(passes) == want
+    assert auto_beta(passes) == auto_beta(passes, "dpo") == want
+
+
+@pytest.mark.parametrize("passes, want", [(0.5, 0.1), (1, 0.1), (1.02, 1.0), (3, 1.0)])
+def test_kto_beta_rule_by_hand(passes, want):
+    assert auto_beta(passes, "kto") == want
 
 
 def test_dpo_beta_follows_the_passes_and_explicit_wins():
@@ -101,8 +107,21 @@ def test_dpo_beta_follows_the_passes_and_explicit_wins():
     assert resolve_beta(steps, 1000) == "beta 2 (auto: 1.59 passes over 1000 pairs; --beta sets it)"
     given = DPOTrainConfig(data="x", output="o", policy="p", epochs=3.0, beta=0.3)
     assert resolve_beta(given, 1000) is None and given.beta == 0.3
-    kto = KTOTrainConfig(data="x", output="o", policy="p", epochs=3.0)   # its own beta, unchanged
-    assert resolve_beta(kto, 1000) is None and kto.beta == 0.1
+    sft = SFTTrainConfig(data="x", output="o", policy="p", epochs=3.0)   # no beta: nothing to choose
+    assert resolve_beta(sft, 1000) is None
+
+
+def test_kto_beta_follows_the_passes_and_explicit_wins():
+    unset = KTOTrainConfig(data="x", output="o", policy="p")     # 1000 examples: 63 steps, 3 passes
+    assert resolve_epochs(unset, 1000) == "epochs 3 (auto: 1000 examples, 63 steps of 16 a pass; " \
+                                          "--epochs sets it)"
+    assert resolve_beta(unset, 1000) == "beta 1 (auto: 3 passes over 1000 examples; --beta sets it)" \
+        and unset.beta == 1.0
+    once = KTOTrainConfig(data="x", output="o", policy="p", epochs=1.0)
+    assert resolve_beta(once, 1000) == "beta 0.1 (auto: 1 pass over 1000 examples; --beta sets it)"
+    given = KTOTrainConfig(data="x", output="o", policy="p", beta=0.3)
+    resolve_epochs(given, 1000)
+    assert resolve_beta(given, 1000) is None and given.beta == 0.3
 
 
 @pytest.mark.parametrize("kept, settings, want", [
@@ -163,6 +182,8 @@ def test_first_line_shows_the_choice_and_the_run_records_it(tmp_path, policy_dir
         pytest.approx(lr)                                        # cosine: step 1 runs at the peak
     help_text = " ".join(cli("train", "dpo", "--help").stdout.split())
     assert "unset: chosen by the model's parameter count" in help_text
-    assert "unset: 3 epochs (train sft, train ilql, train grpo, rest's improve steps) or 1 (train dpo, " \
-           "kto, rm), or as many whole epochs as make at least 48 optimizer steps" in help_text
-    assert "unset: 0.1 when the run passes over its pairs once, 2 when more than once" in help_text
+    assert "unset: 3 epochs (train sft, kto, ilql, grpo, rest's improve steps) or 1 (train dpo, rm), " \
+           "or as many whole epochs as make at least 48 optimizer steps" in help_text
+    assert "unset: 0.1 when the run passes over its data once, 2 when more than once" in help_text
+    kto_help = " ".join(cli("train", "kto", "--help").stdout.split())
+    assert "unset: 0.1 when the run passes over its data once, 1 when more than once" in kto_help

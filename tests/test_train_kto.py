@@ -374,3 +374,19 @@ def test_bco_trains_with_a_running_shift_and_resumes_it_exactly(tmp_path, policy
     assert again["resumed_from"].endswith("step-0000002") and again["steps_run"] == 2
     for key in ("loss", "delta", "rewards"):
         assert again["last"][key] == pytest.approx(s["last"][key], abs=1e-6), key
+
+
+def test_unset_beta_is_chosen_by_the_passes_and_recorded(tmp_path, policy_dir, capsys):
+    """Six steps of 8 over the few dozen examples of 32 generations are more than one pass,
+    so beta 1 (train kto's rule), said on stderr and recorded; the identity keeps it unset."""
+    import re
+
+    from offline_rlhf.train.kto import KTOTrainConfig, train_kto
+    train_kto(KTOTrainConfig(data=_generations(tmp_path), output=str(tmp_path / "o"), policy=str(policy_dir),
+                             lr=1e-3, batch_size=8, micro_batch_size=8, max_steps=6, report_to="none"))
+    said = re.search(r"beta (\S+) \(auto: (\S+) passes over (\d+) examples; --beta sets it\)",
+                     capsys.readouterr().err)
+    assert said and float(said[2]) == pytest.approx(6 / -(-int(said[3]) // 8), abs=0.01) and float(said[2]) > 1
+    assert said[1] == "1"
+    recorded = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert recorded["config"]["beta"] == 1.0 and recorded["identity"]["beta"] is None

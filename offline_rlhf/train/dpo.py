@@ -37,7 +37,7 @@ from ..losses.dpo import (
 from ..models import check_model_dir
 from ..pairs import check_pairs_source, read_pairs
 from ..shards import is_dataset, open_dataset_of
-from .defaults import BETA_TEXT
+from .defaults import beta_text
 from .loop import TrainConfig, fit, micro_batches
 from .values import check_finite
 
@@ -57,7 +57,7 @@ class DPOTrainConfig(TrainConfig):
                     f"(MPO: sigmoid,bco_pair,sft): {' | '.join(LOSS_TYPES)} (docs/dpo.md)")
     loss_weights: str = opt("", "weights of the --loss terms, comma-separated (default: 1 each)")
     beta: float | None = opt(None, "strength of the KL regularisation (IPO, sppo_hard: tau); "
-                             + BETA_TEXT)
+                             + beta_text("dpo"))
     label_smoothing: float = opt(0.0, "assumed label-flip rate for cdpo, robust, aot, aot_unpaired; "
                                  "the label smoothing eps of exo_pair (which needs it > 0; paper: 1e-3)")
     simpo_gamma: float = opt(0.5, "SimPO target reward margin")

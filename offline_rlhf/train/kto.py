@@ -36,6 +36,7 @@ from ..losses.kto import KTO_LOSS_TYPES, balanced_weights, bco_delta, kto_kl, kt
 from ..models import check_model_dir, frozen_forward
 from ..storage import read_json_file, write_json_atomic
 from .checkpoint import find_resume
+from .defaults import beta_text
 from .kto_data import check_kto_source, kl_partners, read_examples
 from .loop import TrainConfig, fit, micro_batches
 
@@ -49,7 +50,7 @@ class KTOTrainConfig(TrainConfig):
                     "with prompt, completion, label)")
     loss: str = opt("kto", f"loss: {' | '.join(KTO_LOSS_TYPES)} (bco: Binary Classifier "
                     "Optimization, its reward shift the running mean reward)")
-    beta: float = opt(0.1, "strength of the KL regularisation")
+    beta: float | None = opt(None, "strength of the KL regularisation; " + beta_text("kto"))
     desirable_weight: float | None = opt(None, "lambda_D; default: the classes balance "
                                          "(lambda_D n_D = lambda_U n_U, the minority weighted up)")
     undesirable_weight: float | None = opt(None, "lambda_U; default: the classes balance, as for "
@@ -73,7 +74,7 @@ class KTOTrainConfig(TrainConfig):
         super().__post_init__()
         if self.loss not in KTO_LOSS_TYPES:
             raise InputError(f"loss: must be one of {', '.join(KTO_LOSS_TYPES)}, got {self.loss!r}")
-        if self.beta <= 0:
+        if self.beta is not None and self.beta <= 0:
             raise InputError(f"beta: must be > 0, got {self.beta}")
         for name in ("desirable_weight", "undesirable_weight"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
@@ -183,6 +184,9 @@ class KTOTask:
     def loss(self, model, batch: dict):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         sums, _ = masked_sums(token_logps(logits, batch["input_ids"]), batch["completion_mask"])
+        if self.cfg.beta is None:     # train_kto resolves it once the data are read
+            raise ValueError("beta is unset: train_kto chooses it (docs/training.md); set beta to use "
+                             "KTOTask outside train_kto")
         return kto_loss(sums.double(), batch["ref"], batch["desirable"], self.kl, beta=self.cfg.beta,
                         desirable_weight=self.weights[0], undesirable_weight=self.weights[1],
                         loss_type=self.cfg.loss, delta=self.delta[0])

@@ -15,14 +15,16 @@ Tasks (``offline_rlhf/toy.py``); training and held-out prompts share no prompt:
   The answer is in the prompt, so checking is a comparison of two digit strings; no judge
   tried here learned it (docs/rlaif.md).
 
-The judge: the start model fine-tuned (SFT, ``train sft``, 6,000 steps of 32 rows) on judge
+The judge: the start model fine-tuned (SFT, ``train sft``, 6,000 steps of 32 rows, then
+4,000 more from a restarted cosine schedule: ``--judge-steps``) on judge
 prompts rendered exactly as the engine renders them (the short templates below, the judge's
 chat template), for questions the policy is never evaluated on (copy: digit strings of a
 third split; flawed: sums of the same kind, none of them held out): pointwise "is this
 response correct? 0/1" and pairwise "A or B?", both orders, correct answers against wrong
 ones. By default (``--judge-negatives mistakes``, flawed task) half of the wrong answers
 are the flawed demonstrator's own mistake (the sum with its carry dropped) and the rest
-edits, half of those near misses (``--judge-near-miss``: one digit one up or down), so
+edits, half of those near misses (``--judge-near-miss``: the sum one up or down; copy: one
+digit one up or down), so
 the judge knows the policy's failure as a rubric would name it. No policy sample and no
 rule label of the DPO data is seen.
 
@@ -157,9 +159,12 @@ def judge_sft_file(tmp: Path, start: Path, task: str, n: int, seed: int, negativ
     return f
 
 
-def train_judge(tmp: Path, start: Path, task: str, quick: bool, seed: int, steps: int, lr: float,
+def train_judge(tmp: Path, start: Path, task: str, quick: bool, seed: int, steps, lr: float,
                 rows: int, size: tuple[int, int] | None = None, negatives: str = "edits",
                 near_miss: float = 0.0) -> Path:
+    """The judge: SFT of ``start`` (or of a model of ``size`` from scratch) on
+    :func:`judge_sft_file`, in rounds of ``steps`` (an int: one), each a cosine schedule
+    from ``lr`` restarted from the round before (warm restarts)."""
     from offline_rlhf.train.sft import SFTTrainConfig, train_sft
     data = judge_sft_file(tmp, start, task, 400 if quick else rows, seed, negatives, near_miss)
     if size:     # a judge of its own size, from scratch (the policy's tokenizer)
@@ -168,10 +173,14 @@ def train_judge(tmp: Path, start: Path, task: str, quick: bool, seed: int, steps
         hidden, layers = size
         start = build_tiny_model(tmp / "judge-init", hidden=hidden, layers=layers, heads=4, seed=seed,
                                  tokenizer=load_tokenizer(start))
-    train_sft(SFTTrainConfig(data=str(data), output=str(tmp / "judge"), policy=str(start), lr=lr,
-                             max_steps=4 if quick else steps, batch_size=32, micro_batch_size=32,
-                             schedule="cosine", warmup_ratio=0.05, report_to="none", seed=seed))
-    return tmp / "judge" / "final"
+    rounds = [4] if quick else [steps] if isinstance(steps, int) else list(steps)
+    for i, n in enumerate(rounds):
+        out = tmp / ("judge" if i == 0 else f"judge{i + 1}")
+        train_sft(SFTTrainConfig(data=str(data), output=str(out), policy=str(start), lr=lr, max_steps=n,
+                                 batch_size=32, micro_batch_size=32, schedule="cosine", warmup_ratio=0.05,
+                                 report_to="none", seed=seed + 100 * i))
+        start = out / "final"
+    return start
 
 
 def label_pairs(tmp: Path, start: Path, judge: Path, task: str, k: int, temperature: float, seed: int,
@@ -259,7 +268,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a short check that everything runs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="JSON results (default: bench/results/rlaif-TASK.json)")
-    ap.add_argument("--judge-steps", type=int, default=6000, help="SFT steps of 32 rows for the judge")
+    ap.add_argument("--judge-steps", type=int, nargs="+", default=[6000, 4000], metavar="N",
+                    help="SFT steps of 32 rows for the judge, in rounds: each a cosine schedule restarted "
+                    "from the round before (default 6000 4000: 6,000 alone leave some judges accepting "
+                    "answers one off in the last digit, docs/rlaif.md)")
     ap.add_argument("--judge-rows", type=int, default=24000,
                     help="judge SFT rows (4 per question: two pointwise, two pairwise)")
     ap.add_argument("--judge-size", type=int, nargs=2, metavar=("HIDDEN", "LAYERS"),
@@ -284,8 +296,8 @@ def main() -> None:
                     "task's epochs: copy 30 steps, flawed 3 epochs, so fewer pairs make fewer steps)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job shares the cores)")
     args = ap.parse_args()
-    if args.dpo_seeds < 1 or not 0 <= args.judge_near_miss <= 1:
-        ap.error("--dpo-seeds: at least 1; --judge-near-miss: between 0 and 1")
+    if args.dpo_seeds < 1 or not 0 <= args.judge_near_miss <= 1 or min(args.judge_steps) < 1:
+        ap.error("--dpo-seeds: at least 1; --judge-near-miss: between 0 and 1; --judge-steps: each at least 1")
     seeds = range(args.seed, args.seed + (1 if args.quick else args.dpo_seeds))
     out = args.out or str(Path(__file__).parent / "results" / f"rlaif-{args.task}.json")
     import torch

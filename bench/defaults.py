@@ -277,8 +277,8 @@ def main() -> None:
     ap.add_argument("--reuse-tuned", nargs="+", metavar="JSON", help="run only the defaults; take the "
                     "tuned settings' figures from earlier runs' JSON (merged as --table merges; same "
                     "seed, same machine: after a change of the defaults, the grid's explicit settings "
-                    "give the same figures); with --table: merge them into the saved defaults-only "
-                    "results")
+                    "give the same figures; no fresh-seed confirmation: the search's own gap decides); "
+                    "with --table: merge them into the saved defaults-only results")
     ap.add_argument("--defaults-only", action="store_true", help="run only the defaults (merge "
                     "the saved JSON with an earlier run's tuned settings: --table it --reuse-tuned JSON)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")

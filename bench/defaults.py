@@ -165,7 +165,7 @@ def chosen(run: Path) -> dict:
     cfg = recorded.get("config")
     if not isinstance(cfg, dict):     # rest writes a config.json of its own kind
         return {}
-    keys = ("lr", "epochs") + (("beta",) if recorded.get("algorithm") == "dpo" else ())   # dpo's beta has a rule
+    keys = ("lr", "epochs") + (("beta",) if recorded.get("algorithm") in ("dpo", "kto") else ())   # beta rule
     return {k: cfg[k] for k in keys if cfg.get(k) is not None}
 
 

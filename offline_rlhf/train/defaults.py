@@ -128,6 +128,16 @@ def auto_beta(passes: float, algorithm: str = "dpo") -> float:
     return BETA_REPEATED[algorithm] if passes > 1 else BETA
 
 
+def beta_of(cfg) -> float:
+    """A ``train dpo`` or ``train kto`` config's beta, which its trainer resolves once the data
+    are read (:func:`resolve_beta`); an error that says so when a task is used before that."""
+    if cfg.beta is None:
+        name = _algorithm(cfg)
+        raise ValueError(f"beta is unset: train_{name} chooses it (docs/training.md); set beta to use "
+                         f"{name.upper()}Task outside train_{name}")
+    return cfg.beta
+
+
 def resolve_beta(cfg, examples: int) -> str | None:
     """Set an unset ``beta`` of ``train dpo`` or ``train kto`` by :func:`auto_beta` (after
     :func:`resolve_epochs`); the line that says what was chosen and why."""

@@ -37,7 +37,7 @@ from ..losses.dpo import (
 from ..models import check_model_dir
 from ..pairs import check_pairs_source, read_pairs
 from ..shards import is_dataset, open_dataset_of
-from .defaults import beta_text
+from .defaults import beta_of, beta_text
 from .loop import TrainConfig, fit, micro_batches
 from .values import check_finite
 
@@ -359,12 +359,10 @@ class DPOTask:
     def loss(self, model, batch: dict):
         pc, pr, lc, lr, pc_full = self.completion_logps(model, batch)
         cfg = self.cfg
-        if cfg.beta is None:     # train_dpo resolves it once the data are read
-            raise ValueError("beta is unset: train_dpo chooses it (docs/training.md); set beta to use "
-                             "DPOTask outside train_dpo")
+        beta = beta_of(cfg)
         sft_mean = getattr(self, "step_chosen_tokens", None)
         losses, metrics = dpo_loss(
-            pc.double(), pr.double(), batch["ref_chosen"], batch["ref_rejected"], beta=cfg.beta,
+            pc.double(), pr.double(), batch["ref_chosen"], batch["ref_rejected"], beta=beta,
             loss_type=[n for n, _ in cfg.terms], loss_weights=[w for _, w in cfg.terms],
             label_smoothing=cfg.label_smoothing, chosen_lengths=lc, rejected_lengths=lr,
             simpo_gamma=cfg.simpo_gamma, discopop_tau=cfg.discopop_tau, f_divergence=cfg.f_divergence,

@@ -36,7 +36,7 @@ from ..losses.kto import KTO_LOSS_TYPES, balanced_weights, bco_delta, kto_kl, kt
 from ..models import check_model_dir, frozen_forward
 from ..storage import read_json_file, write_json_atomic
 from .checkpoint import find_resume
-from .defaults import beta_text
+from .defaults import beta_of, beta_text
 from .kto_data import check_kto_source, kl_partners, read_examples
 from .loop import TrainConfig, fit, micro_batches
 
@@ -182,12 +182,10 @@ class KTOTask:
                 "desirable": torch.tensor(self.desirable[indices], device=device)}
 
     def loss(self, model, batch: dict):
+        beta = beta_of(self.cfg)                  # before the forward: an unset beta costs none
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         sums, _ = masked_sums(token_logps(logits, batch["input_ids"]), batch["completion_mask"])
-        if self.cfg.beta is None:     # train_kto resolves it once the data are read
-            raise ValueError("beta is unset: train_kto chooses it (docs/training.md); set beta to use "
-                             "KTOTask outside train_kto")
-        return kto_loss(sums.double(), batch["ref"], batch["desirable"], self.kl, beta=self.cfg.beta,
+        return kto_loss(sums.double(), batch["ref"], batch["desirable"], self.kl, beta=beta,
                         desirable_weight=self.weights[0], undesirable_weight=self.weights[1],
                         loss_type=self.cfg.loss, delta=self.delta[0])
 

@@ -159,11 +159,11 @@ def judge_sft_file(tmp: Path, start: Path, task: str, n: int, seed: int, negativ
     return f
 
 
-def train_judge(tmp: Path, start: Path, task: str, quick: bool, seed: int, steps, lr: float,
+def train_judge(tmp: Path, start: Path, task: str, quick: bool, seed: int, steps: list[int], lr: float,
                 rows: int, size: tuple[int, int] | None = None, negatives: str = "edits",
                 near_miss: float = 0.0) -> Path:
     """The judge: SFT of ``start`` (or of a model of ``size`` from scratch) on
-    :func:`judge_sft_file`, in rounds of ``steps`` (an int: one), each a cosine schedule
+    :func:`judge_sft_file`, in rounds of ``steps``, each a cosine schedule
     from ``lr`` restarted from the round before (warm restarts)."""
     from offline_rlhf.train.sft import SFTTrainConfig, train_sft
     data = judge_sft_file(tmp, start, task, 400 if quick else rows, seed, negatives, near_miss)
@@ -173,8 +173,7 @@ def train_judge(tmp: Path, start: Path, task: str, quick: bool, seed: int, steps
         hidden, layers = size
         start = build_tiny_model(tmp / "judge-init", hidden=hidden, layers=layers, heads=4, seed=seed,
                                  tokenizer=load_tokenizer(start))
-    rounds = [4] if quick else [steps] if isinstance(steps, int) else list(steps)
-    for i, n in enumerate(rounds):
+    for i, n in enumerate([4] if quick else steps):
         out = tmp / ("judge" if i == 0 else f"judge{i + 1}")
         train_sft(SFTTrainConfig(data=str(data), output=str(out), policy=str(start), lr=lr, max_steps=n,
                                  batch_size=32, micro_batch_size=32, schedule="cosine", warmup_ratio=0.05,
